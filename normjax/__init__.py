@@ -1,0 +1,13 @@
+"""normjax: normalization for Transformers in JAX, with exact PowerNorm and UN.
+
+    from normjax import functional as nf   # pure functions
+    from normjax import linen as nnorm     # Flax modules
+"""
+
+from normjax import functional
+from normjax import linen
+from normjax._src.training import apply_backward_stats
+
+__version__ = '0.1.0'
+
+__all__ = ['apply_backward_stats', 'functional', 'linen']

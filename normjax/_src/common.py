@@ -1,0 +1,216 @@
+"""Shared pieces of the functional norms: validation, masked statistics, grouping.
+
+Conventions (one meaning per word, used by every norm in normjax):
+  * features live on the last axis of `x`;
+  * `axis` names *reduction* axes (per-token norms only);
+  * `mask` is True for real tokens and has one entry per token: its shape
+    broadcasts to `x.shape[:-1]` (a trailing singleton axis is accepted too);
+  * statistics are computed in `stats_dtype(x)` (at least float32) and the
+    output has the dtype of `x`;
+  * parameters are `params['scale']` and `params['bias']`, as in flax.linen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = Mapping[str, Array] | None
+Axes = int | Sequence[int]
+
+
+class EmptyState(NamedTuple):
+  """State of a stateless norm, so that every norm has the same signature."""
+
+
+def stats_dtype(x: Array) -> jnp.dtype:
+  """The dtype statistics are computed in: float32, or float64 for f64 input."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def check_input(x: Any, fn: str, *, min_rank: int = 1) -> Array:
+  """Checks `x` at trace time and returns it as an array."""
+  if not hasattr(x, 'dtype') or not hasattr(x, 'shape'):
+    x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f'{fn}: `x` must be a floating-point array, got dtype {x.dtype}. '
+        'Cast it first, e.g. x.astype(jnp.float32).')
+  if x.ndim < min_rank:
+    need = ('[batch, ..., features]' if min_rank > 1 else '[..., features]')
+    raise ValueError(
+        f'{fn}: `x` must have rank >= {min_rank} with shape {need} '
+        f'(features on the last axis), got shape {tuple(x.shape)}.')
+  if x.shape[-1] == 0:
+    raise ValueError(f'{fn}: `x` has no features (shape {tuple(x.shape)}).')
+  return x
+
+
+def check_params(params: Params, features: int, fn: str) -> dict[str, Array]:
+  """Checks that `params` holds only `scale`/`bias` of shape [features]."""
+  if params is None:
+    return {}
+  if not isinstance(params, Mapping):
+    raise TypeError(
+        f"{fn}: `params` must be a mapping with optional keys 'scale' and "
+        f"'bias' (or None), got {type(params).__name__}.")
+  unknown = set(params) - {'scale', 'bias'}
+  if unknown:
+    raise ValueError(
+        f"{fn}: `params` has unknown keys {sorted(unknown)}; expected only "
+        "'scale' and 'bias'.")
+  for name, value in params.items():
+    if tuple(jnp.shape(value)) != (features,):
+      raise ValueError(
+          f"{fn}: `params['{name}']` has shape {tuple(jnp.shape(value))} but "
+          f'`x` has {features} features; expected shape ({features},).')
+  return dict(params)
+
+
+def check_mask(mask: Any, x: Array, fn: str) -> Array | None:
+  """Returns the mask broadcast to `x.shape[:-1]` as bool, or None."""
+  if mask is None:
+    return None
+  if not hasattr(mask, 'shape'):
+    mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(
+        f'{fn}: `mask` must be boolean (True for real tokens), got dtype '
+        f'{mask.dtype}. Use mask.astype(bool); if you hold a padding mask '
+        '(True = pad), pass ~pad_mask.')
+  shape = tuple(mask.shape)
+  token_shape = tuple(x.shape[:-1])
+  if len(shape) == x.ndim and shape[-1] == 1:
+    shape = shape[:-1]
+    mask = mask.reshape(shape)
+  try:
+    if len(shape) > len(token_shape):
+      raise ValueError
+    jnp.broadcast_shapes(shape, token_shape)
+    if jnp.broadcast_shapes(shape, token_shape) != token_shape:
+      raise ValueError
+  except ValueError:
+    raise ValueError(
+        f'{fn}: `mask` has shape {tuple(mask.shape)}, which does not '
+        f'broadcast to the token shape x.shape[:-1] = {token_shape} '
+        f'(x has shape {tuple(x.shape)}). The mask has one entry per token, '
+        'True for real tokens.') from None
+  return jnp.broadcast_to(mask, token_shape)
+
+
+def check_choice(value: Any, name: str, choices: Sequence[Any], fn: str):
+  if value not in choices:
+    raise ValueError(
+        f'{fn}: `{name}` must be one of {list(choices)}, got {value!r}.')
+
+
+def check_state(state: NamedTuple, expected: NamedTuple, fn: str,
+                init_name: str):
+  """Checks that every leaf of `state` has the shape of a fresh state."""
+  if not isinstance(state, type(expected)):
+    raise TypeError(
+        f'{fn}: `state` must be a {type(expected).__name__}, got '
+        f'{type(state).__name__}. Create one with {init_name}(...).')
+  for name in expected._fields:
+    got = tuple(jnp.shape(getattr(state, name)))
+    want = tuple(jnp.shape(getattr(expected, name)))
+    if got != want:
+      raise ValueError(
+          f'{fn}: `state.{name}` has shape {got}, expected {want} for this '
+          f'input and these options. Create the state with {init_name}(...) '
+          'using the same features, window sizes and num_batch_groups.')
+
+
+def affine(z: Array, params: Mapping[str, Array], dtype) -> Array:
+  """y = z * scale + bias (each optional), in the statistics dtype."""
+  if 'scale' in params:
+    z = z * params['scale'].astype(dtype)
+  if 'bias' in params:
+    z = z + params['bias'].astype(dtype)
+  return z
+
+
+def batch_axes(x: Array) -> tuple[int, ...]:
+  """Every axis of `x` except the feature axis."""
+  return tuple(range(x.ndim - 1))
+
+
+def masked_row_mean(v: Array, mask: Array | None, axis_name: Any = None
+                    ) -> tuple[Array, Array]:
+  """Per-feature mean of `v` [..., C] over rows where `mask` is True.
+
+  Returns `(mean [C], count)`, where count is the number of rows taken (summed
+  over `axis_name` when given). With no rows the mean is 0.
+  """
+  axes = batch_axes(v)
+  if mask is None:
+    total = jnp.sum(v, axis=axes)
+    count = jnp.asarray(v.size // v.shape[-1], v.dtype)
+  else:
+    total = jnp.sum(jnp.where(mask[..., None], v, 0), axis=axes)
+    count = jnp.sum(mask, dtype=v.dtype)
+  if axis_name is not None:
+    total, count = jax.lax.psum((total, count), axis_name)
+  return total / jnp.maximum(count, 1), count
+
+
+def split_batch_groups(num_batch_groups: int, x: Array, mask: Array | None,
+                       fn: str) -> tuple[Array, Array | None]:
+  """[B, ...] -> [G, B // G, ...] for virtual per-group statistics."""
+  if not isinstance(num_batch_groups, int) or num_batch_groups < 1:
+    raise ValueError(
+        f'{fn}: `num_batch_groups` must be a positive int, got '
+        f'{num_batch_groups!r}.')
+  if x.ndim < 2 or x.shape[0] % num_batch_groups:
+    raise ValueError(
+        f'{fn}: `num_batch_groups`={num_batch_groups} must divide the leading '
+        f'(batch) axis of `x`, which has shape {tuple(x.shape)}.')
+  g = num_batch_groups
+  x = x.reshape((g, x.shape[0] // g) + x.shape[1:])
+  if mask is not None:
+    mask = mask.reshape((g, mask.shape[0] // g) + mask.shape[1:])
+  return x, mask
+
+
+def apply_grouped(fn: Callable, num_batch_groups: int, x: Array,
+                  mask: Array | None, state: NamedTuple, *args,
+                  name: str) -> tuple[Array, NamedTuple]:
+  """Runs `fn(x, mask, state, *args)` once per virtual batch group.
+
+  With one group this is a plain call. With G groups the leading batch axis
+  is split into G equal parts and every state leaf carries a leading axis of
+  size G: each group keeps its own statistics, as each data-parallel replica
+  did in the official PyTorch runs (buffers were not synchronised).
+  """
+  if num_batch_groups == 1:
+    return fn(x, mask, state, *args)
+  shape = x.shape
+  xg, maskg = split_batch_groups(num_batch_groups, x, mask, name)
+  in_axes = (0, None if mask is None else 0, 0) + (None,) * len(args)
+  y, new_state = jax.vmap(fn, in_axes=in_axes)(xg, maskg, state, *args)
+  return y.reshape(shape), new_state
+
+
+def group_state(state: NamedTuple, num_batch_groups: int) -> NamedTuple:
+  """Replicates a fresh state over `num_batch_groups` virtual groups."""
+  if num_batch_groups == 1:
+    return state
+  return jax.tree.map(
+      lambda v: jnp.broadcast_to(v, (num_batch_groups,) + jnp.shape(v)), state)
+
+
+def first_group(state: NamedTuple, num_batch_groups: int) -> NamedTuple:
+  """Group 0's state: what the official checkpoints held (rank 0's buffers)."""
+  if num_batch_groups == 1:
+    return state
+  return jax.tree.map(lambda v: v[0], state)
+
+
+def keep_if(pred: Array, new: NamedTuple, old: NamedTuple) -> NamedTuple:
+  """Leafwise `where(pred, new, old)`, keeping the old dtypes."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(pred, n.astype(o.dtype), o), new, old)

@@ -1,0 +1,189 @@
+"""Per-token norms without state: LayerNorm, RMSNorm and GroupScaling."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from normjax._src import common
+
+Array = jax.Array
+
+
+def _canonical_axes(axis: common.Axes, ndim: int, fn: str) -> tuple[int, ...]:
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f'{fn}: `axis`={axis!r} is out of range for `x` of rank '
+                       f'{ndim}.')
+    out.append(a % ndim)
+  if ndim - 1 not in out:
+    raise ValueError(
+        f'{fn}: `axis`={axis!r} must include the feature axis -1 (features '
+        'are on the last axis; `axis` lists the reduction axes).')
+  return tuple(sorted(set(out)))
+
+
+def _moments(x: Array, axes: tuple[int, ...], mask: Array | None,
+             axis_name: Any, center: bool) -> tuple[Array, Array]:
+  """Mean (or 0) and centred second moment over `axes`, mask-aware."""
+  token_axes = tuple(a for a in axes if a != x.ndim - 1)
+  where = None
+  if mask is not None and token_axes:  # a per-token reduction ignores mask
+    where = mask[..., None]
+  n = None
+
+  def mean(v):
+    nonlocal n
+    if where is None:
+      s = jnp.sum(v, axis=axes, keepdims=True)
+      n = jnp.asarray(math.prod(x.shape[a] for a in axes), v.dtype)
+    else:
+      s = jnp.sum(jnp.where(where, v, 0), axis=axes, keepdims=True)
+      n = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=True,
+                  dtype=v.dtype)
+    if axis_name is not None:
+      s, n = jax.lax.psum((s, n), axis_name)
+    return s / jnp.maximum(n, 1)
+
+  if not center:
+    return jnp.zeros((), x.dtype), mean(jnp.square(x))
+  mu = mean(x)
+  return mu, mean(jnp.square(x - mu))
+
+
+def layer_norm(
+    x: Array,
+    params: common.Params = None,
+    state: Any = None,
+    *,
+    axis: common.Axes = -1,
+    mask: Array | None = None,
+    eps: float = 1e-6,
+    use_running_average: bool = False,
+    axis_name: Any = None,
+) -> tuple[Array, Any]:
+  """LayerNorm (Ba et al., 2016, https://arxiv.org/abs/1607.06450).
+
+      y = (x - mean(x)) / sqrt(var(x) + eps) * scale + bias
+
+  with the mean and the biased variance over `axis` (default: the features).
+  The variance is computed in two passes, so inputs with a large mean keep
+  their precision (flax's default one-pass variance loses it).
+
+  Args:
+    x: [..., features] activations.
+    params: optional `{'scale': [features], 'bias': [features]}`.
+    state: ignored and returned unchanged (stateless norms share the
+      signature of the stateful ones).
+    axis: reduction axes; must include -1.
+    mask: True for real tokens, shape broadcastable to `x.shape[:-1]`. It only
+      matters when `axis` spans token axes: a per-token reduction has nothing
+      to mask, and pad tokens are normalised like any other.
+    eps: added to the variance (flax's default 1e-6; fairseq uses 1e-5).
+    use_running_average: ignored.
+    axis_name: mesh axis name(s) to reduce over when a reduced token axis is
+      split by `shard_map`/`pmap`; not needed under `jax.jit`.
+
+  Returns:
+    `(y, state)` with `y` in the dtype of `x`.
+  """
+  del use_running_average
+  fn = 'layer_norm'
+  x = common.check_input(x, fn)
+  params = common.check_params(params, x.shape[-1], fn)
+  mask = common.check_mask(mask, x, fn)
+  axes = _canonical_axes(axis, x.ndim, fn)
+  dtype = common.stats_dtype(x)
+  xf = x.astype(dtype)
+  mu, var = _moments(xf, axes, mask, axis_name, center=True)
+  y = common.affine((xf - mu) * jax.lax.rsqrt(var + eps), params, dtype)
+  return y.astype(x.dtype), state
+
+
+def rms_norm(
+    x: Array,
+    params: common.Params = None,
+    state: Any = None,
+    *,
+    axis: common.Axes = -1,
+    mask: Array | None = None,
+    eps: float = 1e-6,
+    use_running_average: bool = False,
+    axis_name: Any = None,
+) -> tuple[Array, Any]:
+  """RMSNorm (Zhang & Sennrich, 2019, https://arxiv.org/abs/1910.07467).
+
+      y = x / sqrt(mean(x^2) + eps) * scale (+ bias)
+
+  Arguments as in `layer_norm`; `params` usually holds only `scale`.
+  """
+  del use_running_average
+  fn = 'rms_norm'
+  x = common.check_input(x, fn)
+  params = common.check_params(params, x.shape[-1], fn)
+  mask = common.check_mask(mask, x, fn)
+  axes = _canonical_axes(axis, x.ndim, fn)
+  dtype = common.stats_dtype(x)
+  xf = x.astype(dtype)
+  _, ms = _moments(xf, axes, mask, axis_name, center=False)
+  y = common.affine(xf * jax.lax.rsqrt(ms + eps), params, dtype)
+  return y.astype(x.dtype), state
+
+
+def group_scale(x: Array, num_groups: int, eps: float = 1e-5) -> Array:
+  """Array form of `group_scaling`, in the dtype of `x`, without checks."""
+  c = x.shape[-1]
+  xg = x.reshape(x.shape[:-1] + (num_groups, c // num_groups))
+  ms = jnp.mean(jnp.square(xg), axis=-1, keepdims=True)
+  return (xg * jax.lax.rsqrt(ms + eps)).reshape(x.shape)
+
+
+def check_num_groups(num_groups: Any, features: int, fn: str) -> None:
+  if not isinstance(num_groups, int) or num_groups < 1:
+    raise ValueError(f'{fn}: `num_groups` must be a positive int, got '
+                     f'{num_groups!r}.')
+  if features % num_groups:
+    raise ValueError(
+        f'{fn}: `num_groups`={num_groups} must divide the number of features '
+        f'{features} (the official code sets it to the number of attention '
+        'heads).')
+
+
+def group_scaling(
+    x: Array,
+    params: common.Params = None,
+    state: Any = None,
+    *,
+    num_groups: int = 1,
+    eps: float = 1e-5,
+    mask: Array | None = None,
+    use_running_average: bool = False,
+    axis_name: Any = None,
+) -> tuple[Array, Any]:
+  """GroupScaling of PowerNorm (Shen et al., 2020, https://arxiv.org/abs/2003.07845).
+
+  Splits the features of every token into `num_groups` equal groups and
+  divides each group by its root mean square (a per-token, per-group RMSNorm
+  without affine):
+
+      y[n, k] = x[n, k] / sqrt(mean_{j in group k} x[n, j]^2 + eps)
+
+  With `num_groups=1` this is RMSNorm without scale. The official PowerNorm
+  applies it first, to every token (pads included), with eps = 1e-5.
+  `mask`, `use_running_average` and `axis_name` are accepted for a uniform
+  signature and ignored; `params` may add an affine map.
+  """
+  del mask, use_running_average, axis_name
+  fn = 'group_scaling'
+  x = common.check_input(x, fn)
+  params = common.check_params(params, x.shape[-1], fn)
+  check_num_groups(num_groups, x.shape[-1], fn)
+  dtype = common.stats_dtype(x)
+  y = common.affine(group_scale(x.astype(dtype), num_groups, eps), params,
+                    dtype)
+  return y.astype(x.dtype), state

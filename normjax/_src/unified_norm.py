@@ -1,0 +1,258 @@
+"""Unified Normalization (UN) with its smoothed backward.
+
+Yang, Zhou, Liu, Pu, Zhang, Wang, Sun. "Unified Normalization for
+Accelerating and Stabilizing Transformers", ACM MM 2022,
+https://arxiv.org/abs/2208.01313. Semantics of the official `UN1d`
+(hikvision-research/Unified-Normalization, `unified_normalization.py`).
+
+As with PowerNorm, the statistics that the official backward updates in place
+(`ema_gz` = nu and the backward window `buffer_gz` = H) enter the custom_vjp
+core as inputs, and their updates come back as their cotangents; see
+`normjax.apply_backward_stats`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from normjax._src import common
+
+Array = jax.Array
+
+
+class UnifiedNormState(NamedTuple):
+  """State of UN. Leaves carry a leading [groups] axis with num_batch_groups."""
+  running_var: Array  # R [C]: EMA of the statistic used, init 1 (forward).
+  fwd_window: Array   # F [M_f, C]: last M_f batch statistics, init 0.
+  step: Array         # t: int32 training forward calls, init 0.
+  skip_count: Array   # int32 number of batches filtered as outliers.
+  ema_gz: Array       # nu [C]: EMA of the gradient statistic, init 0.
+  bwd_window: Array   # H [M_b, C]: last M_b gradient statistics, init 0.
+
+  BACKWARD_FIELDS = ('ema_gz', 'bwd_window')
+
+
+def _windows(window_size: int | tuple[int, int], fn: str) -> tuple[int, int]:
+  sizes = ((window_size, window_size) if isinstance(window_size, int)
+           else tuple(window_size))
+  if len(sizes) != 2 or not all(isinstance(m, int) and m >= 1 for m in sizes):
+    raise ValueError(
+        f'{fn}: `window_size` must be a positive int or a pair (forward, '
+        f'backward) of positive ints, got {window_size!r}.')
+  return sizes
+
+
+def init_unified_norm_state(features: int,
+                            window_size: int | tuple[int, int] = 4,
+                            dtype=jnp.float32,
+                            num_batch_groups: int = 1) -> UnifiedNormState:
+  m_f, m_b = _windows(window_size, 'init_unified_norm_state')
+  state = UnifiedNormState(
+      running_var=jnp.ones((features,), dtype),
+      fwd_window=jnp.zeros((m_f, features), dtype),
+      step=jnp.zeros((), jnp.int32),
+      skip_count=jnp.zeros((), jnp.int32),
+      ema_gz=jnp.zeros((features,), dtype),
+      bwd_window=jnp.zeros((m_b, features), dtype))
+  return common.group_state(state, num_batch_groups)
+
+
+def _geometric_mean(window: Array) -> Array:
+  return jnp.exp(jnp.mean(jnp.log(window), axis=0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _un_core(x, var, r, skip, step, row_weight, has_data, ema_gz, bwd_window,
+             momentum, warmup_steps, axis_name):
+  """z = x / sqrt(var + eps'), with the official UN backward.
+
+  `var` already includes eps. The cotangents returned for `ema_gz` and
+  `bwd_window` are their updates (new - old).
+  """
+  del r, skip, step, row_weight, has_data, ema_gz, bwd_window
+  return x * jax.lax.rsqrt(var)
+
+
+def _un_core_fwd(x, var, r, skip, step, row_weight, has_data, ema_gz,
+                 bwd_window, momentum, warmup_steps, axis_name):
+  z = x * jax.lax.rsqrt(var)
+  return z, (z, var, r, skip, step, row_weight, has_data, ema_gz, bwd_window)
+
+
+def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
+  z, var, r, skip, t, row_weight, has_data, nu_prev, window_prev = res
+  g = r * dz
+  q, _ = common.masked_row_mean(
+      g * z, None if row_weight is None else row_weight.astype(bool),
+      axis_name)
+  m_b = window_prev.shape[0]
+  window = window_prev.at[t % m_b].set(jnp.where(skip, nu_prev, q))
+  use_batch = (t <= m_b) | (t < warmup_steps) | skip
+  mu = jnp.where(use_batch, q, jnp.mean(window, axis=0))
+  nu = momentum * nu_prev + (1 - momentum) * mu
+  correction = jnp.where(skip, mu, nu) * z
+  if row_weight is not None:
+    correction = correction * row_weight[..., None]
+  dx = (g - correction) * jax.lax.rsqrt(var)
+  d_nu = jnp.where(has_data, nu - nu_prev, 0)
+  d_window = jnp.where(has_data, window - window_prev, 0)
+  return dx, None, None, None, None, None, None, d_nu, d_window
+
+
+_un_core.defvjp(_un_core_fwd, _un_core_bwd)
+
+
+@jax.custom_vjp
+def _scale_grad(scale, r):
+  """Identity on `scale`; its gradient is multiplied by r (UN's dscale)."""
+  del r
+  return scale
+
+
+def _scale_grad_fwd(scale, r):
+  return scale, r
+
+
+def _scale_grad_bwd(r, g):
+  return (g * r).astype(g.dtype), None
+
+
+_scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
+
+
+def unified_norm(
+    x: Array,
+    params: common.Params,
+    state: UnifiedNormState,
+    *,
+    mask: Array | None = None,
+    use_running_average: bool = False,
+    axis_name: Any = None,
+    window_size: int | tuple[int, int] = 4,
+    warmup_steps: int = 4000,
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+    outlier_filtration: bool = False,
+    compensation_delay: int = 1000,
+    compensation_clamp: float = 5.0,
+    mean_over: str = 'padded',
+    num_batch_groups: int = 1,
+) -> tuple[Array, UnifiedNormState]:
+  """Unified Normalization (Yang et al., 2022, https://arxiv.org/abs/2208.01313).
+
+  Training step t, with windows M_f, M_b and s_t = mean_rows(x^2):
+
+      rho   = var_unbiased(sqrt(F))           one scalar over the whole window
+      F[t % M_f] = s_t
+      outlier (if filtration and t >= W): any_c AM(F) - GM(F) > M_f rho;
+              then F[t % M_f] = R and the batch is skipped
+      sigma2 = s_t if t <= M_f or t < W or skipped else GM(F)
+      r      = sqrt(sigma2 + eps) / sqrt(R + eps), clipped to [1/c, c];
+               r = 1 if t <= max(compensation_delay, W) or skipped
+      y      = scale * x / sqrt(sigma2 + eps) + bias
+      R      = m R + (1 - m) sigma2
+
+  Backward, with g = r * scale * dy and z = x / sqrt(sigma2 + eps):
+
+      q      = mean_rows(g z);  H[t % M_b] = nu if skipped else q
+      mu     = q if t <= M_b or t < W or skipped else mean(H)
+      nu     = m nu + (1 - m) mu
+      dx     = (g - (mu if skipped else nu) z) / sqrt(sigma2 + eps)
+      dscale = sum(dy r z),  dbias = sum(dy)
+
+  Evaluation: y = scale * x / sqrt(R + eps) + bias, a per-channel affine map
+  that folds into the next linear layer. With M = 1 every batch is "skipped"
+  and the backward is exact autodiff of batch RMS normalisation.
+
+  Args:
+    x: [batch, ..., features].
+    params: optional `{'scale', 'bias'}` of shape [features].
+    state: a `UnifiedNormState` (see `init_unified_norm_state`).
+    mask: True for real tokens. Used only with `mean_over='valid'`.
+    use_running_average: evaluation mode.
+    axis_name: mesh axis name(s) for `shard_map`/`pmap`.
+    window_size: M, or (M_f, M_b) (official 4).
+    warmup_steps: W (official 4000).
+    momentum: m for R and nu (0.9).
+    eps: 1e-5.
+    outlier_filtration: the adaptive outlier filter (official: off for
+      translation, on for vision).
+    compensation_delay: r stays 1 up to step max(this, W) (official 1000).
+    compensation_clamp: r is clipped to [1/c, c] (official 5).
+    mean_over: 'padded' (official: every statistic over all rows, the mask is
+      ignored, so padding changes the statistics) or 'valid' (real tokens
+      only; pads are normalised but get no correction term).
+    num_batch_groups: per-group statistics and state, as in `power_norm`.
+
+  Returns:
+    `(y, new_state)`; `new_state.ema_gz` and `new_state.bwd_window` are those
+    of `state` (their updates are cotangents). A batch without real tokens
+    ('valid' mode) is normalised with R and leaves the state unchanged.
+  """
+  fn = 'unified_norm'
+  x = common.check_input(x, fn, min_rank=2)
+  features = x.shape[-1]
+  params = common.check_params(params, features, fn)
+  mask = common.check_mask(mask, x, fn)
+  m_f, m_b = _windows(window_size, fn)
+  common.check_choice(mean_over, 'mean_over', ('padded', 'valid'), fn)
+  if mean_over == 'padded':
+    mask = None
+  dtype = common.stats_dtype(x)
+  fresh = init_unified_norm_state(features, (m_f, m_b))
+
+  if use_running_average:
+    st = common.first_group(state, num_batch_groups)
+    common.check_state(st, fresh, fn, 'init_unified_norm_state')
+    z = x.astype(dtype) * jax.lax.rsqrt(st.running_var.astype(dtype) + eps)
+    return common.affine(z, params, dtype).astype(x.dtype), state
+  common.check_state(state, common.group_state(fresh, num_batch_groups), fn,
+                     'init_unified_norm_state')
+
+  def train(xg, maskg, st):
+    xf = xg.astype(dtype)
+    t = st.step + 1
+    r_prev = st.running_var.astype(dtype)
+    s, count = common.masked_row_mean(
+        jnp.square(jax.lax.stop_gradient(xf)), maskg, axis_name)
+    has_data = count > 0
+    s = jnp.where(has_data, s, r_prev)
+    window_prev = st.fwd_window.astype(dtype)
+    if window_prev.size > 1:
+      rho = jnp.var(jnp.sqrt(window_prev), ddof=1)
+    else:
+      rho = jnp.asarray(jnp.nan, dtype)  # torch's var of one value
+    slot = t % m_f
+    window = window_prev.at[slot].set(s)
+    skip = jnp.asarray(m_f <= 1)
+    outlier = jnp.asarray(False)
+    if outlier_filtration:
+      spread = jnp.mean(window, axis=0) - _geometric_mean(window)
+      outlier = (t >= warmup_steps) & jnp.any(spread > m_f * rho)
+      window = jnp.where(outlier, window.at[slot].set(r_prev), window)
+      skip = skip | outlier
+    use_batch = (t <= m_f) | (t < warmup_steps) | skip
+    sigma2 = jnp.where(use_batch, s, _geometric_mean(window))
+    r = jnp.sqrt(sigma2 + eps) / jnp.sqrt(r_prev + eps)
+    r = jnp.where((t <= max(compensation_delay, warmup_steps)) | skip, 1.0,
+                  jnp.clip(r, 1 / compensation_clamp, compensation_clamp))
+    row_weight = None if maskg is None else maskg.astype(dtype)
+    z = _un_core(xf, sigma2 + eps, r, skip, t, row_weight, has_data,
+                 st.ema_gz.astype(dtype), st.bwd_window.astype(dtype),
+                 momentum, warmup_steps, axis_name)
+    p = dict(params)
+    if 'scale' in p:
+      p['scale'] = _scale_grad(p['scale'], r.astype(p['scale'].dtype))
+    y = common.affine(z, p, dtype)
+    new = st._replace(
+        running_var=momentum * r_prev + (1 - momentum) * sigma2,
+        fwd_window=window, step=t,
+        skip_count=st.skip_count + outlier.astype(jnp.int32))
+    return y.astype(x.dtype), common.keep_if(has_data, new, st)
+
+  return common.apply_grouped(train, num_batch_groups, x, mask, state,
+                              name=fn)

@@ -1,0 +1,345 @@
+"""Independent NumPy reference implementations of the normalisers under test.
+
+Plain NumPy, float64 throughout (inputs of any dtype are cast; all outputs are float64).
+The equations follow /work/shared/research/powernorm_un_spec.md (section numbers cited per class).
+
+Conventions
+-----------
+x, dy : [N, C] arrays (rows = tokens, features last).
+mask  : bool [N], True = real token, False = pad; None means every row is real.
+Stateful classes keep their cache from the last ``forward``; call ``backward`` once per forward.
+A forward with ``train=False`` never changes state, and its ``backward`` is the exact gradient of the
+frozen per-channel map (no state change either).
+"""
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- helpers
+def _f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def _mask(mask, n):
+    if mask is None:
+        return np.ones(n, dtype=bool)
+    m = np.asarray(mask, dtype=bool).reshape(-1)
+    if m.shape[0] != n:
+        raise ValueError(f"mask has {m.shape[0]} entries, x has {n} rows")
+    return m
+
+
+def _affine(c, scale, bias):
+    s = np.ones(c) if scale is None else _f64(scale).reshape(c)
+    b = np.zeros(c) if bias is None else _f64(bias).reshape(c)
+    return s, b
+
+
+# ----------------------------------------------------------------------------- stateless norms
+def layer_norm(x, scale=None, bias=None, eps=1e-6):
+    """Per-row LayerNorm over C: (x - mean) / sqrt(var + eps) * scale + bias, biased variance."""
+    x = _f64(x)
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    y = (x - mu) / np.sqrt(var + eps)
+    if scale is not None:
+        y = y * _f64(scale)
+    if bias is not None:
+        y = y + _f64(bias)
+    return y
+
+
+def rms_norm(x, scale=None, bias=None, eps=1e-6):
+    """Per-row RMSNorm over C: x / sqrt(mean(x^2) + eps) * scale (+ bias)."""
+    x = _f64(x)
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    if scale is not None:
+        y = y * _f64(scale)
+    if bias is not None:
+        y = y + _f64(bias)
+    return y
+
+
+def _groups(a, num_groups):
+    n, c = a.shape
+    if c % num_groups:
+        raise ValueError(f"C={c} is not divisible by num_groups={num_groups}")
+    return a.reshape(n, num_groups, c // num_groups)
+
+
+def group_scaling(x, num_groups, eps=1e-5):
+    """GroupScaling1D (spec 1.3 step 0): per row and group k, x_(k) / sqrt(mean_(k) x^2 + eps)."""
+    x = _f64(x)
+    xg = _groups(x, num_groups)
+    s = np.sqrt((xg * xg).mean(-1, keepdims=True) + eps)
+    return (xg / s).reshape(x.shape)
+
+
+def group_scaling_vjp(x, dout, num_groups, eps=1e-5):
+    """Analytic VJP of group_scaling w.r.t. x.
+
+    With s = sqrt(mean_j x_j^2 + eps) and xt = x / s inside one (row, group):
+        dx_i = (dout_i - xt_i * mean_j(dout_j * xt_j)) / s.
+    """
+    x, dout = _f64(x), _f64(dout)
+    xg, dg = _groups(x, num_groups), _groups(dout, num_groups)
+    s = np.sqrt((xg * xg).mean(-1, keepdims=True) + eps)
+    xt = xg / s
+    return ((dg - xt * (dg * xt).mean(-1, keepdims=True)) / s).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+class BatchNormRef:
+    """Masked batch norm with flax.linen.BatchNorm semantics (the repo's BN baseline is spec 1.8;
+    this is the plain flax variant, used as the BN control).
+
+    Train: mean and biased var over real rows; y = (x - mean) / sqrt(var + eps) * scale + bias on ALL rows;
+    running stats ra = momentum * ra + (1 - momentum) * batch_stat (init mean 0, var 1).
+    Eval, or a training batch with no real rows: normalise with the running stats, state unchanged.
+    """
+
+    def __init__(self, C, momentum=0.99, eps=1e-5):
+        self.C, self.momentum, self.eps = C, momentum, eps
+        self.mean = np.zeros(C)
+        self.var = np.ones(C)
+        self._cache = None
+
+    def forward(self, x, mask=None, train=True, scale=None, bias=None):
+        x = _f64(x)
+        m = _mask(mask, x.shape[0])
+        scale, bias = _affine(self.C, scale, bias)
+        batch = bool(train and m.any())
+        if batch:
+            mu, var = x[m].mean(0), x[m].var(0)
+            self.mean = self.momentum * self.mean + (1 - self.momentum) * mu
+            self.var = self.momentum * self.var + (1 - self.momentum) * var
+        else:
+            mu, var = self.mean, self.var
+        sd = np.sqrt(var + self.eps)
+        xhat = (x - mu) / sd
+        self._cache = dict(xhat=xhat, sd=sd, m=m, scale=scale, batch=batch)
+        return xhat * scale + bias
+
+    def backward(self, dy):
+        """Exact gradient. With batch stats over the real rows V (n_V of them):
+        dx_n = g_n / sd - [n in V] * (sum_all g + xhat_n * sum_all g*xhat) / (n_V * sd),  g = scale * dy."""
+        c = self._cache
+        dy = _f64(dy)
+        g = c["scale"] * dy
+        dx = g / c["sd"]
+        if c["batch"]:
+            xhat, m = c["xhat"], c["m"]
+            corr = (g.sum(0) + xhat * (g * xhat).sum(0)) / (m.sum() * c["sd"])
+            dx = dx - m[:, None] * corr
+        return dx, (dy * c["xhat"]).sum(0), dy.sum(0)
+
+
+# ----------------------------------------------------------------------------- PowerNorm
+class PowerNormRef:
+    """Official MaskPowerNorm including GroupScaling1D (spec 1.3 forward, 1.4 backward, 1.5 eval).
+
+    backward_denominator: 'batch' (official, dxs = ghat / sqrt(psiB2 + eps)) or 'running'
+        (dxs = ghat / d, the denominator the forward actually used).
+    grad_mean_over: 'padded' (official, u += mean over all N rows of ghat*z) or 'valid'
+        (mean over real rows only; pad rows get ghat = g, no -nu*z correction).
+    A training batch with no real rows normalises with sqrt(phi + eps) and leaves t, phi and u unchanged.
+    """
+
+    def __init__(self, C, num_groups=1, warmup_steps=1000, alpha_fwd=0.9, alpha_bkw=0.9, eps=1e-5,
+                 group_scaling_eps=1e-5, use_group_scaling=True,
+                 backward_denominator='batch', grad_mean_over='padded'):
+        if backward_denominator not in ('batch', 'running'):
+            raise ValueError(backward_denominator)
+        if grad_mean_over not in ('padded', 'valid'):
+            raise ValueError(grad_mean_over)
+        self.C, self.num_groups, self.warmup_steps = C, num_groups, warmup_steps
+        self.alpha_fwd, self.alpha_bkw, self.eps = alpha_fwd, alpha_bkw, eps
+        self.group_scaling_eps, self.use_group_scaling = group_scaling_eps, use_group_scaling
+        self.backward_denominator, self.grad_mean_over = backward_denominator, grad_mean_over
+        self.phi = np.ones(C)
+        self.u = np.zeros(C)
+        self.t = 0
+        self._cache = None
+
+    def _gs(self, x):
+        return group_scaling(x, self.num_groups, self.group_scaling_eps) if self.use_group_scaling else x
+
+    def forward(self, x, mask=None, train=True, scale=None, bias=None):
+        x = _f64(x)
+        m = _mask(mask, x.shape[0])
+        scale, bias = _affine(self.C, scale, bias)
+        xs = self._gs(x)                                        # step 0, every row
+        if train and m.any():
+            self.t += 1                                         # step 1
+            t, W = self.t, self.warmup_steps
+            psi2 = (xs[m] ** 2).mean(0)                         # step 2, real rows only
+            d = np.sqrt(psi2 + self.eps) if t <= W else np.sqrt(self.phi + self.eps)   # step 3
+            z = xs / d
+            if t < W:                                           # step 4 (both lines in warmup)
+                self.phi = self.phi * (t - 1) / t + psi2 / t
+            self.phi = self.alpha_fwd * self.phi + (1 - self.alpha_fwd) * psi2
+            self._cache = dict(x=x, z=z, d=d, psi2=psi2, m=m, scale=scale, train=True)
+        else:                                                   # eval (1.5) or all-pad batch
+            d = np.sqrt(self.phi + self.eps)
+            z = xs / d
+            self._cache = dict(x=x, z=z, d=d, m=m, scale=scale, train=False)
+        return scale * z + bias
+
+    def backward(self, dy):
+        """Approximate backward (spec 1.4); updates self.u. dx includes the GroupScaling VJP."""
+        c = self._cache
+        dy = _f64(dy)
+        z, g = c["z"], c["scale"] * dy
+        if c["train"]:
+            ghat = g - (1 - self.alpha_bkw) * self.u * z        # uses u_{t-1}
+            if self.grad_mean_over == 'valid':
+                m = c["m"]
+                ghat = np.where(m[:, None], ghat, g)
+                self.u = self.u + (ghat * z)[m].sum(0) / m.sum()
+            else:
+                self.u = self.u + (ghat * z).mean(0)
+            denom = np.sqrt(c["psi2"] + self.eps) if self.backward_denominator == 'batch' else c["d"]
+            dxs = ghat / denom
+        else:
+            dxs = g / c["d"]
+        dx = (group_scaling_vjp(c["x"], dxs, self.num_groups, self.group_scaling_eps)
+              if self.use_group_scaling else dxs)
+        return dx, (dy * z).sum(0), dy.sum(0)
+
+
+# ----------------------------------------------------------------------------- PN-V
+class PNVRef:
+    """PN-V (spec 1.7): z = xs / sqrt(psiB2 + eps), psiB2 = mean over REAL rows of xs^2, exact backprop
+    through psiB2. xs = group_scaling(x) if use_group_scaling else x. Running phi (init 1):
+    phi = momentum * phi + (1 - momentum) * psiB2. Eval (or a training batch with no real rows):
+    xs / sqrt(phi + eps), state unchanged.
+    """
+
+    def __init__(self, C, num_groups=1, momentum=0.9, eps=1e-5, group_scaling_eps=1e-5,
+                 use_group_scaling=True):
+        self.C, self.num_groups, self.momentum, self.eps = C, num_groups, momentum, eps
+        self.group_scaling_eps, self.use_group_scaling = group_scaling_eps, use_group_scaling
+        self.phi = np.ones(C)
+        self._cache = None
+
+    def forward(self, x, mask=None, train=True, scale=None, bias=None):
+        x = _f64(x)
+        m = _mask(mask, x.shape[0])
+        scale, bias = _affine(self.C, scale, bias)
+        xs = group_scaling(x, self.num_groups, self.group_scaling_eps) if self.use_group_scaling else x
+        batch = bool(train and m.any())
+        if batch:
+            psi2 = (xs[m] ** 2).mean(0)
+            s = np.sqrt(psi2 + self.eps)
+            self.phi = self.momentum * self.phi + (1 - self.momentum) * psi2
+        else:
+            s = np.sqrt(self.phi + self.eps)
+        z = xs / s
+        self._cache = dict(x=x, z=z, s=s, m=m, scale=scale, batch=batch)
+        return scale * z + bias
+
+    def backward(self, dy):
+        """Exact gradient: dxs_n = (g_n - [n in V] * z_n * sum_all(g*z) / n_V) / s, then the GS VJP."""
+        c = self._cache
+        dy = _f64(dy)
+        z, m, g = c["z"], c["m"], c["scale"] * dy
+        if c["batch"]:
+            dxs = (g - m[:, None] * z * (g * z).sum(0) / m.sum()) / c["s"]
+        else:
+            dxs = g / c["s"]
+        dx = (group_scaling_vjp(c["x"], dxs, self.num_groups, self.group_scaling_eps)
+              if self.use_group_scaling else dxs)
+        return dx, (dy * z).sum(0), dy.sum(0)
+
+
+# ----------------------------------------------------------------------------- Unified Normalization
+class UnifiedNormRef:
+    """Official UN1d (spec 2.2 state, 2.3 forward, 2.4 backward, 2.5 eval).
+
+    mean_over='padded' (official): s_t and q_t over all rows, mask ignored.
+    mean_over='valid': s_t and q_t over real rows only; pad rows are still normalised and get ghat = g.
+      (A 'valid' training batch with no real rows is treated like eval: no state change.)
+    Eval: y = x / sqrt(R + eps) * scale + bias, no GroupScaling, no state change.
+    """
+
+    def __init__(self, C, window_size=4, warmup_steps=4000, momentum=0.9, eps=1e-5,
+                 outlier_filtration=False, compensation_delay=1000, compensation_clamp=5.0,
+                 mean_over='padded'):
+        if mean_over not in ('padded', 'valid'):
+            raise ValueError(mean_over)
+        if isinstance(window_size, (tuple, list)):
+            self.Mf, self.Mb = int(window_size[0]), int(window_size[1])
+        else:
+            self.Mf = self.Mb = int(window_size)
+        self.C, self.warmup_steps, self.momentum, self.eps = C, warmup_steps, momentum, eps
+        self.outlier_filtration, self.mean_over = outlier_filtration, mean_over
+        self.compensation_delay, self.compensation_clamp = compensation_delay, compensation_clamp
+        self.R = np.ones(C)
+        self.nu = np.zeros(C)
+        self.F = np.zeros((self.Mf, C))
+        self.H = np.zeros((self.Mb, C))
+        self.t = 0
+        self.skip_counter = 0
+        self.last_skip, self.last_r, self.last_sigma2 = False, None, None
+        self._cache = None
+
+    @staticmethod
+    def _gm(F):
+        with np.errstate(divide='ignore'):                      # log(0) = -inf -> GM 0, as in torch
+            return np.exp(np.log(F).mean(0))
+
+    def forward(self, x, mask=None, train=True, scale=None, bias=None):
+        x = _f64(x)
+        n = x.shape[0]
+        rows = _mask(mask, n) if self.mean_over == 'valid' else np.ones(n, dtype=bool)
+        scale, bias = _affine(self.C, scale, bias)
+        if not (train and rows.any()):                          # eval (2.5)
+            z = x / np.sqrt(self.R + self.eps)
+            self._cache = dict(z=z, sig2=self.R, r=np.ones(self.C), rows=rows, scale=scale, train=False)
+            return scale * z + bias
+        Mf, W = self.Mf, self.warmup_steps
+        self.t += 1                                             # step 1
+        t = self.t
+        s = (x[rows] ** 2).mean(0)                              # step 2
+        rho = np.var(np.sqrt(self.F), ddof=1) if self.F.size > 1 else np.nan   # step 3, before insertion
+        F = self.F.copy()
+        k = t % Mf
+        F[k] = s                                                # step 4
+        skip = Mf <= 1                                          # step 5
+        if self.outlier_filtration and t >= W:
+            if np.any(F.mean(0) - self._gm(F) > Mf * rho):
+                F[k] = self.R
+                skip = True
+                self.skip_counter += 1
+        self.F = F
+        sig2 = s if (t <= Mf or t < W or skip) else self._gm(F)  # step 6
+        if t <= max(self.compensation_delay, W) or skip:        # step 7
+            r = np.ones(self.C)
+        else:
+            r = np.sqrt(sig2 + self.eps) / np.sqrt(self.R + self.eps)
+            r = np.clip(r, 1.0 / self.compensation_clamp, self.compensation_clamp)
+        z = x / np.sqrt(sig2 + self.eps)                        # step 8, all rows
+        self.R = self.momentum * self.R + (1 - self.momentum) * sig2   # step 9
+        self.last_skip, self.last_r, self.last_sigma2 = bool(skip), r, sig2
+        self._cache = dict(z=z, sig2=sig2, r=r, rows=rows, scale=scale, train=True, skip=skip, t=t)
+        return scale * z + bias
+
+    def backward(self, dy):
+        """Spec 2.4; updates self.nu and self.H."""
+        c = self._cache
+        dy = _f64(dy)
+        z, r, rows = c["z"], c["r"], c["rows"]
+        g = r * c["scale"] * dy
+        if c["train"]:
+            t, skip, Mb = c["t"], c["skip"], self.Mb
+            q = (g * z)[rows].mean(0)
+            H = self.H.copy()
+            H[t % Mb] = self.nu if skip else q
+            mu = q if (t <= Mb or t < self.warmup_steps or skip) else H.mean(0)
+            nu_new = self.momentum * self.nu + (1 - self.momentum) * mu
+            ghat = g - (mu if skip else nu_new) * z
+            ghat = np.where(rows[:, None], ghat, g)             # no-op for 'padded'
+            self.H, self.nu = H, nu_new
+        else:
+            ghat = g
+        dx = ghat / np.sqrt(c["sig2"] + self.eps)
+        return dx, (dy * r * z).sum(0), dy.sum(0)
