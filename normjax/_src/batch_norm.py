@@ -78,8 +78,8 @@ def batch_norm(
     common.check_state(state0, init_batch_norm_state(x.shape[-1]), fn,
                        'init_batch_norm_state')
     xf = x.astype(dtype)
-    z = (xf - state0.mean.astype(dtype)) * jax.lax.rsqrt(
-        state0.var.astype(dtype) + eps)
+    z = (xf - common.feat(state0.mean.astype(dtype), xf.ndim)) * (
+        common.feat(jax.lax.rsqrt(state0.var.astype(dtype) + eps), xf.ndim))
     return common.affine(z, params, dtype).astype(x.dtype), state
   common.check_state(
       state, init_batch_norm_state(x.shape[-1], num_batch_groups=
@@ -89,11 +89,14 @@ def batch_norm(
   def train(xg, maskg, st):
     xf = xg.astype(dtype)
     mu, count = common.masked_row_mean(xf, maskg, axis_name)
-    var, _ = common.masked_row_mean(jnp.square(xf - mu), maskg, axis_name)
+    var, _ = common.masked_row_mean(
+        jnp.square(xf - common.feat(mu, xf.ndim)), maskg, axis_name)
     has_data = count > 0
     mu = jnp.where(has_data, mu, st.mean.astype(dtype))
     var = jnp.where(has_data, var, st.var.astype(dtype))
-    y = common.affine((xf - mu) * jax.lax.rsqrt(var + eps), params, dtype)
+    z = (xf - common.feat(mu, xf.ndim)) * common.feat(
+        jax.lax.rsqrt(var + eps), xf.ndim)
+    y = common.affine(z, params, dtype)
     mu, var = jax.lax.stop_gradient((mu, var))
     new = BatchNormState(mean=momentum * st.mean + (1 - momentum) * mu,
                          var=momentum * st.var + (1 - momentum) * var)

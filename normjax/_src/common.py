@@ -125,12 +125,21 @@ def check_state(state: NamedTuple, expected: NamedTuple, fn: str,
           'using the same features, window sizes and num_batch_groups.')
 
 
+def feat(v: Array, ndim: int) -> Array:
+  """A per-feature vector [C] shaped [1, ..., 1, C] to broadcast explicitly.
+
+  Explicit ranks keep the norms usable under
+  `jax_numpy_rank_promotion='raise'`.
+  """
+  return jnp.reshape(v, (1,) * (ndim - 1) + jnp.shape(v)[-1:])
+
+
 def affine(z: Array, params: Mapping[str, Array], dtype) -> Array:
   """y = z * scale + bias (each optional), in the statistics dtype."""
   if 'scale' in params:
-    z = z * params['scale'].astype(dtype)
+    z = z * feat(params['scale'].astype(dtype), z.ndim)
   if 'bias' in params:
-    z = z + params['bias'].astype(dtype)
+    z = z + feat(params['bias'].astype(dtype), z.ndim)
   return z
 
 

@@ -61,24 +61,24 @@ def _pn_core(xs, denom, bwd_denom, row_weight, has_data, ema_gz, alpha_bkw,
     ema_gz: [C] u_{t-1}; the cotangent returned for it is u_t - u_{t-1}.
   """
   del bwd_denom, row_weight, has_data, ema_gz
-  return xs / denom
+  return xs / common.feat(denom, xs.ndim)
 
 
 def _pn_core_fwd(xs, denom, bwd_denom, row_weight, has_data, ema_gz,
                  alpha_bkw, axis_name):
-  z = xs / denom
+  z = xs / common.feat(denom, xs.ndim)
   return z, (z, bwd_denom, row_weight, has_data, ema_gz)
 
 
 def _pn_core_bwd(alpha_bkw, axis_name, res, g):
   z, bwd_denom, row_weight, has_data, u = res
-  correction = (1 - alpha_bkw) * u * z
+  correction = common.feat((1 - alpha_bkw) * u, z.ndim) * z
   if row_weight is not None:
     correction = correction * row_weight[..., None]
   g_hat = g - correction
   du = _row_mean(g_hat * z, row_weight, axis_name)
   du = jnp.where(has_data, du, 0).astype(u.dtype)
-  return g_hat / bwd_denom, None, None, None, None, du
+  return g_hat / common.feat(bwd_denom, z.ndim), None, None, None, None, du
 
 
 def _row_mean(v: Array, row_weight: Array | None, axis_name: Any) -> Array:
@@ -188,7 +188,8 @@ def power_norm(
     st = common.first_group(state, num_batch_groups)
     common.check_state(st, init_power_norm_state(features), fn,
                        'init_power_norm_state')
-    z = scaled(x) * jax.lax.rsqrt(st.running_phi.astype(dtype) + eps)
+    z = scaled(x) * common.feat(
+        jax.lax.rsqrt(st.running_phi.astype(dtype) + eps), x.ndim)
     return common.affine(z, params, dtype).astype(x.dtype), state
   common.check_state(
       state, init_power_norm_state(features, num_batch_groups=num_batch_groups),
@@ -281,7 +282,8 @@ def pn_v(
   if use_running_average:
     st = common.first_group(state, num_batch_groups)
     common.check_state(st, init_pn_v_state(features), fn, 'init_pn_v_state')
-    z = scaled(x) * jax.lax.rsqrt(st.running_phi.astype(dtype) + eps)
+    z = scaled(x) * common.feat(
+        jax.lax.rsqrt(st.running_phi.astype(dtype) + eps), x.ndim)
     return common.affine(z, params, dtype).astype(x.dtype), state
   common.check_state(
       state, init_pn_v_state(features, num_batch_groups=num_batch_groups), fn,
@@ -292,7 +294,8 @@ def pn_v(
     psi2, count = common.masked_row_mean(jnp.square(xs), maskg, axis_name)
     has_data = count > 0
     psi2 = jnp.where(has_data, psi2, st.running_phi.astype(dtype))
-    y = common.affine(xs * jax.lax.rsqrt(psi2 + eps), params, dtype)
+    y = common.affine(xs * common.feat(jax.lax.rsqrt(psi2 + eps), xs.ndim),
+                      params, dtype)
     phi = (momentum * st.running_phi
            + (1 - momentum) * jax.lax.stop_gradient(psi2))
     return (y.astype(x.dtype),

@@ -74,18 +74,18 @@ def _un_core(x, var, r, skip, step, row_weight, has_data, ema_gz, bwd_window,
   `bwd_window` are their updates (new - old).
   """
   del r, skip, step, row_weight, has_data, ema_gz, bwd_window
-  return x * jax.lax.rsqrt(var)
+  return x * common.feat(jax.lax.rsqrt(var), x.ndim)
 
 
 def _un_core_fwd(x, var, r, skip, step, row_weight, has_data, ema_gz,
                  bwd_window, momentum, warmup_steps, axis_name):
-  z = x * jax.lax.rsqrt(var)
+  z = x * common.feat(jax.lax.rsqrt(var), x.ndim)
   return z, (z, var, r, skip, step, row_weight, has_data, ema_gz, bwd_window)
 
 
 def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
   z, var, r, skip, t, row_weight, has_data, nu_prev, window_prev = res
-  g = r * dz
+  g = common.feat(r, dz.ndim) * dz
   q, _ = common.masked_row_mean(
       g * z, None if row_weight is None else row_weight.astype(bool),
       axis_name)
@@ -94,10 +94,10 @@ def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
   use_batch = (t <= m_b) | (t < warmup_steps) | skip
   mu = jnp.where(use_batch, q, jnp.mean(window, axis=0))
   nu = momentum * nu_prev + (1 - momentum) * mu
-  correction = jnp.where(skip, mu, nu) * z
+  correction = common.feat(jnp.where(skip, mu, nu), z.ndim) * z
   if row_weight is not None:
     correction = correction * row_weight[..., None]
-  dx = (g - correction) * jax.lax.rsqrt(var)
+  dx = (g - correction) * common.feat(jax.lax.rsqrt(var), z.ndim)
   d_nu = jnp.where(has_data, nu - nu_prev, 0)
   d_window = jnp.where(has_data, window - window_prev, 0)
   return dx, None, None, None, None, None, None, d_nu, d_window
@@ -208,7 +208,8 @@ def unified_norm(
   if use_running_average:
     st = common.first_group(state, num_batch_groups)
     common.check_state(st, fresh, fn, 'init_unified_norm_state')
-    z = x.astype(dtype) * jax.lax.rsqrt(st.running_var.astype(dtype) + eps)
+    z = x.astype(dtype) * common.feat(
+        jax.lax.rsqrt(st.running_var.astype(dtype) + eps), x.ndim)
     return common.affine(z, params, dtype).astype(x.dtype), state
   common.check_state(state, common.group_state(fresh, num_batch_groups), fn,
                      'init_unified_norm_state')

@@ -1,0 +1,38 @@
+"""Test setup: 8 simulated CPU devices (before JAX initialises), strict ranks."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '')
+if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
+
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+
+@pytest.fixture(params=['float32', 'float64'])
+def float_dtype(request):
+  """Runs a test in float32 and in float64 (with x64 enabled for it)."""
+  if request.param == 'float64':
+    with jax.enable_x64(True):
+      yield request.param
+  else:
+    yield request.param
+
+
+# Largest deviations from the NumPy references, printed after the test run.
+DEVIATIONS: dict[str, float] = {}
+
+
+def record_deviation(name: str, value: float) -> None:
+  DEVIATIONS[name] = max(float(value), DEVIATIONS.get(name, 0.0))
+
+
+def pytest_terminal_summary(terminalreporter):
+  if not DEVIATIONS:
+    return
+  terminalreporter.write_sep('-', 'largest deviations from the references')
+  for name in sorted(DEVIATIONS):
+    terminalreporter.write_line(f'{name:60s} {DEVIATIONS[name]:.2e}')
