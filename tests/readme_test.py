@@ -1,0 +1,35 @@
+"""The README's quick start stays true: CI runs its test command, and the
+example job it starts runs and learns."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def quick_start_commands():
+  text = (ROOT / 'README.md').read_text()
+  block = re.search(r'## Quick start.*?```bash\n(.*?)```', text, re.S).group(1)
+  return [l for l in block.splitlines() if l and not l.startswith('#')]
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
+  commands = quick_start_commands()
+  assert len(commands) == 2
+  install = 'python3 -m venv .venv && .venv/bin/pip install -r requirements.txt'
+  assert all(c.startswith(install) for c in commands)
+  test_command = commands[1].split(' && ')[-1]
+  ci = (ROOT / '.ci' / 'run').read_text()
+  assert test_command in ci.splitlines()
+  assert 'pip install -q -r requirements.txt' in ci
+
+
+def test_example_job_runs_and_learns():
+  job = quick_start_commands()[0].split(' && ')[-1].split()[1:]
+  out = subprocess.run(
+      [sys.executable, *job, '--steps=60'], cwd=ROOT, capture_output=True,
+      text=True, timeout=300, check=True).stdout
+  first, last = re.search(r'loss ([\d.]+) -> ([\d.]+)', out).groups()
+  assert float(last) < 0.8 * float(first), out
