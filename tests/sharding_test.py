@@ -15,10 +15,15 @@ and parameter gradients, the new state and the cotangents.
     transpose of the implicit pvary is a psum; an explicit psum would count
     every device 8 times). The backward-stat cotangents come back invariant
     because the custom bwd rules psum their row means over `axis_name`.
+    (layer_norm/rms_norm reduce per token and run there without axis_name.)
   * `num_batch_groups=G` under the sharded jit == G separate unsharded runs
     on the batch slices, each with its own state slice.
 The padding is uneven across devices; device 2 (rows 4, 5) holds no real token.
 Run with `-s` to see the measured max |deviation| of every check.
+
+`num_batch_groups` with a batch sharded over Explicit axes works when the
+group count is a multiple of the devices (the state is resharded to follow the
+groups) and otherwise raises a ValueError that names the fix.
 """
 
 import functools
@@ -58,6 +63,8 @@ CASES = {
 STATEFUL = [k for k in CASES if CASES[k][0] not in ('layernorm', 'rmsnorm')]
 PER_TOKEN = ['layer_norm', 'rms_norm']
 TOL = {'float32': 1e-5, 'float64': 1e-12}
+F32, F64 = 'float32', 'float64'
+EXPLICIT, AUTO = AxisType.Explicit, AxisType.Auto
 
 
 @functools.cache
@@ -146,101 +153,118 @@ def sharded(mesh, spec=P('data')):
   return lambda a: jax.device_put(a, NamedSharding(mesh, spec))
 
 
-# 1 + 4. jax.jit on a batch-sharded input, no axis_name.
-@pytest.mark.parametrize('axis_type', [AxisType.Explicit, AxisType.Auto],
-                         ids=['explicit', 'auto'])
-@pytest.mark.parametrize('case', list(CASES))
+def params_with(cases, *rest):
+  return [pytest.param(c, *rest, id='-'.join(
+      [c] + [getattr(r, 'name', str(r)) for r in rest])) for c in cases]
+
+
+# 1 + 4. jax.jit on a batch-sharded input, no axis_name. Auto axes for a few.
+@pytest.mark.parametrize('case,axis_type', params_with(CASES, EXPLICIT) +
+                         params_with(['power_norm', 'unified_norm'], AUTO))
 def test_jit_sharded_matches_unsharded(case, axis_type, float_dtype):
   mesh = make_mesh(axis_type)
   with jax.set_mesh(mesh):
     got = run(reference_step(case), case, float_dtype, put=sharded(mesh))
-    assert got[0]['y'].shape == (B, T, C)
   compare(got, reference(case, float_dtype), float_dtype,
           f'jit {axis_type.name} {case}')
 
 
 @functools.cache
-def shard_map_step(case, grad_inside):
-  mesh = make_mesh()
+def shard_map_step(case, grad):
   data, rep = P('data'), P()
-  call = norm_call(case, axis_name='data')
-  if grad_inside:  # the whole train step is the shard_map body
-    body = functools.partial(train_step, call)
+  # Per-token norms reduce over no token axis and take no axis_name.
+  call = norm_call(case, axis_name=None if case in PER_TOKEN else 'data')
+  if grad == 'grad_inside':  # the whole step is the body; no psum written
     return jax.jit(jax.shard_map(
-        body, mesh=mesh, in_specs=(data, data, data, rep, rep),
+        functools.partial(train_step, call), mesh=make_mesh(),
+        in_specs=(data, data, data, rep, rep),
         out_specs=dict(y=data, dx=data, dparams=rep, cotangents=rep,
-                       state=rep),
-        check_vma=True))
-  sm = jax.shard_map(call, mesh=mesh, in_specs=(data, data, rep, rep),
+                       state=rep), check_vma=True))
+  sm = jax.shard_map(call, mesh=make_mesh(), in_specs=(data, data, rep, rep),
                      out_specs=(data, rep), check_vma=True)
   return jax.jit(functools.partial(train_step, sm))
 
 
-# 2. shard_map with axis_name='data' (global statistics by psum).
-@pytest.mark.parametrize('grad_inside', [True, False],
-                         ids=['grad_inside', 'grad_outside'])
-@pytest.mark.parametrize('case', STATEFUL)
-def test_shard_map_axis_name_matches_unsharded(case, grad_inside, float_dtype):
+# 2. shard_map with axis_name='data': global statistics by psum.
+@pytest.mark.parametrize('case,grad', params_with(CASES, 'grad_inside') + (
+    params_with(['batch_norm', 'power_norm', 'unified_norm'], 'grad_outside')))
+def test_shard_map_axis_name_matches_unsharded(case, grad, float_dtype):
   mesh = make_mesh()
   with jax.set_mesh(mesh):
-    got = run(shard_map_step(case, grad_inside), case, float_dtype,
+    got = run(shard_map_step(case, grad), case, float_dtype,
               put=sharded(mesh))
   compare(got, reference(case, float_dtype), float_dtype,
-          f'shard_map {"inside" if grad_inside else "outside"} {case}')
+          f'shard_map {grad} {case}')
 
 
-# Per-token norms reduce over no token axis: under shard_map they need no
-# axis_name (and must not get one; see test_per_token_norm_axis_name_psum).
 @pytest.mark.parametrize('case', PER_TOKEN)
-def test_shard_map_per_token_norm_matches_unsharded(case, float_dtype):
-  data, rep = P('data'), P()
-  step = jax.jit(jax.shard_map(
-      functools.partial(train_step, norm_call(case)), mesh=make_mesh(),
-      in_specs=(data, data, data, rep, rep),
-      out_specs=dict(y=data, dx=data, dparams=rep, cotangents=rep,
-                     state=rep), check_vma=True))
+def test_per_token_norm_ignores_axis_name(case):
+  x, _, _ = batch(0, F32)
+  fn = nf.get_norm(CASES[case][0])
+  body = lambda v: fn(v, axis_name='data')[0]
   with jax.set_mesh(make_mesh()):
-    got = run(step, case, float_dtype, put=sharded(make_mesh()))
-  compare(got, reference(case, float_dtype), float_dtype, f'shard_map {case}')
-
-
-@functools.cache
-def slice_step(case):
-  return jax.jit(functools.partial(train_step, norm_call(case)))
+    y = jax.jit(jax.shard_map(body, in_specs=P('data'), out_specs=P('data'),
+                              check_vma=True))(sharded(make_mesh())(x))
+  chex.assert_trees_all_close(y, fn(x)[0], atol=1e-5, rtol=1e-5)
 
 
 def per_slice_reference(case, dtype, groups):
   """G independent unsharded runs on the batch slices, results re-assembled."""
   n = B // groups
   params, state = init(case, dtype, groups)
-  states, outs = [jax.tree.map(lambda v: v[g], state) for g in range(groups)], []
+  states = [jax.tree.map(lambda v: v[g], state) for g in range(groups)]
+  outs = []
   for i in range(CASES[case][2]):
     x, mask, dy = batch(i, dtype)
-    parts = [slice_step(case)(x[g * n:(g + 1) * n], mask[g * n:(g + 1) * n],
+    parts = [reference_step(case)(x[g * n:(g + 1) * n], mask[g * n:(g + 1) * n],
                               dy[g * n:(g + 1) * n], params, states[g])
              for g in range(groups)]
     states = [p['state'] for p in parts]
-    cat = lambda *a: np.concatenate(a)
-    stack = lambda *a: np.stack(a)
-    outs.append(dict(
-        y=cat(*[p['y'] for p in parts]), dx=cat(*[p['dx'] for p in parts]),
-        dparams=jax.tree.map(lambda *a: np.sum(a, axis=0),
-                             *[p['dparams'] for p in parts]),
-        cotangents=jax.tree.map(stack, *[p['cotangents'] for p in parts]),
-        state=jax.tree.map(stack, *states)))
+    join = lambda key, f: jax.tree.map(lambda *a: f(a),
+                                       *[p[key] for p in parts])
+    outs.append(dict(y=join('y', np.concatenate), dx=join('dx', np.concatenate),
+                     dparams=join('dparams', lambda a: np.sum(a, axis=0)),
+                     cotangents=join('cotangents', np.stack),
+                     state=join('state', np.stack)))
   return outs
 
 
+
+
+def group_params(cases, groups, axis_type, dtypes):
+  # With 8 groups each device holds its group's state; with 2, replicated.
+  spec = P('data') if groups == 8 else P()
+  return [pytest.param(c, groups, axis_type, spec, d,
+                       id=f'{c}-G{groups}-{axis_type.name}-{d}')
+          for c in cases for d in dtypes]
+
+
 # 3. num_batch_groups: the official per-GPU statistics on any device count.
-@pytest.mark.parametrize('groups', [8, 2])
-@pytest.mark.parametrize('case', STATEFUL)
-def test_batch_groups_match_separate_runs(case, groups, float_dtype):
-  mesh = make_mesh()
-  # With 8 groups each device holds its group's state; 2 groups: replicated.
-  state_spec = P('data') if groups == 8 else P()
+@pytest.mark.parametrize(
+    'case,groups,axis_type,state_spec,float_dtype',
+    group_params(STATEFUL, 8, EXPLICIT, [F64]) +
+    group_params(['power_norm'], 8, EXPLICIT, [F32]) +
+    group_params(['batch_norm', 'power_norm', 'pn_v', 'unified_norm'], 2, AUTO,
+                 [F64]) +
+    [pytest.param('power_norm', 8, EXPLICIT, P(), F32,
+                  id='power_norm-G8-Explicit-replicated_state-float32')],
+    indirect=['float_dtype'])
+def test_batch_groups_match_separate_runs(case, groups, axis_type,
+                                          state_spec, float_dtype):
+  mesh = make_mesh(axis_type)
   step = jax.jit(functools.partial(train_step, norm_call(case, groups=groups)))
   with jax.set_mesh(mesh):
     got = run(step, case, float_dtype, groups, put=sharded(mesh),
               put_state=sharded(mesh, state_spec))
-  compare(got, per_slice_reference(case, float_dtype, groups), float_dtype,
-          f'groups={groups} {case}')
+  want = per_slice_reference(case, float_dtype, groups)
+  compare(got, want, float_dtype, f'groups={groups} {axis_type.name} {case}')
+
+
+def test_batch_groups_that_do_not_fit_explicit_sharding_say_so():
+  mesh = make_mesh(EXPLICIT)
+  step = jax.jit(functools.partial(train_step, norm_call('power_norm',
+                                                         groups=2)))
+  with jax.set_mesh(mesh):
+    with pytest.raises(ValueError, match='num_batch_groups.*Auto'):
+      run(step, 'power_norm', F32, 2, put=sharded(mesh),
+          put_state=sharded(mesh, P()))

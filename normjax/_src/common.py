@@ -179,7 +179,16 @@ def split_batch_groups(num_batch_groups: int, x: Array, mask: Array | None,
         f'{fn}: `num_batch_groups`={num_batch_groups} must divide the leading '
         f'(batch) axis of `x`, which has shape {tuple(x.shape)}.')
   g = num_batch_groups
-  x = x.reshape((g, x.shape[0] // g) + x.shape[1:])
+  try:
+    x = x.reshape((g, x.shape[0] // g) + x.shape[1:])
+  except Exception as e:  # jax's ShardingTypeError is not public
+    if type(e).__name__ != 'ShardingTypeError':
+      raise
+    raise ValueError(
+        f'{fn}: `num_batch_groups`={g} cannot split a batch axis sharded '
+        f'over Explicit mesh axes ({jax.typeof(x)}). Use a multiple of the '
+        'number of devices on those axes, or a mesh with '
+        'axis_types=(jax.sharding.AxisType.Auto, ...).') from None
   if mask is not None:
     mask = mask.reshape((g, mask.shape[0] // g) + mask.shape[1:])
   return x, mask
@@ -199,9 +208,25 @@ def apply_grouped(fn: Callable, num_batch_groups: int, x: Array,
     return fn(x, mask, state, *args)
   shape = x.shape
   xg, maskg = split_batch_groups(num_batch_groups, x, mask, name)
+  state = _shard_like_groups(state, xg)
   in_axes = (0, None if mask is None else 0, 0) + (None,) * len(args)
   y, new_state = jax.vmap(fn, in_axes=in_axes)(xg, maskg, state, *args)
   return y.reshape(shape), new_state
+
+
+def _shard_like_groups(state: NamedTuple, xg: Array) -> NamedTuple:
+  """On Explicit meshes, shards the state's group axis like the groups of x."""
+  sharding = getattr(jax.typeof(xg), 'sharding', None)
+  spec = getattr(sharding, 'spec', None)
+  if not spec or spec[0] is None or not getattr(sharding.mesh, 'axis_types',
+                                                  None):
+    return state
+  explicit = jax.sharding.AxisType.Explicit
+  if explicit not in sharding.mesh.axis_types:
+    return state
+  return jax.tree.map(
+      lambda v: jax.sharding.reshard(
+          v, jax.P(spec[0], *([None] * (v.ndim - 1)))), state)
 
 
 def group_state(state: NamedTuple, num_batch_groups: int) -> NamedTuple:

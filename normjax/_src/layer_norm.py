@@ -46,7 +46,7 @@ def _moments(x: Array, axes: tuple[int, ...], mask: Array | None,
       s = jnp.sum(jnp.where(where, v, 0), axis=axes, keepdims=True)
       n = jnp.sum(jnp.broadcast_to(where, x.shape), axis=axes, keepdims=True,
                   dtype=v.dtype)
-    if axis_name is not None:
+    if axis_name is not None and token_axes:  # per-token: nothing to share
       s, n = jax.lax.psum((s, n), axis_name)
     return s / jnp.maximum(n, 1)
 
@@ -87,7 +87,8 @@ def layer_norm(
     eps: added to the variance (flax's default 1e-6; fairseq uses 1e-5).
     use_running_average: ignored.
     axis_name: mesh axis name(s) to reduce over when a reduced token axis is
-      split by `shard_map`/`pmap`; not needed under `jax.jit`.
+      split by `shard_map`/`pmap`; ignored for per-token reductions and not
+      needed under `jax.jit`.
 
   Returns:
     `(y, state)` with `y` in the dtype of `x`.

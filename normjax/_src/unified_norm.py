@@ -106,22 +106,16 @@ def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
 _un_core.defvjp(_un_core_fwd, _un_core_bwd)
 
 
-@jax.custom_vjp
-def _scale_grad(scale, r):
-  """Identity on `scale`; its gradient is multiplied by r (UN's dscale)."""
-  del r
-  return scale
+def _scale_grad(scale: Array, r: Array) -> Array:
+  """Equals `scale` exactly; its derivative with respect to scale is r.
 
-
-def _scale_grad_fwd(scale, r):
-  return scale, r
-
-
-def _scale_grad_bwd(r, g):
-  return (g * r).astype(g.dtype), None
-
-
-_scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
+  UN's dscale is sum(dy * r * z) while the forward uses scale * z. Written
+  with stop_gradient rather than a custom_vjp so that vmap over batch groups
+  (a batched r, an unbatched scale) stays correct.
+  """
+  r = jax.lax.stop_gradient(r)
+  return (jax.lax.stop_gradient(scale) + scale * r
+          - jax.lax.stop_gradient(scale * r))
 
 
 def unified_norm(
