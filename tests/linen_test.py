@@ -31,9 +31,13 @@ STATEFUL = ('batchnorm', 'powernorm', 'pn_v', 'unified')
 STATELESS = ('layernorm', 'rmsnorm', 'group_scaling')
 
 
+def _normal(seed, shape, dtype=np.float32):
+  # NumPy, not jax.random: eager JAX ops would each compile once per shape.
+  return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
 def _x(seed=0, shape=(B, T, F), dtype=jnp.float32):
-  return (2.0 * jax.random.normal(jax.random.key(seed), shape) + 0.5
-          ).astype(dtype)
+  return jnp.asarray(2.0 * _normal(seed, shape) + 0.5, dtype)
 
 
 def _mask():
@@ -41,15 +45,16 @@ def _mask():
 
 
 def _cotangent(seed=7, shape=(B, T, F), dtype=jnp.float32):
-  return jax.random.normal(jax.random.key(seed), shape, dtype)
+  return jnp.asarray(_normal(seed, shape), dtype)
 
 
 def _random_params(params, seed=3):
   """Replaces scale/bias by random values (same tree, same dtypes)."""
   out = {}
   for i, (name, v) in enumerate(sorted(params.items())):
-    noise = 0.3 * jax.random.normal(jax.random.key(seed + i), v.shape, v.dtype)
-    out[name] = (1.0 + noise) if name == 'scale' else noise
+    noise = 0.3 * _normal(seed + i, v.shape)
+    out[name] = jnp.asarray((1.0 + noise) if name == 'scale' else noise,
+                            v.dtype)
   return out
 
 
@@ -57,16 +62,23 @@ def _random_state(collection, seed=11):
   """A mid-training state: positive second moments, non-zero grad stats."""
   out = {}
   for i, (name, v) in enumerate(sorted(collection.items())):
-    key = jax.random.key(seed + i)
+    rng = np.random.default_rng(seed + i)
     if name == 'step':
-      out[name] = jnp.full(v.shape, 5, v.dtype)
+      value = np.full(v.shape, 5)
     elif name == 'skip_count':
-      out[name] = jnp.full(v.shape, 1, v.dtype)
+      value = np.full(v.shape, 1)
     elif name in ('mean', 'ema_gz', 'bwd_window'):
-      out[name] = 0.3 * jax.random.normal(key, v.shape, v.dtype)
+      value = 0.3 * rng.standard_normal(v.shape)
     else:  # var, running_phi, running_var, fwd_window: must be positive
-      out[name] = jax.random.uniform(key, v.shape, v.dtype, 0.5, 2.0)
+      value = rng.uniform(0.5, 2.0, v.shape)
+    out[name] = jnp.asarray(value, v.dtype)
   return out
+
+
+def _init(module, x, **kwargs):
+  """module.init under jit (one compile instead of many eager ops)."""
+  return jax.jit(functools.partial(module.init, **kwargs))(
+      jax.random.key(0), x)
 
 
 def _split(variables):
@@ -95,11 +107,11 @@ def test_per_token_norm_matches_flax(ours, theirs):
     y = module.apply(variables, x)
     return jnp.sum(y * dy), y
 
-  (_, y_ours), g_ours = jax.value_and_grad(
-      functools.partial(loss, ours()), argnums=(0, 1), has_aux=True)(
+  (_, y_ours), g_ours = jax.jit(jax.value_and_grad(
+      functools.partial(loss, ours()), argnums=(0, 1), has_aux=True))(
           variables, x)
-  (_, y_flax), g_flax = jax.value_and_grad(
-      functools.partial(loss, theirs()), argnums=(0, 1), has_aux=True)(
+  (_, y_flax), g_flax = jax.jit(jax.value_and_grad(
+      functools.partial(loss, theirs()), argnums=(0, 1), has_aux=True))(
           variables, x)
   chex.assert_trees_all_close(y_ours, y_flax, **TOL)
   chex.assert_trees_all_close(g_ours, g_flax, **TOL)
@@ -127,20 +139,20 @@ def test_batch_norm_matches_flax(with_mask):
         use_running_average=False, mask=mask, mutable=['batch_stats'])
     return jnp.sum(y * dy), (y, upd['batch_stats'])
 
-  (_, (y_ours, bs_ours)), g_ours = jax.value_and_grad(
-      functools.partial(loss, ours, mask), argnums=(0, 1), has_aux=True)(
+  (_, (y_ours, bs_ours)), g_ours = jax.jit(jax.value_and_grad(
+      functools.partial(loss, ours, mask), argnums=(0, 1), has_aux=True))(
           variables['params'], x)
-  (_, (y_flax, bs_flax)), g_flax = jax.value_and_grad(
+  (_, (y_flax, bs_flax)), g_flax = jax.jit(jax.value_and_grad(
       functools.partial(loss, theirs, flax_mask), argnums=(0, 1),
-      has_aux=True)(variables['params'], x)
+      has_aux=True))(variables['params'], x)
   chex.assert_trees_all_close(y_ours, y_flax, **TOL)
   chex.assert_trees_all_close(bs_ours, bs_flax, **TOL)
   chex.assert_trees_all_close(g_ours, g_flax, **TOL)
   if with_mask:  # the pad token must not have entered the statistics
-    assert not np.allclose(
-        bs_ours['mean'],
-        ours.apply(variables, x, use_running_average=False,
-                   mutable=['batch_stats'])[1]['batch_stats']['mean'])
+    _, unmasked = jax.jit(functools.partial(
+        ours.apply, use_running_average=False, mutable=['batch_stats']))(
+            variables, x)
+    assert not np.allclose(bs_ours['mean'], unmasked['batch_stats']['mean'])
 
   # Evaluation mode with the updated running statistics.
   eval_vars = {'params': variables['params'], 'batch_stats': bs_flax}
@@ -150,11 +162,11 @@ def test_batch_norm_matches_flax(with_mask):
                      use_running_average=True)
     return jnp.sum(y * dy), y
 
-  (_, y_ours), g_ours = jax.value_and_grad(
-      functools.partial(eval_loss, ours), argnums=(0, 1), has_aux=True)(
+  (_, y_ours), g_ours = jax.jit(jax.value_and_grad(
+      functools.partial(eval_loss, ours), argnums=(0, 1), has_aux=True))(
           eval_vars['params'], x)
-  (_, y_flax), g_flax = jax.value_and_grad(
-      functools.partial(eval_loss, theirs), argnums=(0, 1), has_aux=True)(
+  (_, y_flax), g_flax = jax.jit(jax.value_and_grad(
+      functools.partial(eval_loss, theirs), argnums=(0, 1), has_aux=True))(
           eval_vars['params'], x)
   chex.assert_trees_all_close(y_ours, y_flax, **TOL)
   chex.assert_trees_all_close(g_ours, g_flax, **TOL)
@@ -193,15 +205,21 @@ def test_custom_cases_cover_every_module():
   assert set(nl.MODULES) - {'none'} == set(nf.FUNCTIONS)
 
 
-@pytest.mark.parametrize('options', ['defaults', 'custom'])
+@pytest.mark.parametrize('options, float_dtype', [
+    ('defaults', 'float32'), ('custom', 'float32'), ('custom', 'float64')])
 @pytest.mark.parametrize('kind', sorted(CUSTOM))
 def test_module_equals_function(kind, options, float_dtype):
+  with jax.enable_x64(float_dtype == 'float64'):
+    _check_module_equals_function(kind, options, float_dtype)
+
+
+def _check_module_equals_function(kind, options, float_dtype):
   mod_opts, fn_opts = CUSTOM[kind] if options == 'custom' else ({}, {})
   module = nl.make_norm(kind, **mod_opts)()
   fn = functools.partial(nf.get_norm(kind), **fn_opts)
   x, dy = _x(dtype=float_dtype), _cotangent(dtype=float_dtype)
   mask = _mask()
-  init = nn.unbox(module.init(jax.random.key(0), x, use_running_average=False))
+  init = nn.unbox(_init(module, x, use_running_average=False))
   params, batch_stats, grad_stats = _split(init)
   params = _random_params(params)
   batch_stats = _random_state(batch_stats)
@@ -226,13 +244,15 @@ def test_module_equals_function(kind, options, float_dtype):
                       use_running_average=not train)
     return jnp.sum(y * dy), (y, new_state)
 
-  for train in (True, False):
-    (_, (y_m, bs_m)), g_m = jax.value_and_grad(
-        module_loss, argnums=(0, 1, 2), has_aux=True)(
-            params, grad_stats, x, train)
-    (_, (y_f, state_f)), g_f = jax.value_and_grad(
-        function_loss, argnums=(0, 1, 2), has_aux=True)(
-            params, grad_stats, x, train)
+  def train_and_eval(loss):  # one compile for both modes
+    return jax.jit(lambda *args: [
+        jax.value_and_grad(functools.partial(loss, train=train),
+                           argnums=(0, 1, 2), has_aux=True)(*args)
+        for train in (True, False)])(params, grad_stats, x)
+
+  results = zip((True, False), train_and_eval(module_loss),
+                train_and_eval(function_loss))
+  for train, ((_, (y_m, bs_m)), g_m), ((_, (y_f, state_f)), g_f) in results:
     assert y_m.dtype == y_f.dtype == x.dtype
     chex.assert_trees_all_close(y_m, y_f, **TOL)
     # Grads wrt params and x, and the backward-stat cotangents (PN: ema_gz,
@@ -283,7 +303,7 @@ EXPECTED_COLLECTIONS = {
 def test_param_tree_and_collections(kind):
   x = _x()
   module = nl.make_norm(kind)()
-  boxed = module.init(jax.random.key(0), x, use_running_average=False)
+  boxed = _init(module, x, use_running_average=False)
   variables = nn.unbox(boxed)
   params, batch_stats, grad_stats = _split(variables)
   want_p, want_bs, want_gs = EXPECTED_COLLECTIONS[kind]
@@ -329,8 +349,8 @@ def test_param_dtype_and_dtype():
 def test_state_frozen_in_eval_and_at_init(kind):
   x = _x()
   module = nl.make_norm(kind)()
-  variables = nn.unbox(module.init(jax.random.key(0), x,
-                                   use_running_average=False, mask=_mask()))
+  variables = nn.unbox(_init(module, x, use_running_average=False,
+                             mask=_mask()))
   fresh = nf.init_state(kind, F)
   _, batch_stats, grad_stats = _split(variables)
   # init does not update the running statistics, even in training mode.
@@ -338,14 +358,16 @@ def test_state_frozen_in_eval_and_at_init(kind):
       {**batch_stats, **grad_stats}, fresh._asdict())
 
   variables = dict(variables, batch_stats=_random_state(batch_stats))
-  _, upd = module.apply(variables, x, use_running_average=True, mask=_mask(),
-                        mutable=['batch_stats', 'grad_stats'])
+  _, upd = jax.jit(functools.partial(
+      module.apply, use_running_average=True, mask=_mask(),
+      mutable=['batch_stats', 'grad_stats']))(variables, x)
   chex.assert_trees_all_equal(upd['batch_stats'], variables['batch_stats'])
   chex.assert_trees_all_equal(upd.get('grad_stats', {}),
                               variables.get('grad_stats', {}))
   # The constructor field works as well.
   module = nl.make_norm(kind, use_running_average=True)()
-  _, upd = module.apply(variables, x, mutable=['batch_stats'])
+  _, upd = jax.jit(functools.partial(module.apply, mutable=['batch_stats']))(
+      variables, x)
   chex.assert_trees_all_equal(upd['batch_stats'], variables['batch_stats'])
 
 
@@ -494,15 +516,15 @@ def test_vmap_over_independent_models(kind):
     return jax.grad(_functional_loss(fn, dy, mask), argnums=(0, 1, 2),
                     has_aux=True)(x, params, backward, state)
 
-  batched = jax.vmap(one)(xs, dys, masks,
+  batched = jax.jit(jax.vmap(one))(xs, dys, masks,
                           jax.tree.map(lambda *v: jnp.stack(v), *states))
-  looped = [one(xs[i], dys[i], masks[i], states[i])
+  looped = [jax.jit(one)(xs[i], dys[i], masks[i], states[i])
             for i in range(num_models)]
   looped = jax.tree.map(lambda *v: jnp.stack(v), *looped)
   chex.assert_trees_all_close(batched, looped, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('kind', STATEFUL + ('layernorm',))
+@pytest.mark.parametrize('kind', ['batchnorm', 'powernorm', 'unified'])
 def test_remat_module(kind):
   mod_opts = CUSTOM[kind][0]
   x, dy, mask = _x(), _cotangent(), _mask()
@@ -510,8 +532,8 @@ def test_remat_module(kind):
     mod_opts = dict(mod_opts, use_running_average=False)
   plain = nl.make_norm(kind, **mod_opts)()
   remat = nn.remat(nl.MODULES[kind])(**mod_opts)
-  init = nn.unbox(plain.init(jax.random.key(0), x))
-  init_remat = nn.unbox(remat.init(jax.random.key(0), x))
+  init = nn.unbox(_init(plain, x))
+  init_remat = nn.unbox(_init(remat, x))
   chex.assert_trees_all_equal(init, init_remat)
   params, batch_stats, grad_stats = _split(init)
   params = _random_params(params)
@@ -524,10 +546,12 @@ def test_remat_module(kind):
          'grad_stats': grad_stats}, x, mask=mask, mutable=['batch_stats'])
     return jnp.sum(y * dy), (y, upd)
 
-  out_plain = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2),
-                       has_aux=True)(params, grad_stats, x)
-  out_remat = jax.grad(functools.partial(loss, remat), argnums=(0, 1, 2),
-                       has_aux=True)(params, grad_stats, x)
+  out_plain = jax.jit(jax.grad(functools.partial(loss, plain),
+                               argnums=(0, 1, 2), has_aux=True))(
+                                   params, grad_stats, x)
+  out_remat = jax.jit(jax.grad(functools.partial(loss, remat),
+                               argnums=(0, 1, 2), has_aux=True))(
+                                   params, grad_stats, x)
   chex.assert_trees_all_close(out_remat, out_plain, **TOL)
 
 
@@ -551,10 +575,11 @@ def test_make_norm_unknown_option():
 def test_make_norm_builds_every_kind(kind):
   x = _x()
   module = nl.make_norm(kind)(name='norm')
-  variables = module.init(jax.random.key(0), x, use_running_average=False)
-  for train in (True, False):
-    y, _ = module.apply(variables, x, use_running_average=not train,
-                        mask=_mask(), mutable=True)
+  variables = _init(module, x, use_running_average=False)
+  outputs = jax.jit(lambda v, x: [
+      module.apply(v, x, use_running_average=not train, mask=_mask(),
+                   mutable=True)[0] for train in (True, False)])(variables, x)
+  for y in outputs:
     chex.assert_shape(y, x.shape)
     assert y.dtype == x.dtype
     chex.assert_tree_all_finite(y)

@@ -179,9 +179,10 @@ def group_scaling(
   `mask`, `use_running_average` and `axis_name` are accepted for a uniform
   signature and ignored; `params` may add an affine map.
   """
-  del mask, use_running_average, axis_name
+  del use_running_average, axis_name
   fn = 'group_scaling'
   x = common.check_input(x, fn)
+  common.check_mask(mask, x, fn)
   params = common.check_params(params, x.shape[-1], fn)
   check_num_groups(num_groups, x.shape[-1], fn)
   dtype = common.stats_dtype(x)

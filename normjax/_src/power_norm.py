@@ -72,7 +72,9 @@ def _pn_core_fwd(xs, denom, bwd_denom, row_weight, has_data, ema_gz,
 
 def _pn_core_bwd(alpha_bkw, axis_name, res, g):
   z, bwd_denom, row_weight, has_data, u = res
-  correction = common.feat((1 - alpha_bkw) * u, z.ndim) * z
+  # Without real tokens the step is an evaluation step: no correction.
+  correction = common.feat(jnp.where(has_data, (1 - alpha_bkw) * u, 0),
+                           z.ndim) * z
   if row_weight is not None:
     correction = correction * row_weight[..., None]
   g_hat = g - correction

@@ -37,8 +37,11 @@ class UnifiedNormState(NamedTuple):
 
 
 def _windows(window_size: int | tuple[int, int], fn: str) -> tuple[int, int]:
-  sizes = ((window_size, window_size) if isinstance(window_size, int)
-           else tuple(window_size))
+  try:
+    sizes = ((window_size, window_size) if isinstance(window_size, int)
+             else tuple(window_size))
+  except TypeError:
+    sizes = ()
   if len(sizes) != 2 or not all(isinstance(m, int) and m >= 1 for m in sizes):
     raise ValueError(
         f'{fn}: `window_size` must be a positive int or a pair (forward, '
@@ -230,7 +233,7 @@ def unified_norm(
       outlier = (t >= warmup_steps) & jnp.any(spread > m_f * rho)
       window = jnp.where(outlier, window.at[slot].set(r_prev), window)
       skip = skip | outlier
-    use_batch = (t <= m_f) | (t < warmup_steps) | skip
+    use_batch = (t <= m_f) | (t < warmup_steps) | skip | ~has_data
     sigma2 = jnp.where(use_batch, s, _geometric_mean(window))
     r = jnp.sqrt(sigma2 + eps) / jnp.sqrt(r_prev + eps)
     r = jnp.where((t <= max(compensation_delay, warmup_steps)) | skip, 1.0,
