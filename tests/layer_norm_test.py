@@ -65,11 +65,12 @@ def test_layer_norm_invariants():
 
 
 def test_layer_norm_keeps_precision_with_a_large_mean():
-  """flax's one-pass variance gives std 7.6 here; two passes give ~1."""
+  """flax's one-pass variance is off by ~30 here (std 7.6)."""
   rng = np.random.default_rng(2)
   x = jnp.asarray(1e4 + 0.01 * rng.normal(size=(16, 256)), jnp.float32)
   y, _ = nf.layer_norm(x, None)
-  assert abs(float(jnp.std(y)) - 1.0) < 0.05
+  want = ref.layer_norm(np.asarray(x), eps=1e-6)
+  np.testing.assert_allclose(np.asarray(y), want, atol=2e-6)
 
 
 def test_layer_norm_over_token_axes_uses_the_mask():

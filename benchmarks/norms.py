@@ -1,0 +1,259 @@
+"""Speed of normjax's norms against flax.linen and a memory-bandwidth bound.
+
+Run from the repository root (both forms print the same report):
+
+    python benchmarks/norms.py                       # (4096, 1024), ~30 s
+    python -m benchmarks.norms --quick               # (256, 128), 3 reps, CI
+    python benchmarks/norms.py --markdown bench.md   # also write the table
+
+x: f32 (rows // 128, 128, features); the mask (~10% pads) matters only to
+norms with batch statistics. fwd: jitted forward (training mode if
+stateful). fwd+bwd: a jitted training step of the layer, `jax.grad` of
+sum(y * dy) wrt x, params and the backward-statistics state (PowerNorm
+`ema_gz`; UN `ema_gz`, `bwd_window`), returning y, the new state and grads.
+Bound: jitted `jnp.copy(x)`, checked to write a new buffer. GB/s counts
+minimal traffic in arrays of x.nbytes: fwd reads x, writes y (2); fwd+bwd
+reads x, dy, writes y, dx (4); copy 2. After warm-up, each round calls
+every function once in a shuffled order (drift and cache effects hit all
+alike); medians of wall times, with block_until_ready. The target ratios
+are paired: the median over rounds of the two times of the same round.
+
+Allocator: XLA:CPU mallocs each call's temp buffer (48-64 MiB for fwd+bwd
+here) and glibc maps blocks >= 32 MiB afresh: a page fault per 4 KiB per
+call, which made fwd+bwd 2-4x slower in this VM. Unless tcmalloc is
+preloaded, main() sets glibc mallopt (1 arena, no mmap, no trim) so buffers
+are reused; `--no-malloc-tuning` keeps glibc's default.
+"""
+
+import argparse
+import ctypes
+import os
+import random
+import statistics
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normjax import functional as nf
+
+FLAX_LN = 'flax LayerNorm'
+
+
+def _cases(c: int):
+  """[(name, apply(x, mask, p, s) -> (y, s'), p, s, backward fields|None)]."""
+  p = {'scale': jnp.ones((c,)), 'bias': jnp.zeros((c,))}
+  p_scale, pn = {'scale': p['scale']}, dict(num_groups=4, warmup_steps=4000)
+  none, pn_state = nf.EmptyState(), nf.init_power_norm_state(c)
+
+  def nj(fn, **kw):  # per-token norms accept the mask and ignore it
+    return lambda x, m, p, s: fn(x, p, s, mask=m, **kw)
+
+  def flax_case(name, module, p):
+    stats = module.init(jax.random.key(0), jnp.ones((2, 1, c))).get(
+        'batch_stats')
+
+    def apply(x, m, p, s):
+      if stats is None:
+        return module.apply({'params': p}, x), s
+      y, new = module.apply({'params': p, 'batch_stats': s}, x,
+                            mask=m[..., None], mutable=['batch_stats'])
+      return y, new['batch_stats']
+    return name, apply, p, stats or {}, ()
+
+  return [
+      ('normjax LayerNorm', nj(nf.layer_norm), p, none, ()),
+      flax_case(FLAX_LN, nn.LayerNorm(epsilon=1e-6), p),
+      ('normjax RMSNorm', nj(nf.rms_norm), p_scale, none, ()),
+      flax_case('flax RMSNorm', nn.RMSNorm(epsilon=1e-6), p_scale),
+      ('normjax GroupScaling (4)', nj(nf.group_scaling, num_groups=4), None,
+       none, ()),
+      ('normjax BatchNorm (mask)', nj(nf.batch_norm), p,
+       nf.init_batch_norm_state(c), ()),
+      flax_case('flax BatchNorm (mask)',
+                nn.BatchNorm(use_running_average=False), p),
+      ('normjax PN-V (mask)', nj(nf.pn_v, num_groups=4), p,
+       nf.init_pn_v_state(c), ()),
+      ('normjax PowerNorm train (mask)', nj(nf.power_norm, **pn), p, pn_state,
+       ('ema_gz',)),
+      ('normjax PowerNorm eval', nj(nf.power_norm, use_running_average=True,
+                                    **pn), p, pn_state, None),
+      ('normjax UnifiedNorm train (mask)',
+       nj(nf.unified_norm, warmup_steps=4000), p,
+       nf.init_unified_norm_state(c, 4), ('ema_gz', 'bwd_window')),
+  ]
+
+
+def _train_step(apply, fields):
+  """Jitted fwd+bwd: grads of sum(y * dy) wrt x, params, backward stats."""
+  def step(x, dy, m, p, s):
+    def loss(x, p, b):
+      st = s._replace(**b) if b else s
+      y, new = apply(x, m, p, st)
+      return jnp.sum(y * dy), (y, new)
+    b = {f: getattr(s, f) for f in fields}
+    grads, (y, new) = jax.grad(loss, (0, 1, 2), has_aux=True)(x, p, b)
+    return y, new, grads
+  return jax.jit(step)
+
+
+def _timed(fns: dict, warmup: int, reps: int) -> dict[str, list[float]]:
+  """ms per call and round; one call of each per round, in shuffled order."""
+  for f, args in fns.values():
+    for _ in range(max(warmup, 1)):  # the first call compiles
+      jax.block_until_ready(f(*args))
+  times, order, rng = {k: [] for k in fns}, list(fns), random.Random(0)
+  for _ in range(reps):
+    rng.shuffle(order)
+    for k in order:
+      f, args = fns[k]
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      times[k].append(time.perf_counter() - t0)
+  return {k: [1e3 * t for t in v] for k, v in times.items()}
+
+
+def run(rows: int = 4096, features: int = 1024, reps: int = 50,
+        warmup: int = 5, quick: bool = False) -> list[dict]:
+  """Times every norm; returns one dict per row of the table."""
+  if quick:
+    rows, features, reps, warmup = 256, 128, 3, 1
+  t = min(128, rows)
+  if rows % t:
+    raise ValueError(f'rows={rows} must be a multiple of {t}.')
+  rng, shape = np.random.default_rng(0), (rows // t, t, features)
+  x = jnp.asarray(rng.standard_normal(shape, np.float32) + 0.5)
+  dy = jnp.asarray(rng.standard_normal(shape, np.float32))
+  lengths = rng.integers(int(0.8 * t), t + 1, size=shape[0])
+  mask = jnp.asarray(np.arange(t)[None, :] < lengths[:, None])
+
+  copy = jax.jit(jnp.copy)  # XLA emits a `copy`; check it writes new memory
+  if copy(x).unsafe_buffer_pointer() == x.unsafe_buffer_pointer():
+    raise RuntimeError('the copy bound was optimised away')
+  fns = {('copy', 'fwd'): (copy, (x,))}
+  cases = _cases(features)
+  for name, apply, p, s, fields in cases:
+    fns[name, 'fwd'] = (jax.jit(apply), (x, mask, p, s))
+    if fields is not None:
+      fns[name, 'bwd'] = (_train_step(apply, fields), (x, dy, mask, p, s))
+  samples = _timed(fns, warmup, reps)
+  ms = {k: statistics.median(v) for k, v in samples.items()}
+
+  def gbps(n_arrays, t_ms):  # minimal traffic: n_arrays of x.nbytes
+    return n_arrays * x.nbytes / (t_ms * 1e-3) / 1e9
+
+  def row(name, f, b=None):
+    c, bwd = ms['copy', 'fwd'], b is not None
+    return dict(norm=name, shape=shape, reps=reps, fwd_ms=f, fwd_bwd_ms=b,
+                samples=(samples[name, 'fwd'], samples.get((name, 'bwd'))),
+                fwd_vs_flax_ln=f / ms[FLAX_LN, 'fwd'],
+                fwd_bwd_vs_flax_ln=b / ms[FLAX_LN, 'bwd'] if bwd else None,
+                fwd_gbps=gbps(2, f), fwd_bwd_gbps=gbps(4, b) if bwd else None,
+                fwd_pct_copy=100 * c / f,
+                fwd_bwd_pct_copy=200 * c / b if bwd else None)
+  samples['copy (bound)', 'fwd'] = samples['copy', 'fwd']
+  return [row('copy (bound)', ms['copy', 'fwd'])] + [
+      row(n, ms[n, 'fwd'], ms.get((n, 'bwd'))) for n, *_ in cases]
+
+
+TARGETS = (  # label, norm, reference, bound, compared modes
+    ('LayerNorm vs flax', 'normjax LayerNorm', FLAX_LN, 1.05, (0, 1)),
+    ('RMSNorm vs flax RMSNorm', 'normjax RMSNorm', 'flax RMSNorm', 1.05,
+     (0, 1)),
+    ('PowerNorm train step vs normjax LayerNorm',
+     'normjax PowerNorm train (mask)', 'normjax LayerNorm', 1.5, (1,)))
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+  """Median over rounds of a/b timed in the same round (drift cancels)."""
+  return statistics.median(x / y for x, y in zip(a, b))
+
+
+def ratios(results: list[dict]) -> list[str]:
+  """The ratios the performance targets are stated in (worst mode first)."""
+  samples = {d['norm']: d['samples'] for d in results}
+  lines = []
+  for label, a, b, bound, modes in TARGETS:
+    r = {('fwd', 'fwd+bwd')[i]: paired_ratio(samples[a][i], samples[b][i])
+         for i in modes}
+    detail = ', '.join(f'{k} {v:.2f}x' for k, v in r.items())
+    worst = max(r.values())
+    lines.append(f'{label}: {worst:.2f}x  ({detail}; target <= {bound}: '
+                 f'{"ok" if worst <= bound else "MISSED"})')
+  return lines
+
+
+COLUMNS = (('norm', 'norm', 's'), ('fwd ms', 'fwd_ms', '.3f'),
+           ('fwd+bwd ms', 'fwd_bwd_ms', '.3f'),
+           ('fwd / flax LN fwd', 'fwd_vs_flax_ln', '.2f'),
+           ('fwd+bwd / flax LN fwd+bwd', 'fwd_bwd_vs_flax_ln', '.2f'),
+           ('GB/s fwd', 'fwd_gbps', '.1f'),
+           ('GB/s fwd+bwd', 'fwd_bwd_gbps', '.1f'),
+           ('% of copy bound fwd', 'fwd_pct_copy', '.0f'),
+           ('% of copy bound fwd+bwd', 'fwd_bwd_pct_copy', '.0f'))
+
+
+def markdown(results: list[dict]) -> str:
+  def cells(values):
+    return '| ' + ' | '.join(values) + ' |'
+  lines = [cells(c[0] for c in COLUMNS), cells('---' for _ in COLUMNS)]
+  for d in results:
+    lines.append(cells('—' if d[k] is None else format(d[k], fmt)
+                       for _, k, fmt in COLUMNS))
+  return '\n'.join(lines)
+
+
+def tune_malloc(skip: bool = False) -> str:
+  """Makes glibc keep and reuse big blocks; call before JAX computes."""
+  if 'tcmalloc' in os.environ.get('LD_PRELOAD', ''):
+    return 'tcmalloc (LD_PRELOAD)'
+  # malloc.h: M_ARENA_MAX = -8, M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1.
+  opts = ((-8, 1), (-4, 0), (-1, 1 << 30))
+  if skip or not all(ctypes.CDLL(None).mallopt(k, v) for k, v in opts):
+    return 'glibc default'
+  return 'glibc + mallopt (1 arena, no mmap, no trim)'
+
+
+def machine_info(malloc: str = '?') -> str:
+  with open('/proc/cpuinfo') as fh:
+    cpu = next((l.split(':', 1)[1].strip() for l in fh
+                if l.startswith('model name')), '?')
+  tcmalloc = 'tcmalloc' in os.environ.get('LD_PRELOAD', '')
+  load = ', '.join(f'{v:.2f}' for v in os.getloadavg())
+  return (f'cpu: {cpu}; cores: {os.cpu_count()}; load average: {load}\n'
+          f'jax {jax.__version__}, flax {flax.__version__}, backend '
+          f'{jax.default_backend()}; tcmalloc in LD_PRELOAD: '
+          f"{'yes' if tcmalloc else 'no'}; malloc: {malloc}")
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--rows', type=int, default=4096)
+  ap.add_argument('--features', type=int, default=1024)
+  ap.add_argument('--reps', type=int, default=50)
+  ap.add_argument('--warmup', type=int, default=5)
+  ap.add_argument('--quick', action='store_true',
+                  help='(256, 128), 3 reps: a smoke test for CI')
+  ap.add_argument('--markdown', metavar='PATH', help='write the table here')
+  ap.add_argument('--no-malloc-tuning', action='store_true',
+                  help="keep glibc's default (page faults on big buffers)")
+  a = ap.parse_args(argv)
+  malloc = tune_malloc(a.no_malloc_tuning)
+  if not a.quick and a.reps < 20:
+    ap.error('--reps must be >= 20 (use --quick for a smoke run)')
+  results = run(a.rows, a.features, a.reps, a.warmup, a.quick)
+  text = '\n'.join([
+      machine_info(malloc),
+      f"x: {results[0]['shape']} float32, medians of {results[0]['reps']} reps",
+      '', markdown(results), '', *ratios(results)])
+  print(text)
+  if a.markdown:
+    with open(a.markdown, 'w') as fh:
+      fh.write(text + '\n')
+
+
+if __name__ == '__main__':
+  main()
