@@ -61,6 +61,21 @@ def _centered_and_var(x: Array, axes: tuple[int, ...], mask: Array | None,
   return centered, mean(jnp.square(centered))
 
 
+def _per_token_norm(fn, center, x, params, state, axis, mask, eps,
+                    axis_name):
+  """LayerNorm (center=True) or RMSNorm: checks, statistics, affine."""
+  x = common.check_input(x, fn)
+  params = common.check_params(params, x.shape[-1], fn)
+  mask = common.check_mask(mask, x, fn)
+  axes = _canonical_axes(axis, x.ndim, fn)
+  dtype = common.stats_dtype(x)
+  values, second_moment = _centered_and_var(x.astype(dtype), axes, mask,
+                                            axis_name, center)
+  y = common.affine(values * jax.lax.rsqrt(second_moment + eps), params,
+                    dtype)
+  return y.astype(x.dtype), state
+
+
 def layer_norm(
     x: Array,
     params: common.Params = None,
@@ -101,16 +116,8 @@ def layer_norm(
     `(y, state)` with `y` in the dtype of `x`.
   """
   del use_running_average
-  fn = 'layer_norm'
-  x = common.check_input(x, fn)
-  params = common.check_params(params, x.shape[-1], fn)
-  mask = common.check_mask(mask, x, fn)
-  axes = _canonical_axes(axis, x.ndim, fn)
-  dtype = common.stats_dtype(x)
-  xf = x.astype(dtype)
-  centered, var = _centered_and_var(xf, axes, mask, axis_name, center=True)
-  y = common.affine(centered * jax.lax.rsqrt(var + eps), params, dtype)
-  return y.astype(x.dtype), state
+  return _per_token_norm('layer_norm', True, x, params, state, axis, mask,
+                         eps, axis_name)
 
 
 def rms_norm(
@@ -131,16 +138,8 @@ def rms_norm(
   Arguments as in `layer_norm`; `params` usually holds only `scale`.
   """
   del use_running_average
-  fn = 'rms_norm'
-  x = common.check_input(x, fn)
-  params = common.check_params(params, x.shape[-1], fn)
-  mask = common.check_mask(mask, x, fn)
-  axes = _canonical_axes(axis, x.ndim, fn)
-  dtype = common.stats_dtype(x)
-  xf = x.astype(dtype)
-  _, ms = _centered_and_var(xf, axes, mask, axis_name, center=False)
-  y = common.affine(xf * jax.lax.rsqrt(ms + eps), params, dtype)
-  return y.astype(x.dtype), state
+  return _per_token_norm('rms_norm', False, x, params, state, axis, mask,
+                         eps, axis_name)
 
 
 def group_scale(x: Array, num_groups: int, eps: float = 1e-5) -> Array:

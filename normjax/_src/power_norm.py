@@ -92,6 +92,24 @@ def _row_mean(v: Array, row_weight: Array | None, axis_name: Any) -> Array:
 _pn_core.defvjp(_pn_core_fwd, _pn_core_bwd)
 
 
+def _prescale(x: Array, dtype, use_group_scaling: bool, num_groups: int,
+              group_scaling_eps: float) -> Array:
+  """x in the statistics dtype, GroupScaled unless disabled."""
+  x = x.astype(dtype)
+  if use_group_scaling:
+    return group_scale(x, num_groups, group_scaling_eps)
+  return x
+
+
+def _eval(x: Array, params: dict[str, Array], running_phi: Array, eps: float,
+          prescale) -> Array:
+  """scale * prescale(x) / sqrt(phi + eps) + bias: PowerNorm/PN-V evaluation."""
+  dtype = common.stats_dtype(x)
+  z = prescale(x) * common.feat(
+      jax.lax.rsqrt(running_phi.astype(dtype) + eps), x.ndim)
+  return common.affine(z, params, dtype).astype(x.dtype)
+
+
 def power_norm(
     x: Array,
     params: common.Params,
@@ -179,20 +197,15 @@ def power_norm(
                       ('batch', 'running'), fn)
   common.check_choice(grad_mean_over, 'grad_mean_over', ('padded', 'valid'), fn)
   dtype = common.stats_dtype(x)
-
-  def scaled(xg):
-    xf = xg.astype(dtype)
-    if use_group_scaling:
-      return group_scale(xf, num_groups, group_scaling_eps)
-    return xf
-
+  scaled = functools.partial(_prescale, dtype=dtype,
+                             use_group_scaling=use_group_scaling,
+                             num_groups=num_groups,
+                             group_scaling_eps=group_scaling_eps)
   if use_running_average:
     st = common.first_group(state, num_batch_groups)
     common.check_state(st, init_power_norm_state(features), fn,
                        'init_power_norm_state')
-    z = scaled(x) * common.feat(
-        jax.lax.rsqrt(st.running_phi.astype(dtype) + eps), x.ndim)
-    return common.affine(z, params, dtype).astype(x.dtype), state
+    return _eval(x, params, st.running_phi, eps, scaled), state
   common.check_state(
       state, init_power_norm_state(features, num_batch_groups=num_batch_groups),
       fn, 'init_power_norm_state')
@@ -274,19 +287,14 @@ def pn_v(
   if use_group_scaling:
     check_num_groups(num_groups, features, fn)
   dtype = common.stats_dtype(x)
-
-  def scaled(xg):
-    xf = xg.astype(dtype)
-    if use_group_scaling:
-      return group_scale(xf, num_groups, group_scaling_eps)
-    return xf
-
+  scaled = functools.partial(_prescale, dtype=dtype,
+                             use_group_scaling=use_group_scaling,
+                             num_groups=num_groups,
+                             group_scaling_eps=group_scaling_eps)
   if use_running_average:
     st = common.first_group(state, num_batch_groups)
     common.check_state(st, init_pn_v_state(features), fn, 'init_pn_v_state')
-    z = scaled(x) * common.feat(
-        jax.lax.rsqrt(st.running_phi.astype(dtype) + eps), x.ndim)
-    return common.affine(z, params, dtype).astype(x.dtype), state
+    return _eval(x, params, st.running_phi, eps, scaled), state
   common.check_state(
       state, init_pn_v_state(features, num_batch_groups=num_batch_groups), fn,
       'init_pn_v_state')
