@@ -1,0 +1,75 @@
+"""Named presets with modifiers and dotted overrides.
+
+    python -m experiments.iwslt --config=powernorm
+    python -m experiments.wmt --config=powernorm,demo --config.train.num_steps=500
+
+`--config=<preset>[,<modifier>...]` picks a preset of the experiment's config
+module (experiments/configs/<experiment>.py); the long form
+`--config=experiments/configs/wmt.py:powernorm` works too. Dotted overrides
+are type-checked and an unknown key is an error, because the config is locked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from experiments.configs import common
+
+
+class ConfigError(ValueError):
+  """A user error in --config: reported as one line, without a traceback."""
+
+
+def build(presets: dict, arg: str) -> ml_collections.ConfigDict:
+  """`preset[,modifier...]` -> a locked ConfigDict."""
+  name, *mods = [p.strip() for p in arg.split(',')] if arg else ['']
+  if name not in presets:
+    raise ConfigError(f'--config: unknown preset {name!r}; choose from '
+                      f'{sorted(presets)} (optionally followed by modifiers '
+                      f'{sorted(common.MODIFIERS)}, e.g. powernorm,demo).')
+  config = presets[name]()
+  for mod in mods:
+    if mod not in common.MODIFIERS:
+      raise ConfigError(f'--config: unknown modifier {mod!r} in {arg!r}; '
+                        f'choose from {sorted(common.MODIFIERS)}.')
+    common.MODIFIERS[mod](config)
+  config.preset = arg
+  config.lock()
+  return config
+
+
+def define_config_flag(experiment: str) -> flags.FlagHolder:
+  """Defines --config for experiments/configs/<experiment>.py presets."""
+  path = os.path.join(os.path.dirname(__file__), f'{experiment}.py')
+  return config_flags.DEFINE_config_file(
+      'config', f'{path}:layernorm',
+      f'Preset of experiments/configs/{experiment}.py, e.g. powernorm or '
+      'powernorm,demo; or path[:preset].', lock_config=True)
+
+
+def expand_argv(experiment: str, argv: list[str]) -> list[str]:
+  """--config=powernorm -> --config=<path to configs/experiment.py>:powernorm."""
+  path = os.path.join(os.path.dirname(__file__), f'{experiment}.py')
+  out = []
+  for arg in argv:
+    if arg.startswith('--config=') and not arg[9:].split(':')[0].endswith(
+        '.py'):
+      arg = f'--config={path}:{arg[len("--config="):]}'
+    out.append(arg)
+  return out
+
+
+def parse_flags(experiment: str, argv: list[str]) -> list[str]:
+  """absl flag parsing with preset expansion and one-line errors."""
+  try:
+    return flags.FLAGS(expand_argv(experiment, argv))
+  except (flags.Error, ConfigError, AttributeError, KeyError, TypeError,
+          ValueError) as e:
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)

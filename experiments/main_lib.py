@@ -1,0 +1,51 @@
+"""What the entry points share: flags, distributed start-up, error reporting."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app
+from absl import flags
+
+from experiments import configs
+from experiments import sharding
+
+WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, '
+                              'TensorBoard events, vocabulary, results. '
+                              'Default: runs/<experiment>_<preset>.')
+MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                         'train (resumes from the newest checkpoint) or eval.')
+CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', 'averaged', "--mode=eval: 'averaged', 'latest' or a step.")
+SPLIT = flags.DEFINE_enum('split', 'test', ['valid', 'test'],
+                          '--mode=eval: which split to score.')
+
+
+def run(experiment: str, config_flag: flags.FlagHolder,
+        train: Callable, evaluate: Callable) -> None:
+  """Parses flags and runs; user errors end in one line and exit code 2."""
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    config = config_flag.value
+    workdir = WORKDIR.value or os.path.join(
+        'runs', f'{experiment}_{config.preset.replace(",", "_")}')
+    sharding.maybe_initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      if MODE.value == 'train':
+        train(config, workdir)
+      else:
+        evaluate(config, workdir, CHECKPOINT.value, SPLIT.value)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+      if os.environ.get('NORMJAX_TRACEBACK'):
+        raise
+      print(f'error: {e}  (set NORMJAX_TRACEBACK=1 for the traceback)',
+            file=sys.stderr)
+      sys.exit(2)
+
+  app.run(main, flags_parser=lambda argv: configs.parse_flags(experiment,
+                                                               argv))
