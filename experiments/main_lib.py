@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from experiments import configs
 from experiments import sharding
@@ -28,6 +29,7 @@ def run(experiment: str, config_flag: flags.FlagHolder,
   """Parses flags and runs; user errors end in one line and exit code 2."""
 
   def main(argv):
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments {argv[1:]}')
     config = config_flag.value

@@ -21,7 +21,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import sacrebleu
 import tqdm
-from jax.experimental import multihost_utils
 
 from experiments import checkpointing
 from experiments import decode
@@ -76,13 +75,11 @@ class Experiment:
 
   def _build(self):
     model, config = self.model, self.config
-    example = next(iter(TokenBatcher(self.data.train[:8], max_tokens=4096,
-                                     shuffle=False)))
+    tokens = jnp.ones((self.dp, 8), jnp.int32)  # shapes only
 
     def init_variables(rng):
-      return model.init({'params': rng, 'dropout': rng},
-                        jnp.asarray(example['inputs']),
-                        jnp.asarray(example['targets']), train=False)
+      return model.init({'params': rng, 'dropout': rng}, tokens, tokens,
+                        train=False)
 
     with jax.set_mesh(self.mesh):
       self.state, self.state_shardings = train_lib.init_state(
@@ -133,13 +130,15 @@ class Experiment:
     batches = self._eval_batches(examples, cfg.batch_tokens)
     for batch in tqdm.tqdm(batches, desc='decode', leave=False,
                            disable=jax.process_index() != 0):
-      max_len = decode.max_decode_len(batch['inputs'], cfg.max_len_a,
-                                      cfg.max_len_b)
+      # fairseq's budget a * src_len + b, taken at the bucket's padded
+      # length so that each bucket compiles once.
+      max_len = min(int(cfg.max_len_a * batch['inputs'].shape[1]
+                        + cfg.max_len_b) + 1, self.eval_model.config.max_len)
       tokens = decode.translate(
           self.eval_model, variables, jnp.asarray(batch['inputs']),
           beam_size=beam_size, max_len=max_len,
           length_penalty=cfg.length_penalty)
-      tokens = np.asarray(multihost_utils.process_allgather(tokens))
+      tokens = np.asarray(tokens)  # every process decodes the whole batch
       for row, index in zip(tokens, batch['index']):
         if index >= 0:
           hyps[index] = self.data.vocab.decode(row)
@@ -201,7 +200,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       bar.update(1)
       window['steps'] += 1
       for k in ('loss', 'nll', 'ntokens'):
-        window[k] += float(metrics[k]) * (1 if k == 'ntokens' else 1)
+        window[k] += float(metrics[k])
       if step % cfg.log_every == 0 or step == cfg.num_steps:
         elapsed = time.time() - window['start']
         logged = dict(loss=window['loss'] / window['steps'],

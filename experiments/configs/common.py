@@ -173,8 +173,8 @@ def demo(c):
   c.schedule.warmup_steps = 300
   c.schedule.peak_lr = 3e-3
   c.optim.weight_decay = 0.0
-  c.train.update(dict(num_steps=1500, log_every=50, eval_every=500,
-                      checkpoint_every=500, keep_checkpoints=3,
+  c.train.update(dict(num_steps=600, log_every=50, eval_every=300,
+                      checkpoint_every=200, keep_checkpoints=3,
                       eval_bleu_examples=500))
   c.decode.update(dict(beam_size=4, average_last=3, lowercase_bleu=False))
   _shorten_norm_warmups(c, 300)

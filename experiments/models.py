@@ -1,0 +1,587 @@
+"""The fairseq Transformer of the PowerNorm translation experiments, in Flax.
+
+`transformer_iwslt_de_en_v2` / `transformer_wmt_en_de_big_t2t` of the official
+PowerNorm code (spec §1.1, §1.11): sinusoidal positions, embeddings scaled by
+sqrt(d_model), ReLU FFN, dropout / attention dropout / activation dropout,
+optionally one embedding table shared by source, target and output projection
+(`--share-all-embeddings`), fairseq initialisation.
+
+Every norm comes from `normjax.linen.make_norm(**config.norms[site])` and is
+called as `norm(x, not train, mask=token_mask)`, with the token mask of its
+stream (True = real token): the source mask in the encoder, the target mask in
+the decoder, an all-True mask in incremental decoding. Batch-statistic norms
+(BatchNorm, PowerNorm, PN-V, UN) therefore see real tokens only.
+
+Where the norms sit relative to the residual is a pluggable *placement*
+(`PLACEMENTS`): 'pre' (normalise the sublayer input, final stack norms) and
+'post' (normalise after the residual add, no final norms). Adding one is a
+function `(x, sublayer, norm, *, mask, train, layer_index, num_layers) -> x`
+and an entry `Placement(fn, final_norm=...)`.
+
+Token ids: PAD = 0, BOS = 1, EOS = 2. Structure follows flax's
+examples/wmt/models.py (Apache-2.0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import FrozenDict
+
+from normjax import linen as nnorm
+
+PAD_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+
+SITES = ('encoder_attention', 'encoder_ffn', 'encoder_final',
+         'decoder_attention', 'decoder_ffn', 'decoder_final')
+
+ACTIVATION_AXES = ('batch', 'length', 'embed')
+
+
+# ----------------------------------------------------------------------------
+# Placements: where the norm sits around one residual sublayer.
+# ----------------------------------------------------------------------------
+
+# `sublayer(h)` is the attention or FFN branch, residual dropout included.
+# `norm(suffix='')` creates this site's norm module (named '<site>_norm' +
+# suffix; call it once per suffix), to be called as
+# `norm()(x, not train, mask=mask)`. `layer_index` counts from 0 within the
+# stack (encoder or decoder) of `num_layers` layers.
+ResidualFn = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """A residual-block function plus whether the stacks end with a norm."""
+  residual: ResidualFn
+  final_norm: bool
+
+  def __call__(self, x, sublayer, norm, *, mask, train, layer_index,
+               num_layers):
+    return self.residual(x, sublayer, norm, mask=mask, train=train,
+                         layer_index=layer_index, num_layers=num_layers)
+
+
+def pre_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers):
+  """x + F(N(x)) (fairseq `normalize_before=True`)."""
+  del layer_index, num_layers
+  return x + sublayer(norm()(x, not train, mask=mask))
+
+
+def post_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers):
+  """N(x + F(x)) (the original Transformer)."""
+  del layer_index, num_layers
+  return norm()(x + sublayer(x), not train, mask=mask)
+
+
+PLACEMENTS: dict[str, Placement] = {
+    'pre': Placement(pre_norm, final_norm=True),
+    'post': Placement(post_norm, final_norm=False),
+}
+
+
+# ----------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------
+
+def default_norms() -> dict[str, dict[str, Any]]:
+  """fairseq's LayerNorm (eps 1e-5) at every site."""
+  return {site: {'kind': 'layernorm', 'epsilon': 1e-5} for site in SITES}
+
+
+def _freeze(value: Any) -> Any:
+  """Nested mappings/lists -> FrozenDict/tuples, so the config is hashable."""
+  if hasattr(value, 'to_dict'):  # ml_collections.ConfigDict
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return FrozenDict({k: _freeze(v) for k, v in value.items()})
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters. Hashable, so a model can be a static jit argument.
+
+  `norms` maps a site to `dict(kind=..., **options)` for
+  `normjax.linen.make_norm`. Sites left out keep the default LayerNorm;
+  'decoder_attention' also serves the decoder's cross-attention norm (as in
+  fairseq). Unknown sites, kinds and options raise at construction.
+  """
+  vocab_size: int
+  d_model: int = 512
+  num_heads: int = 4
+  ffn_dim: int = 1024
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  dropout: float = 0.3
+  attention_dropout: float = 0.1
+  activation_dropout: float = 0.1
+  share_embeddings: bool = True
+  placement: str = 'pre'
+  norms: Mapping[str, Mapping[str, Any]] = dataclasses.field(
+      default_factory=default_norms)
+  max_len: int = 256
+  dtype: Any = jnp.float32
+  deterministic: bool = False
+  decode: bool = False
+
+  def __post_init__(self):
+    norms = _freeze(self.norms)
+    unknown = set(norms) - set(SITES)
+    if unknown:
+      raise ValueError(f'TransformerConfig.norms: unknown sites '
+                       f'{sorted(unknown)}; the sites are {list(SITES)}.')
+    merged = dict(_freeze(default_norms()))
+    merged.update(norms)
+    for site, cfg in merged.items():
+      if 'kind' not in cfg:
+        raise ValueError(f'TransformerConfig.norms[{site!r}] needs a kind.')
+      nnorm.make_norm(**cfg)  # raises on an unknown kind or option
+    object.__setattr__(self, 'norms', FrozenDict(
+        {site: merged[site] for site in SITES}))
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f'TransformerConfig.placement: unknown '
+                       f'{self.placement!r}; choose from {sorted(PLACEMENTS)}.')
+    if self.d_model % self.num_heads:
+      raise ValueError(f'd_model={self.d_model} is not divisible by '
+                       f'num_heads={self.num_heads}.')
+
+
+# ----------------------------------------------------------------------------
+# Helpers.
+# ----------------------------------------------------------------------------
+
+def shift_right(targets: jax.Array, bos_id: int = BOS_ID,
+                pad_id: int = PAD_ID) -> jax.Array:
+  """Decoder inputs: targets shifted right with BOS first, PAD where targets
+  are PAD, so that `decoder_inputs != PAD` is exactly the target mask."""
+  targets = jnp.asarray(targets)
+  bos = jnp.full((targets.shape[0], 1), bos_id, targets.dtype)
+  shifted = jnp.concatenate([bos, targets[:, :-1]], axis=1)
+  return jnp.where(targets != pad_id, shifted, jnp.asarray(pad_id,
+                                                           targets.dtype))
+
+
+def sinusoidal_table(max_len: int, features: int) -> np.ndarray:
+  """fairseq's SinusoidalPositionalEmbedding table: [sin | cos] halves."""
+  half = features // 2
+  scale = math.log(10000.0) / max(half - 1, 1)
+  freqs = np.exp(np.arange(half, dtype=np.float64) * -scale)
+  angles = np.arange(max_len, dtype=np.float64)[:, None] * freqs[None, :]
+  table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+  if features % 2:
+    table = np.concatenate([table, np.zeros((max_len, 1))], axis=1)
+  return table.astype(np.float32)
+
+
+def embedding_init(pad_id: int = PAD_ID):
+  """N(0, d^-0.5) with the PAD row zeroed (fairseq `Embedding`)."""
+  def init(key, shape, dtype=jnp.float32):
+    table = jax.random.normal(key, shape, dtype) * (shape[-1] ** -0.5)
+    return table.at[pad_id].set(0)
+  return init
+
+
+def _partitioned(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def _constrain(x):
+  return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+def _site_norm(config: TransformerConfig, site: str, name: str):
+  """`make(suffix='')` -> the norm module of `site`, named `name + suffix`."""
+  factory = nnorm.make_norm(**config.norms[site])
+
+  def make(suffix: str = ''):
+    return factory(name=f'{name}{suffix}')
+  return make
+
+
+def _deterministic(config: TransformerConfig, train: bool) -> bool:
+  """Dropout is on only when training and not disabled in the config."""
+  return config.deterministic or not train
+
+
+class _HeadsProjection(nn.Module):
+  """[..., d] -> [..., heads, head_dim]: kernel (embed, heads, kv), bias."""
+  num_heads: int
+  head_dim: int
+  kernel_init: Callable[..., jax.Array]
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    # Parameters are created in their final 3-D shape (flax's DenseGeneral
+    # initialises a flattened 2-D kernel, which breaks 3-D logical
+    # constraints under a mesh).
+    kernel = self.param(
+        'kernel', _partitioned(self.kernel_init, ('embed', 'heads', 'kv')),
+        (x.shape[-1], self.num_heads, self.head_dim), jnp.float32)
+    bias = self.param(
+        'bias', _partitioned(nn.initializers.zeros, ('heads', 'kv')),
+        (self.num_heads, self.head_dim), jnp.float32)
+    y = jnp.einsum('...d,dhk->...hk', x.astype(self.dtype),
+                   kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 2) +
+                                               bias.shape)
+
+
+class _OutputProjection(nn.Module):
+  """[..., heads, head_dim] -> [..., d]: kernel (heads, kv, embed), bias."""
+  features: int
+  kernel_init: Callable[..., jax.Array]
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param(
+        'kernel', _partitioned(self.kernel_init, ('heads', 'kv', 'embed')),
+        x.shape[-2:] + (self.features,), jnp.float32)
+    bias = self.param(
+        'bias', _partitioned(nn.initializers.zeros, ('embed',)),
+        (self.features,), jnp.float32)
+    y = jnp.einsum('...hk,hkd->...d', x, kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) +
+                                               bias.shape)
+
+
+class MultiHeadAttention(nn.Module):
+  """fairseq's MultiheadAttention, with flax's autoregressive cache.
+
+  Biases everywhere; xavier_uniform init, with gain 1/sqrt(2) for q/k/v
+  (fairseq v0.8 initialises its fused (3d, d) in_proj with xavier_uniform:
+  bound sqrt(6 / 4d)). Queries are scaled by head_dim^-1/2; dropout on the
+  attention weights. With `decode=True` (self-attention), keys and values are
+  cached in 'cache' (`cached_key`, `cached_value`, `cache_index`) as in
+  flax's MultiHeadDotProductAttention: the first call (with the full
+  length) creates the cache, every later call appends one position.
+  """
+  config: TransformerConfig
+  deterministic: bool
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, *, mask):
+    cfg = self.config
+    head_dim = cfg.d_model // cfg.num_heads
+    qkv_init = nn.initializers.variance_scaling(
+        0.5, 'fan_avg', 'uniform', in_axis=0, out_axis=(1, 2))
+    out_init = nn.initializers.variance_scaling(
+        1.0, 'fan_avg', 'uniform', in_axis=(0, 1), out_axis=2)
+    project = functools.partial(_HeadsProjection, cfg.num_heads, head_dim,
+                                qkv_init, cfg.dtype)
+    query = project(name='query')(inputs_q)
+    key = project(name='key')(inputs_kv)
+    value = project(name='value')(inputs_kv)
+
+    if self.decode:
+      initialized = self.has_variable('cache', 'cached_key')
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape,
+                                 key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros,
+                                   value.shape, value.dtype)
+      cache_index = self.variable('cache', 'cache_index',
+                                  lambda: jnp.array(0, jnp.int32))
+      if initialized:
+        batch, max_length, _, _ = cached_key.value.shape
+        if query.shape[1] != 1:
+          raise ValueError(f'decode: one position per call, got query shape '
+                           f'{query.shape}.')
+        i = cache_index.value
+        zero = jnp.zeros((), jnp.int32)
+        key = jax.lax.dynamic_update_slice(cached_key.value, key,
+                                           (zero, i, zero, zero))
+        value = jax.lax.dynamic_update_slice(cached_value.value, value,
+                                             (zero, i, zero, zero))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = i + 1
+        mask = jnp.broadcast_to(jnp.arange(max_length) <= i,
+                                (batch, 1, 1, max_length))
+
+    dropout_rng = None
+    if not self.deterministic and cfg.attention_dropout > 0:
+      dropout_rng = self.make_rng('dropout')
+    x = nn.dot_product_attention(
+        query, key, value, mask=mask, dropout_rng=dropout_rng,
+        dropout_rate=cfg.attention_dropout, broadcast_dropout=False,
+        deterministic=self.deterministic, dtype=cfg.dtype,
+        force_fp32_for_softmax=True)
+    return _OutputProjection(cfg.d_model, out_init, cfg.dtype, name='out')(
+        x.astype(cfg.dtype))
+
+
+def _feed_forward(config: TransformerConfig, deterministic: bool):
+  """fc1 -> ReLU -> activation dropout -> fc2 -> residual dropout."""
+  def ffn(h):
+    xavier = nn.initializers.xavier_uniform()
+    h = nn.Dense(config.ffn_dim, dtype=config.dtype,
+                 kernel_init=_partitioned(xavier, ('embed', 'mlp')),
+                 bias_init=_partitioned(nn.initializers.zeros, ('mlp',)),
+                 name='fc1')(h)
+    h = nn.relu(h)
+    h = nn.Dropout(config.activation_dropout)(h, deterministic=deterministic)
+    h = nn.Dense(config.d_model, dtype=config.dtype,
+                 kernel_init=_partitioned(xavier, ('mlp', 'embed')),
+                 bias_init=_partitioned(nn.initializers.zeros, ('embed',)),
+                 name='fc2')(h)
+    return nn.Dropout(config.dropout)(h, deterministic=deterministic)
+  return ffn
+
+
+def _embed(config: TransformerConfig, embedding: nn.Embed, tokens: jax.Array,
+           positions: jax.Array, mask: jax.Array,
+           deterministic: bool) -> jax.Array:
+  """sqrt(d) * E[tokens] + sinusoid[positions] (zero at pads), dropout."""
+  table = jnp.asarray(sinusoidal_table(config.max_len, config.d_model))
+  pos = jnp.take(table, positions, axis=0) * mask[..., None].astype(
+      table.dtype)
+  x = embedding(tokens) * jnp.asarray(math.sqrt(config.d_model), config.dtype)
+  x = x + pos.astype(x.dtype)
+  x = nn.Dropout(config.dropout)(x, deterministic=deterministic)
+  return _constrain(x.astype(config.dtype))
+
+
+def _check_length(config: TransformerConfig, length: int, what: str):
+  if length > config.max_len:
+    raise ValueError(f'{what} has length {length} > config.max_len='
+                     f'{config.max_len} (the sinusoidal position table).')
+
+
+# ----------------------------------------------------------------------------
+# Layers.
+# ----------------------------------------------------------------------------
+
+def _bind_placement(config, mask, train, layer_index, num_layers):
+  """The config's placement with this layer's keyword arguments bound."""
+  placement = PLACEMENTS[config.placement]
+
+  def place(x, sublayer, norm):
+    return placement(x, sublayer, norm, mask=mask, train=train,
+                     layer_index=layer_index, num_layers=num_layers)
+  return place
+
+
+class EncoderLayer(nn.Module):
+  config: TransformerConfig
+  layer_index: int
+
+  @nn.compact
+  def __call__(self, x, mask, attention_mask, *, train: bool):
+    cfg = self.config
+    det = _deterministic(cfg, train)
+    place = _bind_placement(cfg, mask, train, self.layer_index,
+                                        cfg.num_encoder_layers)
+
+    def self_attention(h):
+      h = MultiHeadAttention(cfg, det, name='self_attention')(
+          h, h, mask=attention_mask)
+      return nn.Dropout(cfg.dropout)(h, deterministic=det)
+
+    x = place(x, self_attention,
+              _site_norm(cfg, 'encoder_attention', 'attention_norm'))
+    x = place(x, _feed_forward(cfg, det),
+              _site_norm(cfg, 'encoder_ffn', 'ffn_norm'))
+    return _constrain(x)
+
+
+class DecoderLayer(nn.Module):
+  config: TransformerConfig
+  layer_index: int
+
+  @nn.compact
+  def __call__(self, y, encoded, mask, self_attention_mask, cross_mask, *,
+               train: bool):
+    cfg = self.config
+    det = _deterministic(cfg, train)
+    place = _bind_placement(cfg, mask, train, self.layer_index,
+                                        cfg.num_decoder_layers)
+
+    def self_attention(h):
+      h = MultiHeadAttention(cfg, det, decode=cfg.decode,
+                             name='self_attention')(
+                                 h, h, mask=self_attention_mask)
+      return nn.Dropout(cfg.dropout)(h, deterministic=det)
+
+    def cross_attention(h):
+      h = MultiHeadAttention(cfg, det, name='cross_attention')(
+          h, encoded, mask=cross_mask)
+      return nn.Dropout(cfg.dropout)(h, deterministic=det)
+
+    y = place(y, self_attention,
+              _site_norm(cfg, 'decoder_attention', 'attention_norm'))
+    y = place(y, cross_attention,
+              _site_norm(cfg, 'decoder_attention', 'cross_attention_norm'))
+    y = place(y, _feed_forward(cfg, det),
+              _site_norm(cfg, 'decoder_ffn', 'ffn_norm'))
+    return _constrain(y)
+
+
+# ----------------------------------------------------------------------------
+# Stacks.
+# ----------------------------------------------------------------------------
+
+class Encoder(nn.Module):
+  config: TransformerConfig
+  embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool):
+    cfg = self.config
+    _check_length(cfg, inputs.shape[1], 'inputs')
+    mask = inputs != PAD_ID
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+    x = _embed(cfg, self.embedding, inputs, positions, mask,
+               _deterministic(cfg, train))
+    # Keys are masked, queries are not (fairseq's key_padding_mask).
+    attention_mask = nn.make_attention_mask(jnp.ones_like(mask), mask,
+                                            dtype=jnp.bool_)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, layer_index=i, name=f'layer_{i}')(
+          x, mask, attention_mask, train=train)
+    if PLACEMENTS[cfg.placement].final_norm:
+      x = _site_norm(cfg, 'encoder_final', 'final_norm')()(
+          x, not train, mask=mask)
+    return x
+
+
+class Decoder(nn.Module):
+  config: TransformerConfig
+  embedding: nn.Module
+  output_projection: nn.Module | None = None
+
+  @nn.compact
+  def __call__(self, encoded, inputs, decoder_inputs, *, train: bool):
+    cfg = self.config
+    src_mask = inputs != PAD_ID
+    if cfg.decode:
+      # One position per call, all real; flax's attention adds the causal
+      # mask over its cache. The position counter lives in the cache too.
+      mask = jnp.ones(decoder_inputs.shape, jnp.bool_)
+      self_mask = None
+      initialized = self.has_variable('cache', 'position')
+      counter = self.variable('cache', 'position',
+                              lambda: jnp.zeros((), jnp.int32))
+      if initialized:
+        positions = jnp.broadcast_to(counter.value, decoder_inputs.shape)
+        counter.value = counter.value + decoder_inputs.shape[1]
+      else:
+        _check_length(cfg, decoder_inputs.shape[1], 'the decoding cache')
+        positions = jnp.broadcast_to(
+            jnp.arange(decoder_inputs.shape[1], dtype=jnp.int32)[None, :],
+            decoder_inputs.shape)
+    else:
+      _check_length(cfg, decoder_inputs.shape[1], 'decoder_inputs')
+      mask = decoder_inputs != PAD_ID
+      self_mask = nn.combine_masks(
+          nn.make_causal_mask(decoder_inputs, dtype=jnp.bool_),
+          nn.make_attention_mask(jnp.ones_like(mask), mask, dtype=jnp.bool_),
+          dtype=jnp.bool_)
+      positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+    cross_mask = nn.make_attention_mask(jnp.ones_like(mask), src_mask,
+                                        dtype=jnp.bool_)
+
+    y = _embed(cfg, self.embedding, decoder_inputs, positions, mask,
+               _deterministic(cfg, train))
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, layer_index=i, name=f'layer_{i}')(
+          y, encoded, mask, self_mask, cross_mask, train=train)
+    if PLACEMENTS[cfg.placement].final_norm:
+      y = _site_norm(cfg, 'decoder_final', 'final_norm')()(
+          y, not train, mask=mask)
+    if self.output_projection is None:
+      logits = self.embedding.attend(y)
+    else:
+      logits = self.output_projection(y)
+    return logits.astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+  """Encoder-decoder Transformer for translation (fairseq semantics).
+
+  Variables: 'params', 'batch_stats' (running statistics of batch norms),
+  'grad_stats' (PowerNorm/UN backward statistics), 'cache' (decode=True).
+  """
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+
+    def embed(name):
+      return nn.Embed(
+          cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+          param_dtype=jnp.float32,
+          embedding_init=_partitioned(embedding_init(), ('vocab', 'embed')),
+          name=name)
+
+    if cfg.share_embeddings:
+      self.shared_embedding = embed('shared_embedding')
+      source, target, projection = (self.shared_embedding,
+                                    self.shared_embedding, None)
+    else:
+      self.source_embedding = embed('source_embedding')
+      self.target_embedding = embed('target_embedding')
+      # fairseq's separate `embed_out`: no bias, N(0, d^-0.5).
+      self.output_projection = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+          kernel_init=_partitioned(
+              nn.initializers.normal(cfg.d_model ** -0.5), ('embed', 'vocab')),
+          name='output_projection')
+      source, target, projection = (self.source_embedding,
+                                    self.target_embedding,
+                                    self.output_projection)
+    self.encoder = Encoder(cfg, embedding=source)
+    self.decoder = Decoder(cfg, embedding=target, output_projection=projection)
+
+  def encode(self, inputs, *, train: bool):
+    """inputs [B, S] int (PAD = 0) -> encoded [B, S, d_model]."""
+    return self.encoder(jnp.asarray(inputs), train=train)
+
+  def decode(self, encoded, inputs, decoder_inputs, *, train: bool):
+    """-> logits [B, T, vocab] float32.
+
+    `decoder_inputs` are already shifted (`shift_right`); their non-PAD
+    positions are the target mask. With `config.decode=True` and a 'cache'
+    collection (`init_cache`), call it with one position [B, 1] at a time.
+    """
+    return self.decoder(encoded, jnp.asarray(inputs),
+                        jnp.asarray(decoder_inputs), train=train)
+
+  def __call__(self, inputs, targets, *, train: bool):
+    """inputs [B, S], targets [B, T] (EOS-terminated, PAD = 0) -> logits."""
+    encoded = self.encode(inputs, train=train)
+    return self.decode(encoded, inputs, shift_right(targets), train=train)
+
+
+def init_cache(model: Transformer, variables: Mapping[str, Any],
+               encoded: jax.Array, inputs: jax.Array, max_len: int) -> Any:
+  """The empty decoding cache for `len(inputs)` sequences of `max_len` steps.
+
+  Built from shapes only (`jax.eval_shape`): every cache entry starts at zero
+  (flax's cached keys/values and index, the decoder's position counter).
+  `model` may have decode False or True; `variables` without 'cache'.
+  """
+  decoder = model.clone(config=dataclasses.replace(model.config, decode=True))
+  variables = {k: v for k, v in variables.items() if k != 'cache'}
+  dummy = jnp.full((inputs.shape[0], max_len), BOS_ID, jnp.int32)
+
+  def make(variables, encoded, inputs):
+    _, state = decoder.apply(variables, encoded, inputs, dummy, train=False,
+                             method=Transformer.decode, mutable=['cache'])
+    return state['cache']
+
+  shapes = jax.eval_shape(make, variables, encoded, inputs)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
