@@ -129,7 +129,7 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
         grad_stats=normjax.apply_backward_stats(state.grad_stats,
                                                 stat_updates))
     metrics = dict(loss=loss / denom, nll=nll / denom, ntokens=ntokens,
-                   grad_norm=optax.global_norm(grads),
+                   grad_norm=optax.tree.norm(grads),
                    lr=schedule(state.step))
     return new_state, metrics
 

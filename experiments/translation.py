@@ -56,9 +56,9 @@ def model_config(config, vocab_size: int, **overrides) -> TransformerConfig:
 class Experiment:
   """Data, model, mesh, optimizer and jitted steps of one translation run."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, devices=None):
     self.config, self.workdir = config, workdir
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules(config.mesh)
     self.data = load_translation(config.data,
                                  cache_dir=os.path.join(workdir, 'vocab'))

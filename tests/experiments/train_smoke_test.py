@@ -1,0 +1,129 @@
+"""End to end: train a few steps, checkpoint, resume exactly, decode, score."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import average
+from experiments import train_lib
+from experiments import translation
+from experiments.configs import wmt
+
+
+def smoke_config(num_steps, preset='powernorm,smoke'):
+  c = wmt.get_config(preset)
+  c.unlock()
+  c.train.num_steps = num_steps
+  c.lock()
+  return c
+
+
+def final_state(workdir, step):
+  path = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  with ocp.CheckpointManager(path) as m:
+    return m.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """The runs compile the same programs: reuse them across runs."""
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update('jax_compilation_cache_dir',
+                    str(tmp_path_factory.mktemp('xla_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  yield
+  jax.config.update('jax_compilation_cache_dir', old[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  straight = str(tmp_path_factory.mktemp('straight'))
+  resumed = str(tmp_path_factory.mktemp('resumed'))
+  result = translation.train_and_evaluate(smoke_config(6), straight)
+  translation.train_and_evaluate(smoke_config(3), resumed)
+  translation.train_and_evaluate(smoke_config(6), resumed)  # resumes at 3
+  return straight, resumed, result
+
+
+def test_resume_is_exact(runs):
+  straight, resumed, _ = runs
+  a, b = final_state(straight, 6), final_state(resumed, 6)
+  assert a['meta']['data'] == b['meta']['data']
+  chex_equal = jax.tree.map(lambda x, y: np.array_equal(x, y), a['state'],
+                            b['state'])
+  assert all(jax.tree.leaves(chex_equal)), 'resumed run diverged'
+  # The PowerNorm states moved and were checkpointed.
+  enc = a['state']['batch_stats']['encoder']['layer_0']['attention_norm']
+  assert int(enc['step']) == 6
+  gz = a['state']['grad_stats']['encoder']['layer_0']['attention_norm']
+  assert float(np.abs(gz['ema_gz']).max()) > 0
+
+
+def test_outputs_and_averaging(runs):
+  straight, _, result = runs
+  for name in ('results.json', 'test_hypotheses.txt', 'averaged',
+               'tensorboard'):
+    assert os.path.exists(os.path.join(straight, name)), name
+  with open(os.path.join(straight, 'results.json')) as f:
+    saved = json.load(f)
+  assert set(saved) >= {'loss', 'ppl', 'bleu', 'tok_bleu', 'averaged_steps'}
+  assert saved['averaged_steps'] == [3, 6]
+  assert np.isfinite(result['loss'])
+  assert os.listdir(os.path.join(straight, 'tensorboard'))
+  steps = average.average_last(straight, 2)
+  assert steps == [3, 6]
+  a, b = final_state(straight, 3), final_state(straight, 6)
+  path = os.path.abspath(os.path.join(straight, translation.AVERAGED))
+  with ocp.CheckpointManager(path) as m:
+    avg = m.restore(0, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+  np.testing.assert_allclose(
+      avg['params']['shared_embedding']['embedding'],
+      (a['state']['params']['shared_embedding']['embedding']
+       + b['state']['params']['shared_embedding']['embedding']) / 2,
+      rtol=1e-6)
+
+
+def test_eval_mode_scores_a_checkpoint(runs):
+  straight, _, _ = runs
+  result = translation.evaluate(smoke_config(6), straight, 'latest', 'valid')
+  assert np.isfinite(result['ppl']) and 'bleu' in result
+
+
+def test_vocabulary_mismatch_on_resume_is_reported(runs, tmp_path):
+  straight, _, _ = runs
+  c = smoke_config(8)
+  c.unlock()
+  c.data.synthetic_seed = 7  # another corpus: another vocabulary
+  c.lock()
+  with pytest.raises(ValueError, match='vocab_fingerprint'):
+    translation.train_and_evaluate(c, straight)
+
+
+def test_inverse_sqrt_schedule_matches_fairseq():
+  cfg = wmt.get_config('layernorm').schedule
+  lr = train_lib.make_schedule(cfg)
+  assert float(lr(0)) == pytest.approx(1e-7)
+  assert float(lr(4000)) == pytest.approx(1e-7 + 4000 * (3e-3 - 1e-7) / 8000)
+  assert float(lr(8000)) == pytest.approx(3e-3)
+  assert float(lr(32000)) == pytest.approx(3e-3 * 0.5)
+
+
+def test_label_smoothed_loss_by_hand():
+  logits = jnp.log(jnp.asarray([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
+  targets = jnp.asarray([[0, 2]])
+  weights = jnp.asarray([[1.0, 0.0]])
+  loss, nll, n = train_lib.label_smoothed_loss(logits, targets, weights, 0.3)
+  logp = np.log([0.7, 0.2, 0.1])
+  want = (1 - 0.3 - 0.1) * -logp[0] + 0.1 * -logp.sum()
+  assert float(n) == 1.0
+  assert float(nll) == pytest.approx(-logp[0], rel=1e-6)
+  assert float(loss) == pytest.approx(want, rel=1e-6)
