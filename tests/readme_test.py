@@ -26,10 +26,19 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
   assert 'pip install -q -r requirements.txt' in ci
 
 
-def test_example_job_runs_and_learns():
-  job = quick_start_commands()[0].split(' && ')[-1].split()[1:]
+def test_main_job_is_the_translation_demo():
+  job = quick_start_commands()[0].split(' && ')[-1].split()
+  assert job[1:3] == ['-m', 'experiments.wmt']
+  preset = job[3].split('=', 1)[1]
+  from experiments.configs import wmt  # pylint: disable=g-import-not-at-top
+  config = wmt.get_config(preset)
+  assert config.data.source == 'synthetic'  # runs offline
+  # tests/experiments/train_smoke_test.py runs the same code path end to end.
+
+
+def test_example_script_runs_and_learns():
   out = subprocess.run(
-      [sys.executable, *job, '--steps=60'], cwd=ROOT, capture_output=True,
-      text=True, timeout=300, check=True).stdout
+      [sys.executable, 'examples/train_tiny.py', '--steps=60'], cwd=ROOT,
+      capture_output=True, text=True, timeout=300, check=True).stdout
   first, last = re.search(r'loss ([\d.]+) -> ([\d.]+)', out).groups()
   assert float(last) < 0.8 * float(first), out
