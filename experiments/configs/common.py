@@ -150,6 +150,21 @@ def set_unified(c):
   c.train.keep_checkpoints = 10
 
 
+def make_presets(base: Callable[[], ml_collections.ConfigDict],
+                 adjust: Callable[[str, ml_collections.ConfigDict], None]
+                 = lambda norm, c: None) -> dict[str, Callable]:
+  """{norm name: preset()} over `base`, each documented by its norm setter."""
+  def preset(norm):
+    def make():
+      c = base()
+      NORM_PRESETS[norm](c)
+      adjust(norm, c)
+      return c
+    make.__doc__ = NORM_PRESETS[norm].__doc__
+    return make
+  return {name: preset(name) for name in NORM_PRESETS}
+
+
 NORM_PRESETS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     'layernorm': set_layernorm,
     'batchnorm': set_batchnorm,

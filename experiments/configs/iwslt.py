@@ -12,16 +12,7 @@ from experiments import configs
 from experiments.configs import common
 
 
-def _preset(norm: str):
-  def make():
-    c = common.translation_base()
-    common.NORM_PRESETS[norm](c)
-    return c
-  make.__doc__ = common.NORM_PRESETS[norm].__doc__
-  return make
-
-
-PRESETS = {name: _preset(name) for name in common.NORM_PRESETS}
+PRESETS = common.make_presets(common.translation_base)
 
 
 def get_config(arg: str = 'layernorm'):

@@ -30,18 +30,12 @@ def wmt_base():
   return c
 
 
-def _preset(norm: str):
-  def make():
-    c = wmt_base()
-    common.NORM_PRESETS[norm](c)
-    if norm == 'unified':  # UN published no WMT recipe: keep WMT's schedule
-      c.schedule.peak_lr, c.schedule.warmup_steps = 3e-3, 8000
-    return c
-  make.__doc__ = common.NORM_PRESETS[norm].__doc__
-  return make
+def _adjust(norm, c):
+  if norm == 'unified':  # UN published no WMT recipe: keep WMT's schedule
+    c.schedule.peak_lr, c.schedule.warmup_steps = 3e-3, 8000
 
 
-PRESETS = {name: _preset(name) for name in common.NORM_PRESETS}
+PRESETS = common.make_presets(wmt_base, _adjust)
 
 
 def get_config(arg: str = 'layernorm'):
