@@ -34,6 +34,8 @@ def maybe_initialize_distributed() -> None:
   under a cluster environment JAX detects, e.g. a TPU pod or SLURM).
   """
   if int(os.environ.get('JAX_NUM_PROCESSES', '1')) > 1:
+    # CPU processes talk through gloo; accelerators use their own collectives.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(
         coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
         num_processes=int(os.environ['JAX_NUM_PROCESSES']),
