@@ -152,10 +152,13 @@ def masked_row_mean(v: Array, mask: Array | None, axis_name: Any = None
                     ) -> tuple[Array, Array]:
   """Per-feature mean of `v` [..., C] over rows where `mask` is True.
 
-  Returns `(mean [C], count)`, where count is the number of rows taken (summed
-  over `axis_name` when given). With no rows the mean is 0.
+  `mask` may be boolean or 0/1 (the custom backward rules carry it as a
+  float residual). Returns `(mean [C], count)`, where count is the number of
+  rows taken (summed over `axis_name` when given). With no rows the mean is 0.
   """
   axes = batch_axes(v)
+  if mask is not None:
+    mask = mask.astype(bool)
   if mask is None:
     total = jnp.sum(v, axis=axes)
     count = jnp.asarray(v.size // v.shape[-1], v.dtype)

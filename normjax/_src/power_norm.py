@@ -78,15 +78,9 @@ def _pn_core_bwd(alpha_bkw, axis_name, res, g):
   if row_weight is not None:
     correction = correction * row_weight[..., None]
   g_hat = g - correction
-  du = _row_mean(g_hat * z, row_weight, axis_name)
+  du, _ = common.masked_row_mean(g_hat * z, row_weight, axis_name)
   du = jnp.where(has_data, du, 0).astype(u.dtype)
   return g_hat / common.feat(bwd_denom, z.ndim), None, None, None, None, du
-
-
-def _row_mean(v: Array, row_weight: Array | None, axis_name: Any) -> Array:
-  mean, _ = common.masked_row_mean(
-      v, None if row_weight is None else row_weight.astype(bool), axis_name)
-  return mean
 
 
 _pn_core.defvjp(_pn_core_fwd, _pn_core_bwd)

@@ -89,9 +89,7 @@ def _un_core_fwd(x, var, r, skip, step, row_weight, has_data, ema_gz,
 def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
   z, var, r, skip, t, row_weight, has_data, nu_prev, window_prev = res
   g = common.feat(r, dz.ndim) * dz
-  q, _ = common.masked_row_mean(
-      g * z, None if row_weight is None else row_weight.astype(bool),
-      axis_name)
+  q, _ = common.masked_row_mean(g * z, row_weight, axis_name)
   m_b = window_prev.shape[0]
   window = window_prev.at[t % m_b].set(jnp.where(skip, nu_prev, q))
   use_batch = (t <= m_b) | (t < warmup_steps) | skip
