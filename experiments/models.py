@@ -324,6 +324,16 @@ class MultiHeadAttention(nn.Module):
         x.astype(cfg.dtype))
 
 
+def _attention(config: TransformerConfig, deterministic: bool, name: str, *,
+               mask, memory=None, decode: bool = False):
+  """Attention over `memory` (self-attention if None) -> residual dropout."""
+  def attend(h):
+    h = MultiHeadAttention(config, deterministic, decode=decode, name=name)(
+        h, h if memory is None else memory, mask=mask)
+    return nn.Dropout(config.dropout)(h, deterministic=deterministic)
+  return attend
+
+
 def _feed_forward(config: TransformerConfig, deterministic: bool):
   """fc1 -> ReLU -> activation dropout -> fc2 -> residual dropout."""
   def ffn(h):
@@ -384,14 +394,8 @@ class EncoderLayer(nn.Module):
     cfg = self.config
     det = _deterministic(cfg, train)
     place = _bind_placement(cfg, mask, train, self.layer_index,
-                                        cfg.num_encoder_layers)
-
-    def self_attention(h):
-      h = MultiHeadAttention(cfg, det, name='self_attention')(
-          h, h, mask=attention_mask)
-      return nn.Dropout(cfg.dropout)(h, deterministic=det)
-
-    x = place(x, self_attention,
+                            cfg.num_encoder_layers)
+    x = place(x, _attention(cfg, det, 'self_attention', mask=attention_mask),
               _site_norm(cfg, 'encoder_attention', 'attention_norm'))
     x = place(x, _feed_forward(cfg, det),
               _site_norm(cfg, 'encoder_ffn', 'ffn_norm'))
@@ -408,22 +412,12 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     det = _deterministic(cfg, train)
     place = _bind_placement(cfg, mask, train, self.layer_index,
-                                        cfg.num_decoder_layers)
-
-    def self_attention(h):
-      h = MultiHeadAttention(cfg, det, decode=cfg.decode,
-                             name='self_attention')(
-                                 h, h, mask=self_attention_mask)
-      return nn.Dropout(cfg.dropout)(h, deterministic=det)
-
-    def cross_attention(h):
-      h = MultiHeadAttention(cfg, det, name='cross_attention')(
-          h, encoded, mask=cross_mask)
-      return nn.Dropout(cfg.dropout)(h, deterministic=det)
-
-    y = place(y, self_attention,
+                            cfg.num_decoder_layers)
+    y = place(y, _attention(cfg, det, 'self_attention',
+                            mask=self_attention_mask, decode=cfg.decode),
               _site_norm(cfg, 'decoder_attention', 'attention_norm'))
-    y = place(y, cross_attention,
+    y = place(y, _attention(cfg, det, 'cross_attention', mask=cross_mask,
+                            memory=encoded),
               _site_norm(cfg, 'decoder_attention', 'cross_attention_norm'))
     y = place(y, _feed_forward(cfg, det),
               _site_norm(cfg, 'decoder_ffn', 'ffn_norm'))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 import normjax
+from experiments import sharding
 
 Array = jax.Array
 
@@ -32,6 +33,11 @@ class TrainState:
   batch_stats: Any    # the norms' forward running statistics
   grad_stats: Any     # the norms' backward-pass statistics (never optimized)
   rng: Array          # uint32[2] base key; dropout uses fold_in(rng, step)
+
+  def variables(self) -> dict[str, Any]:
+    """The model's variable collections, for `model.apply`."""
+    return {'params': self.params, 'batch_stats': self.batch_stats,
+            'grad_stats': self.grad_stats}
 
 
 def make_schedule(cfg: Any) -> optax.Schedule:
@@ -90,9 +96,8 @@ def init_state(init_variables: Callable[[Array], dict], tx, seed: int,
         grad_stats=variables.get('grad_stats', {}), rng=rng)
 
   rng = jax.random.PRNGKey(seed)
-  abstract = jax.eval_shape(init, rng)
-  shardings = nn.logical_to_mesh_sharding(
-      nn.get_partition_spec(abstract), mesh, logical_rules)
+  shardings = sharding.tree_shardings(jax.eval_shape(init, rng), mesh,
+                                     logical_rules)
   state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
   return state, shardings
 
@@ -140,9 +145,7 @@ def make_eval_step(logits_fn: Callable[..., Array], label_smoothing: float):
   """Summed loss and nll of a batch in evaluation mode (running statistics)."""
 
   def eval_step(state: TrainState, batch: dict) -> dict:
-    variables = {'params': state.params, 'batch_stats': state.batch_stats,
-                 'grad_stats': state.grad_stats}
-    logits = logits_fn(variables, batch)
+    logits = logits_fn(state.variables(), batch)
     loss, nll, ntokens = label_smoothed_loss(
         logits, batch['targets'], batch['weights'], label_smoothing)
     return dict(loss=loss, nll=nll, ntokens=ntokens)

@@ -125,8 +125,7 @@ class Experiment:
     """Beam search over `examples` in order; detokenized hypotheses."""
     cfg = self.config.decode
     hyps = [''] * len(examples)
-    variables = {'params': state.params, 'batch_stats': state.batch_stats,
-                 'grad_stats': state.grad_stats}
+    variables = state.variables()
     batches = self._eval_batches(examples, cfg.batch_tokens)
     for batch in tqdm.tqdm(batches, desc='decode', leave=False,
                            disable=jax.process_index() != 0):
@@ -145,7 +144,10 @@ class Experiment:
     return hyps
 
   def score(self, state, split: str, limit: int = 0,
-            beam_size: int | None = None) -> dict[str, float]:
+            beam_size: int | None = None
+            ) -> tuple[dict[str, float], list[str]]:
+    """Loss, perplexity and BLEU on `split` (first `limit` pairs), and the
+    hypotheses."""
     examples = getattr(self.data, split)
     refs = getattr(self.data, f'{split}_refs')
     if limit:
@@ -224,16 +226,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           best, stale = result['loss'], 0
         else:
           stale += 1
-      if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+      stop = bool(cfg.early_stop_patience) and (
+          stale >= cfg.early_stop_patience)
+      if stop or step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
         checkpointing.save(mngr, step, state, dict(
             expect, data=exp.batcher.state(), step=step,
             preset=config.preset))
-      if cfg.early_stop_patience and stale >= cfg.early_stop_patience:
+      if stop:
         bar.write(f'early stop at step {step}: valid loss did not improve for '
                   f'{stale} evaluations')
-        checkpointing.save(mngr, step, state, dict(
-            expect, data=exp.batcher.state(), step=step,
-            preset=config.preset))
         break
   bar.close()
   mngr.wait_until_finished()
