@@ -26,7 +26,6 @@ are reused; `--no-malloc-tuning` keeps glibc's default.
 """
 
 import argparse
-import ctypes
 import os
 import random
 import statistics
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.runtime import tune_malloc
 from normjax import functional as nf
 
 FLAX_LN = 'flax LayerNorm'
@@ -204,17 +204,6 @@ def markdown(results: list[dict]) -> str:
     lines.append(cells('—' if d[k] is None else format(d[k], fmt)
                        for _, k, fmt in COLUMNS))
   return '\n'.join(lines)
-
-
-def tune_malloc(skip: bool = False) -> str:
-  """Makes glibc keep and reuse big blocks; call before JAX computes."""
-  if 'tcmalloc' in os.environ.get('LD_PRELOAD', ''):
-    return 'tcmalloc (LD_PRELOAD)'
-  # malloc.h: M_ARENA_MAX = -8, M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1.
-  opts = ((-8, 1), (-4, 0), (-1, 1 << 30))
-  if skip or not all(ctypes.CDLL(None).mallopt(k, v) for k, v in opts):
-    return 'glibc default'
-  return 'glibc + mallopt (1 arena, no mmap, no trim)'
 
 
 def machine_info(malloc: str = '?') -> str:

@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 
 from experiments import configs
+from experiments import runtime
 from experiments import sharding
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, '
@@ -19,17 +20,20 @@ WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, '
 MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                          'train (resumes from the newest checkpoint) or eval.')
 CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', 'averaged', "--mode=eval: 'averaged', 'latest' or a step.")
+    'checkpoint', None, "--mode=eval: 'averaged' (translation's default), "
+    "'latest' (the language model's default) or a step.")
 SPLIT = flags.DEFINE_enum('split', 'test', ['valid', 'test'],
                           '--mode=eval: which split to score.')
 
 
 def run(experiment: str, config_flag: flags.FlagHolder,
-        train: Callable, evaluate: Callable) -> None:
+        train: Callable, evaluate: Callable,
+        default_checkpoint: str = 'averaged') -> None:
   """Parses flags and runs; user errors end in one line and exit code 2."""
 
   def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    runtime.tune_malloc()
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments {argv[1:]}')
     config = config_flag.value
@@ -41,7 +45,8 @@ def run(experiment: str, config_flag: flags.FlagHolder,
       if MODE.value == 'train':
         train(config, workdir)
       else:
-        evaluate(config, workdir, CHECKPOINT.value, SPLIT.value)
+        evaluate(config, workdir, CHECKPOINT.value or default_checkpoint,
+                 SPLIT.value)
     except (ValueError, FileNotFoundError, KeyError) as e:
       if os.environ.get('NORMJAX_TRACEBACK'):
         raise

@@ -133,9 +133,28 @@ class TransformerConfig:
   norms: Mapping[str, Mapping[str, Any]] = dataclasses.field(
       default_factory=default_norms)
   max_len: int = 256
+  head_dim: int = 0  # 0: d_model // num_heads
+  adaptive_softmax_cutoffs: tuple[int, ...] = ()  # LanguageModel only
   dtype: Any = jnp.float32
   deterministic: bool = False
   decode: bool = False
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, vocab_size: int,
+                  **overrides) -> TransformerConfig:
+    """From an experiment's `config.model` (extra keys are ignored)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in model_cfg.to_dict().items() if k in fields}
+    kwargs['norms'] = {site: dict(norm) for site, norm in
+                       model_cfg.norms.to_dict().items()}
+    if 'adaptive_softmax_cutoffs' in kwargs:
+      kwargs['adaptive_softmax_cutoffs'] = tuple(
+          kwargs['adaptive_softmax_cutoffs'])
+    return cls(vocab_size=vocab_size, **{**kwargs, **overrides})
+
+  @property
+  def attention_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
 
   def __post_init__(self):
     norms = _freeze(self.norms)
@@ -154,9 +173,18 @@ class TransformerConfig:
     if self.placement not in PLACEMENTS:
       raise ValueError(f'TransformerConfig.placement: unknown '
                        f'{self.placement!r}; choose from {sorted(PLACEMENTS)}.')
-    if self.d_model % self.num_heads:
+    if not self.head_dim and self.d_model % self.num_heads:
       raise ValueError(f'd_model={self.d_model} is not divisible by '
-                       f'num_heads={self.num_heads}.')
+                       f'num_heads={self.num_heads}; change one, or set '
+                       'head_dim.')
+    cutoffs = tuple(self.adaptive_softmax_cutoffs)
+    if cutoffs and (list(cutoffs) != sorted(set(cutoffs)) or cutoffs[0] <= 0
+                    or cutoffs[-1] >= self.vocab_size):
+      raise ValueError(
+          f'adaptive_softmax_cutoffs={cutoffs}: need increasing cutoffs '
+          f'between 0 and the vocabulary size {self.vocab_size} (exclusive); '
+          'use () for a full softmax.')
+    object.__setattr__(self, 'adaptive_softmax_cutoffs', cutoffs)
 
 
 # ----------------------------------------------------------------------------
@@ -277,7 +305,7 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, *, mask):
     cfg = self.config
-    head_dim = cfg.d_model // cfg.num_heads
+    head_dim = cfg.attention_head_dim
     qkv_init = nn.initializers.variance_scaling(
         0.5, 'fan_avg', 'uniform', in_axis=0, out_axis=(1, 2))
     out_init = nn.initializers.variance_scaling(
@@ -416,9 +444,10 @@ class DecoderLayer(nn.Module):
     y = place(y, _attention(cfg, det, 'self_attention',
                             mask=self_attention_mask, decode=cfg.decode),
               _site_norm(cfg, 'decoder_attention', 'attention_norm'))
-    y = place(y, _attention(cfg, det, 'cross_attention', mask=cross_mask,
-                            memory=encoded),
-              _site_norm(cfg, 'decoder_attention', 'cross_attention_norm'))
+    if encoded is not None:  # None: a decoder-only language model
+      y = place(y, _attention(cfg, det, 'cross_attention', mask=cross_mask,
+                              memory=encoded),
+                _site_norm(cfg, 'decoder_attention', 'cross_attention_norm'))
     y = place(y, _feed_forward(cfg, det),
               _site_norm(cfg, 'decoder_ffn', 'ffn_norm'))
     return _constrain(y)
@@ -459,8 +488,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded, inputs, decoder_inputs, *, train: bool):
+    """`encoded`/`inputs` None: no cross-attention (a language model)."""
     cfg = self.config
-    src_mask = inputs != PAD_ID
     if cfg.decode:
       # One position per call, all real; flax's attention adds the causal
       # mask over its cache. The position counter lives in the cache too.
@@ -485,8 +514,10 @@ class Decoder(nn.Module):
           nn.make_attention_mask(jnp.ones_like(mask), mask, dtype=jnp.bool_),
           dtype=jnp.bool_)
       positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-    cross_mask = nn.make_attention_mask(jnp.ones_like(mask), src_mask,
-                                        dtype=jnp.bool_)
+    cross_mask = None
+    if encoded is not None:
+      cross_mask = nn.make_attention_mask(jnp.ones_like(mask),
+                                          inputs != PAD_ID, dtype=jnp.bool_)
 
     y = _embed(cfg, self.embedding, decoder_inputs, positions, mask,
                _deterministic(cfg, train))
@@ -558,6 +589,91 @@ class Transformer(nn.Module):
     """inputs [B, S], targets [B, T] (EOS-terminated, PAD = 0) -> logits."""
     encoded = self.encode(inputs, train=train)
     return self.decode(encoded, inputs, shift_right(targets), train=train)
+
+
+class AdaptiveSoftmax(nn.Module):
+  """Adaptive softmax (Grave et al., 2017) over frequency-sorted ids.
+
+  With cutoffs c_1 < ... < c_K the head is a softmax over the words
+  [0, c_1) and K cluster tokens; word w of cluster k, c_k <= w < c_{k+1},
+  has log p(w) = log p_head(cluster k) + log softmax_k(w). The word logits
+  are h E^T + b with E the tied embedding table (Transformer-XL's
+  `ProjectedAdaptiveLogSoftmax` with div_val 1 and tied weights) or an
+  output kernel of its own. Returns normalised log-probabilities for every
+  word, so any loss that applies log_softmax to them is unchanged; it saves
+  no computation over a full softmax, only defines the distribution.
+  """
+  vocab_size: int
+  cutoffs: tuple[int, ...]
+  embedding: nn.Module | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    if self.embedding is not None:
+      logits = self.embedding.attend(h)
+    else:
+      logits = nn.Dense(
+          self.vocab_size, use_bias=False, dtype=self.dtype,
+          kernel_init=_partitioned(
+              nn.initializers.normal(h.shape[-1] ** -0.5), ('embed', 'vocab')),
+          name='kernel')(h)
+    bias = self.param('bias', _partitioned(nn.initializers.zeros, ('vocab',)),
+                      (self.vocab_size,), jnp.float32)
+    logits = logits.astype(jnp.float32) + bias.reshape(
+        (1,) * (logits.ndim - 1) + bias.shape)
+    clusters = nn.Dense(
+        len(self.cutoffs), dtype=jnp.float32,
+        kernel_init=_partitioned(nn.initializers.normal(h.shape[-1] ** -0.5),
+                                 ('embed', None)),
+        name='cluster')(h).astype(jnp.float32)
+    bounds = (0, *self.cutoffs, self.vocab_size)
+    head = jax.nn.log_softmax(
+        jnp.concatenate([logits[..., :bounds[1]], clusters], axis=-1))
+    parts = [head[..., :bounds[1]]]
+    for k in range(len(self.cutoffs)):
+      tail = jax.nn.log_softmax(logits[..., bounds[k + 1]:bounds[k + 2]])
+      parts.append(head[..., bounds[1] + k, None] + tail)
+    return jnp.concatenate(parts, axis=-1)
+
+
+class LanguageModel(nn.Module):
+  """Decoder-only causal Transformer over a token stream.
+
+  The decoder of `Transformer` without cross-attention: the sites are
+  'decoder_attention', 'decoder_ffn' and 'decoder_final' (the encoder sites
+  and fields are ignored), every norm gets the mask `inputs != PAD`.
+  `share_embeddings` ties the output layer to the input embedding;
+  `adaptive_softmax_cutoffs` switches to an adaptive softmax.
+  """
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32,
+        embedding_init=_partitioned(embedding_init(), ('vocab', 'embed')),
+        name='embedding')
+    tied = self.embedding if cfg.share_embeddings else None
+    if cfg.adaptive_softmax_cutoffs:
+      projection = AdaptiveSoftmax(cfg.vocab_size, cfg.adaptive_softmax_cutoffs,
+                                   embedding=tied, dtype=cfg.dtype,
+                                   name='adaptive_softmax')
+    elif tied is None:
+      projection = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+          kernel_init=_partitioned(
+              nn.initializers.normal(cfg.d_model ** -0.5), ('embed', 'vocab')),
+          name='output_projection')
+    else:
+      projection = None
+    self.decoder = Decoder(cfg, embedding=self.embedding,
+                           output_projection=projection)
+
+  def __call__(self, inputs, *, train: bool):
+    """inputs [B, L] int (PAD = 0) -> logits [B, L, vocab] float32: the
+    prediction at position t sees inputs[:, :t + 1] only."""
+    return self.decoder(None, None, jnp.asarray(inputs), train=train)
 
 
 def init_cache(model: Transformer, variables: Mapping[str, Any],

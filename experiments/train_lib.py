@@ -1,4 +1,5 @@
-"""What every experiment's training shares: state, optimizer, loss, the step.
+"""What every experiment's training shares: state, optimizer, loss, the step,
+and the training loop (`fit`) with logging, validation and checkpoints.
 
 The train step follows fairseq, whose semantics the PowerNorm results were
 obtained with: the loss is *summed* over target tokens and differentiated,
@@ -10,16 +11,21 @@ as in the official code; they are folded into the state with
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import tqdm
 
 import normjax
+from experiments import checkpointing
 from experiments import sharding
 
 Array = jax.Array
@@ -41,20 +47,38 @@ class TrainState:
 
 
 def make_schedule(cfg: Any) -> optax.Schedule:
-  """fairseq's inverse_sqrt: linear warmup from `warmup_init_lr`, then
-  peak * sqrt(warmup / step)."""
-  if cfg.kind != 'inverse_sqrt':
-    raise ValueError(f'config.schedule.kind={cfg.kind!r}: only '
-                     "'inverse_sqrt' is implemented.")
-  peak, warmup, init = cfg.peak_lr, max(int(cfg.warmup_steps), 1), \
-      cfg.warmup_init_lr
+  """The learning rate by update count, `cfg.kind`:
 
-  def schedule(count):
-    count = jnp.asarray(count, jnp.float32)
-    warm = init + count * (peak - init) / warmup
-    decay = peak * jnp.sqrt(warmup / jnp.maximum(count, 1.0))
-    return jnp.where(count < warmup, warm, decay)
-  return schedule
+  'inverse_sqrt' (fairseq): linear warmup from `warmup_init_lr` to `peak_lr`
+  over `warmup_steps`, then peak * sqrt(warmup / step).
+  'cosine' (Transformer-XL): linear warmup from 0 over `warmup_steps`, then
+  min_lr + (peak - min_lr) * (1 + cos(pi * step / decay_steps)) / 2, as
+  torch's CosineAnnealingLR(max_step, eta_min) stepped with the update count.
+  """
+  peak, warmup = cfg.peak_lr, max(int(cfg.warmup_steps), 1)
+  if cfg.kind == 'inverse_sqrt':
+    init = cfg.warmup_init_lr
+
+    def schedule(count):
+      count = jnp.asarray(count, jnp.float32)
+      warm = init + count * (peak - init) / warmup
+      decay = peak * jnp.sqrt(warmup / jnp.maximum(count, 1.0))
+      return jnp.where(count < warmup, warm, decay)
+    return schedule
+  if cfg.kind == 'cosine':
+    floor, total = cfg.min_lr, max(int(cfg.decay_steps), 1)
+    has_warmup = int(cfg.warmup_steps) > 0
+
+    def schedule(count):
+      count = jnp.asarray(count, jnp.float32)
+      cosine = floor + (peak - floor) * 0.5 * (
+          1 + jnp.cos(jnp.pi * jnp.minimum(count, total) / total))
+      if not has_warmup:
+        return cosine
+      return jnp.where(count < warmup, peak * count / warmup, cosine)
+    return schedule
+  raise ValueError(f"config.schedule.kind={cfg.kind!r}: choose 'inverse_sqrt' "
+                   "or 'cosine'.")
 
 
 def make_optimizer(cfg: Any, schedule: optax.Schedule
@@ -151,3 +175,168 @@ def make_eval_step(logits_fn: Callable[..., Array], label_smoothing: float):
     return dict(loss=loss, nll=nll, ntokens=ntokens)
 
   return eval_step
+
+
+def build_steps(init_variables: Callable[[Array], dict],
+                logits_fn: Callable[..., tuple[Array, dict]],
+                eval_logits_fn: Callable[..., Array], tx,
+                schedule: optax.Schedule, *, seed: int,
+                label_smoothing: float, mesh, logical_rules):
+  """The sharded initial state and the jitted train and eval steps.
+
+  Returns (state, state_shardings, train_step, eval_step); the train step
+  donates the state, batches are split over the mesh's data axes.
+  """
+  with jax.set_mesh(mesh):
+    state, shardings = init_state(init_variables, tx, seed, mesh,
+                                  logical_rules)
+  batch_sh = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+  train_step = jax.jit(
+      make_train_step(logits_fn, tx, schedule, label_smoothing),
+      in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
+      donate_argnums=0)
+  eval_step = jax.jit(
+      make_eval_step(eval_logits_fn, label_smoothing),
+      in_shardings=(shardings, batch_sh), out_shardings=repl)
+  return state, shardings, train_step, eval_step
+
+
+def evaluate_loss(eval_step, state: TrainState, batches, mesh
+                  ) -> dict[str, float]:
+  """Per-token loss, nll and perplexity summed over every batch exactly.
+
+  `batches` hold 'inputs', 'targets', 'weights' (other keys are ignored).
+  """
+  totals = dict(loss=0.0, nll=0.0, ntokens=0.0)
+  with jax.set_mesh(mesh):
+    for batch in batches:
+      batch = {k: batch[k] for k in ('inputs', 'targets', 'weights')}
+      out = eval_step(state, sharding.global_batch(batch, mesh))
+      for k in totals:
+        totals[k] += float(out[k])
+  n = max(totals['ntokens'], 1.0)
+  return dict(loss=totals['loss'] / n, nll=totals['nll'] / n,
+              ppl=float(np.exp(totals['nll'] / n)),
+              ntokens=totals['ntokens'])
+
+
+# ---------------------------------------------------------------- the loop --
+
+
+class Trainable(Protocol):
+  """What `fit` needs of an experiment (translation, language model)."""
+  mesh: Any
+  state: TrainState            # the freshly initialised state
+  state_shardings: Any
+  train_step: Callable         # jitted (state, batch) -> (state, metrics)
+  batcher: Any                 # iterable of numpy batches; state()/restore()
+
+  def validate(self, state: TrainState) -> dict[str, float]:
+    """Validation metrics; 'loss' drives early stopping."""
+
+
+def log_scalars(writer, step: int, prefix: str, values: dict) -> None:
+  """TensorBoard scalars `prefix/name` (writer None: not the chief)."""
+  if writer is None:
+    return
+  for k, v in values.items():
+    writer.add_scalar(f'{prefix}/{k}', v, step)
+  writer.flush()
+
+
+def summary_writer(workdir: str):
+  """A TensorBoard event writer in <workdir>/tensorboard on process 0."""
+  if jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  return SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+
+def restore_or_init(exp: Trainable, mngr, expect: dict) -> TrainState:
+  """The newest checkpoint (data position included), else the fresh state."""
+  if mngr.latest_step() is None:
+    return exp.state
+  abstract = checkpointing.abstract_like(exp.state, exp.state_shardings)
+  state, meta = checkpointing.restore(mngr, mngr.latest_step(), abstract,
+                                      expect)
+  exp.batcher.restore(meta['data'])
+  print(f'resumed from step {int(state.step)} of {mngr.directory}',
+        flush=True)
+  return state
+
+
+def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
+        preset: str) -> TrainState:
+  """Trains to `train_cfg.num_steps`, resuming from `mngr`'s newest step.
+
+  Every `log_every` steps: loss, perplexity, tokens/s, lr and gradient norm
+  to stdout and TensorBoard; every `eval_every` steps `exp.validate`; every
+  `checkpoint_every` steps (and at the end, or at an early stop after
+  `early_stop_patience` evaluations without a better valid loss) the whole
+  state with `expect`, the data position and the preset as metadata.
+  """
+  cfg = train_cfg
+  state = restore_or_init(exp, mngr, expect)
+  step = int(state.step)
+  best, stale = float('inf'), 0
+  batches: Iterator = iter(exp.batcher)
+  window = _new_window()
+  bar = tqdm.tqdm(total=cfg.num_steps, initial=step, desc='train',
+                  disable=jax.process_index() != 0, mininterval=5)
+  with jax.set_mesh(exp.mesh):
+    while step < cfg.num_steps:
+      batch = sharding.global_batch(next(batches), exp.mesh)
+      state, metrics = exp.train_step(state, batch)
+      step += 1
+      bar.update(1)
+      window['steps'] += 1
+      for k in ('loss', 'nll', 'ntokens'):
+        window[k] += float(metrics[k])
+      if step % cfg.log_every == 0 or step == cfg.num_steps:
+        logged = _summarize(window, metrics)
+        bar.set_postfix(loss=f"{logged['loss']:.3f}",
+                        tok_s=f"{logged['tokens_per_s']:.0f}")
+        bar.write(f'step {step}: ' + format_metrics(logged))
+        log_scalars(writer, step, 'train', logged)
+        window = _new_window()
+      if step % cfg.eval_every == 0 or step == cfg.num_steps:
+        result = exp.validate(state)
+        bar.write(f'step {step} valid: ' + format_metrics(result))
+        log_scalars(writer, step, 'valid', result)
+        if result['loss'] < best:
+          best, stale = result['loss'], 0
+        else:
+          stale += 1
+      stop = bool(cfg.early_stop_patience) and (
+          stale >= cfg.early_stop_patience)
+      if stop or step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+        checkpointing.save(mngr, step, state, dict(
+            expect, data=exp.batcher.state(), step=step, preset=preset))
+      if stop:
+        bar.write(f'early stop at step {step}: valid loss did not improve for '
+                  f'{stale} evaluations')
+        break
+  bar.close()
+  mngr.wait_until_finished()
+  return state
+
+
+def _new_window() -> dict:
+  return dict(loss=0.0, nll=0.0, ntokens=0.0, steps=0, start=time.time())
+
+
+def _summarize(window: dict, metrics: dict) -> dict[str, float]:
+  """Per-token means over the window's steps, throughput, last lr/grad norm."""
+  elapsed = time.time() - window['start']
+  return dict(loss=window['loss'] / window['steps'],
+              ppl=float(np.exp(window['nll'] / window['steps'])),
+              tokens_per_s=window['ntokens'] / max(elapsed, 1e-9),
+              lr=float(metrics['lr']),
+              grad_norm=float(metrics['grad_norm']))
+
+
+def format_metrics(values: dict) -> str:
+  """`name value, ...` of the numeric entries, 4 significant digits."""
+  return ', '.join(f'{k} {v:.4g}' for k, v in values.items()
+                   if isinstance(v, (int, float)))

@@ -9,10 +9,8 @@ checkpoint. Entry points: experiments/wmt.py, experiments/iwslt.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -45,14 +43,6 @@ def bleu(hypotheses: list[str], references: list[str], lowercase: bool
   return {'bleu': detok.score, 'tok_bleu': tok.score}
 
 
-def model_config(config, vocab_size: int, **overrides) -> TransformerConfig:
-  fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-  kwargs = {k: v for k, v in config.model.to_dict().items() if k in fields}
-  kwargs['norms'] = {site: dict(norm) for site, norm in
-                     config.model.norms.to_dict().items()}
-  return TransformerConfig(vocab_size=vocab_size, **{**kwargs, **overrides})
-
-
 class Experiment:
   """Data, model, mesh, optimizer and jitted steps of one translation run."""
 
@@ -62,9 +52,10 @@ class Experiment:
     self.rules = sharding.rules(config.mesh)
     self.data = load_translation(config.data,
                                  cache_dir=os.path.join(workdir, 'vocab'))
-    self.model = Transformer(model_config(config, self.data.vocab.size))
-    self.eval_model = Transformer(model_config(
-        config, self.data.vocab.size, deterministic=True))
+    self.model = Transformer(TransformerConfig.from_config(
+        config.model, self.data.vocab.size))
+    self.eval_model = Transformer(TransformerConfig.from_config(
+        config.model, self.data.vocab.size, deterministic=True))
     self.schedule = train_lib.make_schedule(config.schedule)
     self.tx = train_lib.make_optimizer(config.optim, self.schedule)
     self.dp = sharding.data_parallel_size(self.mesh)
@@ -81,10 +72,6 @@ class Experiment:
       return model.init({'params': rng, 'dropout': rng}, tokens, tokens,
                         train=False)
 
-    with jax.set_mesh(self.mesh):
-      self.state, self.state_shardings = train_lib.init_state(
-          init_variables, self.tx, config.seed, self.mesh, self.rules)
-
     def logits_fn(variables, batch, rngs):
       return model.apply(variables, batch['inputs'], batch['targets'],
                          train=True, rngs=rngs, mutable=['batch_stats'])
@@ -93,16 +80,11 @@ class Experiment:
       return self.eval_model.apply(variables, batch['inputs'],
                                    batch['targets'], train=False)
 
-    batch_sh = sharding.batch_sharding(self.mesh)
-    repl = sharding.replicated(self.mesh)
-    self.train_step = jax.jit(
-        train_lib.make_train_step(logits_fn, self.tx, self.schedule,
-                                  config.optim.label_smoothing),
-        in_shardings=(self.state_shardings, batch_sh),
-        out_shardings=(self.state_shardings, repl), donate_argnums=0)
-    self.eval_step = jax.jit(
-        train_lib.make_eval_step(eval_logits, config.optim.label_smoothing),
-        in_shardings=(self.state_shardings, batch_sh), out_shardings=repl)
+    (self.state, self.state_shardings, self.train_step,
+     self.eval_step) = train_lib.build_steps(
+         init_variables, logits_fn, eval_logits, self.tx, self.schedule,
+         seed=config.seed, label_smoothing=config.optim.label_smoothing,
+         mesh=self.mesh, logical_rules=self.rules)
 
   # ---------------------------------------------------------------- eval --
   def _eval_batches(self, examples, max_tokens):
@@ -110,16 +92,11 @@ class Experiment:
                         batch_multiple=self.dp, shuffle=False).eval_batches()
 
   def loss(self, state, examples) -> dict[str, float]:
-    totals = dict(loss=0.0, nll=0.0, ntokens=0.0)
-    with jax.set_mesh(self.mesh):
-      for batch in self._eval_batches(examples, self.config.data.max_tokens):
-        batch = {k: batch[k] for k in ('inputs', 'targets', 'weights')}
-        out = self.eval_step(state, sharding.global_batch(batch, self.mesh))
-        for k in totals:
-          totals[k] += float(out[k])
-    n = max(totals['ntokens'], 1.0)
-    return dict(loss=totals['loss'] / n, nll=totals['nll'] / n,
-                ppl=float(np.exp(totals['nll'] / n)))
+    batches = self._eval_batches(examples, self.config.data.max_tokens)
+    result = train_lib.evaluate_loss(self.eval_step, state, batches,
+                                     self.mesh)
+    del result['ntokens']
+    return result
 
   def translate(self, state, examples, beam_size: int) -> list[str]:
     """Beam search over `examples` in order; detokenized hypotheses."""
@@ -158,87 +135,20 @@ class Experiment:
     result.update(bleu(hyps, refs, self.config.decode.lowercase_bleu))
     return result, hyps
 
-
-def _log(writer, step: int, prefix: str, values: dict[str, float]) -> None:
-  if writer is None:
-    return
-  for k, v in values.items():
-    writer.add_scalar(f'{prefix}/{k}', v, step)
-  writer.flush()
-
-
-def _writer(workdir: str):
-  if jax.process_index() != 0:
-    return None
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  return SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  def validate(self, state) -> dict[str, float]:
+    """Loss, perplexity and BLEU on the first `eval_bleu_examples` pairs."""
+    return self.score(state, 'valid', self.config.train.eval_bleu_examples)[0]
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   exp = Experiment(config, workdir)
-  cfg = config.train
   mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
-                               cfg.keep_checkpoints)
+                               config.train.keep_checkpoints)
   expect = {'vocab_fingerprint': exp.data.fingerprint}
-  state = exp.state
-  if mngr.latest_step() is not None:
-    abstract = checkpointing.abstract_like(state, exp.state_shardings)
-    state, meta = checkpointing.restore(mngr, mngr.latest_step(), abstract,
-                                        expect)
-    exp.batcher.restore(meta['data'])
-    print(f'resumed from step {int(state.step)} in {workdir}', flush=True)
-  writer = _writer(workdir)
-  step = int(state.step)
-  best, stale = float('inf'), 0
-  batches = iter(exp.batcher)
-  window = dict(loss=0.0, nll=0.0, ntokens=0.0, steps=0, start=time.time())
-  bar = tqdm.tqdm(total=cfg.num_steps, initial=step, desc='train',
-                  disable=jax.process_index() != 0, mininterval=5)
-  with jax.set_mesh(exp.mesh):
-    while step < cfg.num_steps:
-      batch = sharding.global_batch(next(batches), exp.mesh)
-      state, metrics = exp.train_step(state, batch)
-      step += 1
-      bar.update(1)
-      window['steps'] += 1
-      for k in ('loss', 'nll', 'ntokens'):
-        window[k] += float(metrics[k])
-      if step % cfg.log_every == 0 or step == cfg.num_steps:
-        elapsed = time.time() - window['start']
-        logged = dict(loss=window['loss'] / window['steps'],
-                      ppl=float(np.exp(window['nll'] / window['steps'])),
-                      tokens_per_s=window['ntokens'] / max(elapsed, 1e-9),
-                      lr=float(metrics['lr']),
-                      grad_norm=float(metrics['grad_norm']))
-        bar.set_postfix(loss=f"{logged['loss']:.3f}",
-                        tok_s=f"{logged['tokens_per_s']:.0f}")
-        bar.write(f'step {step}: ' + ', '.join(
-            f'{k} {v:.4g}' for k, v in logged.items()))
-        _log(writer, step, 'train', logged)
-        window = dict(loss=0.0, nll=0.0, ntokens=0.0, steps=0,
-                      start=time.time())
-      if step % cfg.eval_every == 0 or step == cfg.num_steps:
-        result, _ = exp.score(state, 'valid', cfg.eval_bleu_examples)
-        bar.write(f'step {step} valid: ' + ', '.join(
-            f'{k} {v:.4g}' for k, v in result.items()))
-        _log(writer, step, 'valid', result)
-        if result['loss'] < best:
-          best, stale = result['loss'], 0
-        else:
-          stale += 1
-      stop = bool(cfg.early_stop_patience) and (
-          stale >= cfg.early_stop_patience)
-      if stop or step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
-        checkpointing.save(mngr, step, state, dict(
-            expect, data=exp.batcher.state(), step=step,
-            preset=config.preset))
-      if stop:
-        bar.write(f'early stop at step {step}: valid loss did not improve for '
-                  f'{stale} evaluations')
-        break
-  bar.close()
-  mngr.wait_until_finished()
-  final = _average_and_test(exp, mngr, expect, writer, step)
+  writer = train_lib.summary_writer(workdir)
+  state = train_lib.fit(exp, config.train, mngr, expect, writer,
+                        config.preset)
+  final = _average_and_test(exp, mngr, expect, writer, int(state.step))
   mngr.close()
   return final
 
@@ -256,7 +166,7 @@ def _average_and_test(exp: Experiment, mngr, expect, writer, step):
   print(f'test (average of steps {steps}): ' + ', '.join(
       f'{k} {v:.4g}' for k, v in result.items() if k != 'averaged_steps'),
         flush=True)
-  _log(writer, step, 'test', {k: v for k, v in result.items()
+  train_lib.log_scalars(writer, step, 'test', {k: v for k, v in result.items()
                               if k != 'averaged_steps'})
   if jax.process_index() == 0:
     with open(os.path.join(exp.workdir, 'test_hypotheses.txt'), 'w') as f:

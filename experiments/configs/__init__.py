@@ -25,31 +25,38 @@ class ConfigError(ValueError):
   """A user error in --config: reported as one line, without a traceback."""
 
 
-def build(presets: dict, arg: str) -> ml_collections.ConfigDict:
-  """`preset[,modifier...]` -> a locked ConfigDict."""
+def build(presets: dict, arg: str, modifiers: dict | None = None
+          ) -> ml_collections.ConfigDict:
+  """`preset[,modifier...]` -> a locked ConfigDict.
+
+  `modifiers` defaults to the translation modifiers (common.MODIFIERS).
+  """
+  modifiers = common.MODIFIERS if modifiers is None else modifiers
   name, *mods = [p.strip() for p in arg.split(',')] if arg else ['']
   if name not in presets:
+    example = f'{next(iter(presets))},{next(iter(modifiers))}'
     raise ConfigError(f'--config: unknown preset {name!r}; choose from '
                       f'{sorted(presets)} (optionally followed by modifiers '
-                      f'{sorted(common.MODIFIERS)}, e.g. powernorm,demo).')
+                      f'{sorted(modifiers)}, e.g. {example}).')
   config = presets[name]()
   for mod in mods:
-    if mod not in common.MODIFIERS:
+    if mod not in modifiers:
       raise ConfigError(f'--config: unknown modifier {mod!r} in {arg!r}; '
-                        f'choose from {sorted(common.MODIFIERS)}.')
-    common.MODIFIERS[mod](config)
+                        f'choose from {sorted(modifiers)}.')
+    modifiers[mod](config)
   config.preset = arg
   config.lock()
   return config
 
 
-def define_config_flag(experiment: str) -> flags.FlagHolder:
+def define_config_flag(experiment: str, default: str = 'layernorm'
+                       ) -> flags.FlagHolder:
   """Defines --config for experiments/configs/<experiment>.py presets."""
   path = os.path.join(os.path.dirname(__file__), f'{experiment}.py')
   return config_flags.DEFINE_config_file(
-      'config', f'{path}:layernorm',
-      f'Preset of experiments/configs/{experiment}.py, e.g. powernorm or '
-      'powernorm,demo; or path[:preset].', lock_config=True)
+      'config', f'{path}:{default}',
+      f'Preset of experiments/configs/{experiment}.py, e.g. {default} or '
+      f'{default},demo; or path[:preset].', lock_config=True)
 
 
 def expand_argv(experiment: str, argv: list[str]) -> list[str]:

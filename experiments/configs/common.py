@@ -68,12 +68,17 @@ def translation_base() -> ml_collections.ConfigDict:
   c.decode = ml_collections.ConfigDict(dict(
       beam_size=5, length_penalty=1.0, max_len_a=1.2, max_len_b=10,
       average_last=5, lowercase_bleu=True, batch_tokens=8192))
-  c.mesh = ml_collections.ConfigDict(dict(
+  c.mesh = mesh()
+  return c
+
+
+def mesh() -> ml_collections.ConfigDict:
+  """Data parallel over every device; logical axes for fsdp/tensor."""
+  return ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, tensor=1,  # -1: every remaining device
       rules=[('batch', ('data', 'fsdp')), ('vocab', 'tensor'),
              ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
              ('kv', None), ('length', None)]))
-  return c
 
 
 def powernorm_site(c: ml_collections.ConfigDict, warmup=None):

@@ -34,6 +34,7 @@ TFDS_MODULES = {
     'para_crawl': 'tensorflow_datasets.translate.para_crawl',
     'flores': 'tensorflow_datasets.translate.flores',
     'opus': 'tensorflow_datasets.translate.opus',
+    'wikitext103': 'experiments.data.wikitext103',  # the project's builder
 }
 
 
@@ -59,8 +60,12 @@ def split_filename(cfg: Any, split: str, lang: str) -> str:
   return f"{prefix}{cfg_get(cfg, 'suffix', '') or ''}.{lang}"
 
 
-def read_lines(path: str) -> list[str]:
-  """UTF-8 lines of a text file (or .gz), stripped; errors name file:line."""
+def read_lines(path: str, allow_empty: bool = False) -> list[str]:
+  """UTF-8 lines of a text file (or .gz), stripped; errors name file:line.
+
+  Empty (or blank) lines are an error unless allow_empty: parallel text must
+  not have them, a language-model corpus (WikiText) keeps them.
+  """
   opener = gzip.open if path.endswith('.gz') else open
   try:
     with opener(path, 'rb') as f:
@@ -79,6 +84,8 @@ def read_lines(path: str) -> list[str]:
   if lines and lines[-1] == '':
     lines.pop()
   lines = [line.strip() for line in lines]
+  if allow_empty:
+    return lines
   for number, line in enumerate(lines, 1):
     if not line:
       raise ValueError(f'{path}:{number}: empty line; remove it together '
@@ -148,44 +155,17 @@ def read_tfds(cfg: Any, max_train_examples: int = 0,
   an empty side are skipped (web-crawled corpora have some); their count per
   split goes to stats[f'{split}_skipped_empty'].
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name = cfg_get(cfg, 'tfds_name', required=True)
   data_dir = cfg_get(cfg, 'tfds_data_dir', '') or None
-  shown_dir = data_dir or os.environ.get('TFDS_DATA_DIR',
-                                         '~/tensorflow_datasets')
-  module = cfg_get(cfg, 'tfds_module', '') or _tfds_module(name)
-  try:
-    importlib.import_module(module)
-  except ImportError:
-    pass  # a user-registered dataset needs no catalogue module
+  module = import_tfds_module(cfg, name)
   src_lang = cfg_get(cfg, 'src_lang', required=True)
   tgt_lang = cfg_get(cfg, 'tgt_lang', required=True)
   split_names = cfg_get(cfg, 'tfds_splits', None) or {
       'train': 'train', 'valid': 'validation', 'test': 'test'}
   splits = {}
   for split in SPLITS:
-    try:
-      tfds_split = split_names[split]
-    except (KeyError, AttributeError):
-      raise ValueError(f"cfg.tfds_splits has no '{split}' entry; set e.g. "
-                       f"tfds_splits.{split}='validation'.") from None
-    try:
-      source = tfds.data_source(name, split=tfds_split, data_dir=data_dir,
-                                download=False)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise ValueError(
-          f'cfg.tfds_name={name!r}: tensorflow-datasets does not know it '
-          f'(imported {module}); check the name or set cfg.tfds_module to '
-          'the module that defines its builder.') from None
-    except (NotImplementedError, AssertionError, FileNotFoundError,
-            OSError) as e:
-      raise FileNotFoundError(
-          f'tfds dataset {name} split {tfds_split!r} is not prepared in '
-          f'data_dir {shown_dir} ({type(e).__name__}); this machine cannot '
-          f'download it: {_tfds_prepare_hint(name, shown_dir)}') from None
-    except ValueError as e:  # e.g. an unknown split name
-      raise ValueError(f'cfg.tfds_splits.{split}={tfds_split!r} for {name}: '
-                       f'{str(e).splitlines()[0]}') from None
+    tfds_split = tfds_split_name(split_names, split)
+    source = open_tfds_split(name, tfds_split, split, data_dir, module)
     count = len(source)
     if split == 'train' and max_train_examples:
       count = min(count, max_train_examples)
@@ -197,16 +177,69 @@ def read_tfds(cfg: Any, max_train_examples: int = 0,
   return splits
 
 
+def import_tfds_module(cfg: Any, name: str) -> str:
+  """Imports cfg.tfds_module (or the guessed one) to register the builder."""
+  module = cfg_get(cfg, 'tfds_module', '') or _tfds_module(name)
+  try:
+    importlib.import_module(module)
+  except ImportError:
+    pass  # a user-registered dataset needs no catalogue module
+  return module
+
+
+def tfds_split_name(split_names: Any, split: str) -> str:
+  """cfg.tfds_splits[split], with an error naming the missing entry."""
+  try:
+    return split_names[split]
+  except (KeyError, AttributeError):
+    raise ValueError(f"cfg.tfds_splits has no '{split}' entry; set e.g. "
+                     f"tfds_splits.{split}='validation'.") from None
+
+
+def open_tfds_split(name: str, tfds_split: str, split: str,
+                    data_dir: str | None, module: str):
+  """`tfds.data_source` of a prepared split (array_record), or a user error.
+
+  `split` is our name of it (for the cfg.tfds_splits field in messages),
+  `module` the one imported to register the builder (for the messages).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  shown_dir = data_dir or os.environ.get('TFDS_DATA_DIR',
+                                         '~/tensorflow_datasets')
+  try:
+    return tfds.data_source(name, split=tfds_split, data_dir=data_dir,
+                            download=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f'cfg.tfds_name={name!r}: tensorflow-datasets does not know it '
+        f'(imported {module}); check the name or set cfg.tfds_module to '
+        'the module that defines its builder.') from None
+  except (NotImplementedError, AssertionError, FileNotFoundError,
+          OSError) as e:
+    raise FileNotFoundError(
+        f'tfds dataset {name} split {tfds_split!r} is not prepared in '
+        f'data_dir {shown_dir} ({type(e).__name__}); this machine cannot '
+        f'download it: {_tfds_prepare_hint(name, shown_dir)}') from None
+  except ValueError as e:  # e.g. an unknown split name
+    raise ValueError(f'cfg.tfds_splits.{split}={tfds_split!r} for {name}: '
+                     f'{str(e).splitlines()[0]}') from None
+
+
+def tfds_examples(source, indices: list[int]) -> list[dict]:
+  """source[i] for i in indices; batched when the source supports it."""
+  try:  # batched reads are much faster on array_record
+    return list(source.__getitems__(indices))
+  except (AttributeError, TypeError):  # tfds.testing.mock_data's is broken
+    return [source[i] for i in indices]
+
+
 def _read_tfds_pairs(source, count, name, split, src_lang, tgt_lang):
   """(src, tgt, number skipped) from the first `count` examples."""
   src, tgt, skipped = [], [], 0
   chunk = 10_000
   for start in range(0, count, chunk):
     indices = list(range(start, min(count, start + chunk)))
-    try:  # batched reads are much faster on array_record
-      examples = source.__getitems__(indices)
-    except (AttributeError, TypeError):  # tfds.testing.mock_data's is broken
-      examples = [source[i] for i in indices]
+    examples = tfds_examples(source, indices)
     for index, example in zip(indices, examples):
       pair = []
       for lang in (src_lang, tgt_lang):
