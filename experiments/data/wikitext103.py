@@ -28,11 +28,7 @@ cfg.tfds_name='wikitext103', cfg.tfds_data_dir='DIR').
 
 from __future__ import annotations
 
-import os
-
 import tensorflow_datasets as tfds
-from etils import epath
-from tensorflow_datasets.core import utils as tfds_utils
 
 _URL = ('https://s3.amazonaws.com/research.metamind.io/wikitext/'
         'wikitext-103-v1.zip')
@@ -55,14 +51,6 @@ class Wikitext103(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'One example per raw line of wiki.*.tokens.'}
   disable_shuffling = True
-
-  @tfds_utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # tfds 4.9.10 finds a builder's file with `importlib_resources`, which it
-    # does not install on Python >= 3.9: without this, download_and_prepare
-    # fails with ModuleNotFoundError.
-    return epath.Path(os.path.abspath(__file__))
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
