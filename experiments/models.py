@@ -13,10 +13,14 @@ the decoder, an all-True mask in incremental decoding. Batch-statistic norms
 (BatchNorm, PowerNorm, PN-V, UN) therefore see real tokens only.
 
 Where the norms sit relative to the residual is a pluggable *placement*
-(`PLACEMENTS`): 'pre' (normalise the sublayer input, final stack norms) and
-'post' (normalise after the residual add, no final norms). Adding one is a
-function `(x, sublayer, norm, *, mask, train, layer_index, num_layers) -> x`
-and an entry `Placement(fn, final_norm=...)`.
+(`PLACEMENTS`, zoo spec §3): 'pre' x + F(N(x)); 'post' N(x + F(x)) without
+final stack norms; 'peri' x + N_out(F(N_in(x))), and by default a norm on
+the embeddings too (`embed_norm`); 'mix' (Mix-LN) post-norm for the first
+floor(mix_alpha * L) layers of a stack and pre-norm for the rest; 'lns'
+(LayerNorm Scaling) x + F(N(x) / sqrt(l)) for layer l = 1..L, the final norm
+unscaled. Adding one is a function `(x, sublayer, norm, *, mask, train,
+layer_index, num_layers, config) -> x` and an entry
+`Placement(fn, final_norm=...)`.
 
 Token ids: PAD = 0, BOS = 1, EOS = 2. Structure follows flax's
 examples/wmt/models.py (Apache-2.0).
@@ -67,26 +71,64 @@ class Placement:
   final_norm: bool
 
   def __call__(self, x, sublayer, norm, *, mask, train, layer_index,
-               num_layers):
+               num_layers, config):
     return self.residual(x, sublayer, norm, mask=mask, train=train,
-                         layer_index=layer_index, num_layers=num_layers)
+                         layer_index=layer_index, num_layers=num_layers,
+                         config=config)
 
 
-def pre_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers):
+def pre_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers,
+             config):
   """x + F(N(x)) (fairseq `normalize_before=True`)."""
-  del layer_index, num_layers
+  del layer_index, num_layers, config
   return x + sublayer(norm()(x, not train, mask=mask))
 
 
-def post_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers):
+def post_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers,
+              config):
   """N(x + F(x)) (the original Transformer)."""
-  del layer_index, num_layers
+  del layer_index, num_layers, config
   return norm()(x + sublayer(x), not train, mask=mask)
+
+
+def peri_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers,
+              config):
+  """x + N_out(F(N_in(x))) (Peri-LN, Kim et al. 2025): two norms per
+  sublayer, each with its own parameters ('<site>_norm', '<site>_norm_out')."""
+  del layer_index, num_layers, config
+  h = sublayer(norm()(x, not train, mask=mask))
+  return x + norm('_out')(h, not train, mask=mask)
+
+
+def mix_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers,
+             config):
+  """Mix-LN (Li, Yin, Liu, ICLR 2025): layer l (0-based) is post-norm if
+  l < floor(mix_alpha * num_layers), else pre-norm; the stack ends with a
+  norm either way. mix_alpha 0 is 'pre', 1 is 'post' plus final norms."""
+  kwargs = dict(mask=mask, train=train, layer_index=layer_index,
+                num_layers=num_layers, config=config)
+  if layer_index < math.floor(config.mix_alpha * num_layers):
+    return post_norm(x, sublayer, norm, **kwargs)
+  return pre_norm(x, sublayer, norm, **kwargs)
+
+
+def layer_norm_scaling(x, sublayer, norm, *, mask, train, layer_index,
+                       num_layers, config):
+  """x + F(N(x) / sqrt(l)), l = layer_index + 1 (LayerNorm Scaling, Sun et
+  al. 2025, "The Curse of Depth"): both norms of a layer get the factor; it
+  is not an initialisation, so gradients see it at every step."""
+  del num_layers, config
+  h = norm()(x, not train, mask=mask)
+  scale = jnp.asarray(1.0 / math.sqrt(layer_index + 1), h.dtype)
+  return x + sublayer(h * scale)
 
 
 PLACEMENTS: dict[str, Placement] = {
     'pre': Placement(pre_norm, final_norm=True),
     'post': Placement(post_norm, final_norm=False),
+    'peri': Placement(peri_norm, final_norm=True),
+    'mix': Placement(mix_norm, final_norm=True),
+    'lns': Placement(layer_norm_scaling, final_norm=True),
 }
 
 
@@ -117,7 +159,9 @@ class TransformerConfig:
   `norms` maps a site to `dict(kind=..., **options)` for
   `normjax.linen.make_norm`. Sites left out keep the default LayerNorm;
   'decoder_attention' also serves the decoder's cross-attention norm (as in
-  fairseq). Unknown sites, kinds and options raise at construction.
+  fairseq) and, with `embed_norm`, the '<stack>_attention' norm kinds serve
+  the embedding norms. Unknown sites, kinds and options raise at
+  construction.
   """
   vocab_size: int
   d_model: int = 512
@@ -130,6 +174,8 @@ class TransformerConfig:
   activation_dropout: float = 0.1
   share_embeddings: bool = True
   placement: str = 'pre'
+  mix_alpha: float = 0.25   # 'mix': the fraction of post-norm layers
+  embed_norm: bool | None = None  # norm the embeddings; None: only 'peri'
   norms: Mapping[str, Mapping[str, Any]] = dataclasses.field(
       default_factory=default_norms)
   max_len: int = 256
@@ -170,6 +216,11 @@ class TransformerConfig:
       nnorm.make_norm(**cfg)  # raises on an unknown kind or option
     object.__setattr__(self, 'norms', FrozenDict(
         {site: merged[site] for site in SITES}))
+    if not 0.0 <= self.mix_alpha <= 1.0:
+      raise ValueError(f'TransformerConfig.mix_alpha={self.mix_alpha}: the '
+                       'fraction of post-norm layers must be in [0, 1].')
+    if self.embed_norm is None:
+      object.__setattr__(self, 'embed_norm', self.placement == 'peri')
     if self.placement not in PLACEMENTS:
       raise ValueError(f'TransformerConfig.placement: unknown '
                        f'{self.placement!r}; choose from {sorted(PLACEMENTS)}.')
@@ -409,7 +460,8 @@ def _bind_placement(config, mask, train, layer_index, num_layers):
 
   def place(x, sublayer, norm):
     return placement(x, sublayer, norm, mask=mask, train=train,
-                     layer_index=layer_index, num_layers=num_layers)
+                     layer_index=layer_index, num_layers=num_layers,
+                     config=config)
   return place
 
 
@@ -469,6 +521,9 @@ class Encoder(nn.Module):
     positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
     x = _embed(cfg, self.embedding, inputs, positions, mask,
                _deterministic(cfg, train))
+    if cfg.embed_norm:
+      x = _site_norm(cfg, 'encoder_attention', 'embed_norm')()(
+          x, not train, mask=mask)
     # Keys are masked, queries are not (fairseq's key_padding_mask).
     attention_mask = nn.make_attention_mask(jnp.ones_like(mask), mask,
                                             dtype=jnp.bool_)
@@ -521,6 +576,9 @@ class Decoder(nn.Module):
 
     y = _embed(cfg, self.embedding, decoder_inputs, positions, mask,
                _deterministic(cfg, train))
+    if cfg.embed_norm:
+      y = _site_norm(cfg, 'decoder_attention', 'embed_norm')()(
+          y, not train, mask=mask)
     for i in range(cfg.num_decoder_layers):
       y = DecoderLayer(cfg, layer_index=i, name=f'layer_{i}')(
           y, encoded, mask, self_mask, cross_mask, train=train)

@@ -1,17 +1,39 @@
 """Pure normalization functions: `f(x, params, state, *, mask, ...) -> (y, new_state)`.
 
 Every function takes activations with features on the last axis, optional
-`params = {'scale', 'bias'}`, a state (a NamedTuple, or `EmptyState()`/None
-for stateless norms), a `mask` that is True for real tokens, and returns the
-output in the dtype of `x` together with the new state.
+`params = {'scale', 'bias'}` (plus per-method names: DyT's `alpha`,
+EvoNorm's `v`), a state (a NamedTuple, or `EmptyState()`/None for stateless
+norms), a `mask` that is True for real tokens, and returns the output in the
+dtype of `x` together with the new state.
+
+`FUNCTIONS` holds the norms that fit that signature alone. The conditional
+norms (`CONDITIONAL_FUNCTIONS`: adaLN-Zero, TD-LN, TD-RMSNorm) need a
+conditioning keyword as well (`shift`/`scale`, `tau`). `qk_norm` normalises
+queries and keys together and has its own signature.
 """
 
 from normjax._src.batch_norm import BatchNormState
 from normjax._src.batch_norm import batch_norm
 from normjax._src.batch_norm import init_batch_norm_state
 from normjax._src.common import EmptyState
+from normjax._src.conditional_norm import ada_ln_zero
+from normjax._src.conditional_norm import dimr_tau
+from normjax._src.conditional_norm import gated_residual
+from normjax._src.conditional_norm import init_td_params
+from normjax._src.conditional_norm import modulate
+from normjax._src.conditional_norm import td_layer_norm
+from normjax._src.conditional_norm import td_parameter
+from normjax._src.conditional_norm import td_rms_norm
+from normjax._src.dyt import dyt
+from normjax._src.dyt import dyt_alpha_init
+from normjax._src.group_norm import evonorm_num_groups
+from normjax._src.group_norm import evonorm_s0
+from normjax._src.group_norm import group_norm
+from normjax._src.layer_norm import crms_norm
 from normjax._src.layer_norm import group_scaling
 from normjax._src.layer_norm import layer_norm
+from normjax._src.layer_norm import layer_norm_scaling
+from normjax._src.layer_norm import layer_norm_scaling_factor
 from normjax._src.layer_norm import rms_norm
 from normjax._src.power_norm import PNVState
 from normjax._src.power_norm import PowerNormState
@@ -19,6 +41,8 @@ from normjax._src.power_norm import init_pn_v_state
 from normjax._src.power_norm import init_power_norm_state
 from normjax._src.power_norm import pn_v
 from normjax._src.power_norm import power_norm
+from normjax._src.qk_norm import qk_norm
+from normjax._src.registry import CONDITIONAL_FUNCTIONS
 from normjax._src.registry import FUNCTIONS
 from normjax._src.registry import get_norm
 from normjax._src.registry import init_state
@@ -27,9 +51,14 @@ from normjax._src.unified_norm import init_unified_norm_state
 from normjax._src.unified_norm import unified_norm
 
 __all__ = [
-    'BatchNormState', 'EmptyState', 'FUNCTIONS', 'PNVState', 'PowerNormState',
-    'UnifiedNormState', 'batch_norm', 'get_norm', 'group_scaling',
-    'init_batch_norm_state', 'init_pn_v_state', 'init_power_norm_state',
-    'init_state', 'init_unified_norm_state', 'layer_norm', 'pn_v',
-    'power_norm', 'rms_norm', 'unified_norm',
+    'BatchNormState', 'CONDITIONAL_FUNCTIONS', 'EmptyState', 'FUNCTIONS',
+    'PNVState', 'PowerNormState', 'UnifiedNormState', 'ada_ln_zero',
+    'batch_norm', 'crms_norm', 'dimr_tau', 'dyt', 'dyt_alpha_init',
+    'evonorm_num_groups', 'evonorm_s0', 'gated_residual', 'get_norm',
+    'group_norm', 'group_scaling', 'init_batch_norm_state', 'init_pn_v_state',
+    'init_power_norm_state', 'init_state', 'init_td_params',
+    'init_unified_norm_state', 'layer_norm', 'layer_norm_scaling',
+    'layer_norm_scaling_factor', 'modulate', 'pn_v', 'power_norm', 'qk_norm',
+    'rms_norm', 'td_layer_norm', 'td_parameter', 'td_rms_norm',
+    'unified_norm',
 ]

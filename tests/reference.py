@@ -343,3 +343,145 @@ class UnifiedNormRef:
             ghat = g
         dx = ghat / np.sqrt(c["sig2"] + self.eps)
         return dx, (dy * r * z).sum(0), dy.sum(0)
+
+
+# ----------------------------------------------------------------------------- the norm zoo
+# Written from /work/shared/research/norms_zoo.md (section numbers per function). Rows are tokens:
+# x is [N, C]; per-row conditioning (shift, scale, tau) is given per row as well.
+def numeric_vjp(f, x, dy, h=1e-6):
+    """Central finite differences of sum(f(x) * dy) w.r.t. x (float64, for small arrays)."""
+    x, dy = _f64(x), _f64(dy)
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        up = (f(x) * dy).sum()
+        flat[i] = old - h
+        down = (f(x) * dy).sum()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * h)
+    return g
+
+
+def dyt(x, alpha, scale=None, bias=None):
+    """DyT (zoo 5a): scale * tanh(alpha * x) + bias, alpha a scalar."""
+    x = _f64(x)
+    s, b = _affine(x.shape[-1], scale, bias)
+    return s * np.tanh(float(np.reshape(alpha, ())) * x) + b
+
+
+def dyt_vjp(x, dy, alpha, scale=None):
+    """Analytic gradients of sum(dyt(x) * dy): (dx, dalpha, dscale, dbias)."""
+    x, dy = _f64(x), _f64(dy)
+    a = float(np.reshape(alpha, ()))
+    s, _ = _affine(x.shape[-1], scale, None)
+    t = np.tanh(a * x)
+    sech2 = 1.0 - t * t
+    return (dy * s * a * sech2, float((dy * s * x * sech2).sum()),
+            (dy * t).reshape(-1, x.shape[-1]).sum(0), dy.reshape(-1, x.shape[-1]).sum(0))
+
+
+def crms_norm(xc, eps=1e-6, scale=None, bias=None):
+    """CRMSNorm (zoo 4.5): xc / sqrt((sum xc^2 + (sum xc)^2) / d + eps), d = dim(xc) + 1."""
+    xc = _f64(xc)
+    d = xc.shape[-1] + 1
+    ms = ((xc ** 2).sum(-1, keepdims=True) + xc.sum(-1, keepdims=True) ** 2) / d
+    s, b = _affine(xc.shape[-1], scale, bias)
+    return xc / np.sqrt(ms + eps) * s + b
+
+
+def group_norm(x, num_groups, scale=None, bias=None, eps=1e-6):
+    """Per-row GroupNorm: each row's C features in G contiguous groups, biased variance per group."""
+    x = _f64(x)
+    xg = _groups(x, num_groups)
+    mu = xg.mean(-1, keepdims=True)
+    var = ((xg - mu) ** 2).mean(-1, keepdims=True)
+    s, b = _affine(x.shape[-1], scale, bias)
+    return ((xg - mu) / np.sqrt(var + eps)).reshape(x.shape) * s + b
+
+
+def evonorm_s0(x, num_groups=32, v=None, scale=None, bias=None, eps=1e-5, nonlinearity=True):
+    """EvoNorm-S0 (zoo 6a), per row: x * sigmoid(v x) / sqrt(var_group + eps) * scale + bias.
+
+    G is decremented from num_groups until it divides C (official `_group_std`).
+    nonlinearity=False: scale * x + bias.
+    """
+    x = _f64(x)
+    c = x.shape[-1]
+    s, b = _affine(c, scale, bias)
+    if not nonlinearity:
+        return x * s + b
+    g = num_groups
+    while g > 1 and c % g:
+        g -= 1
+    xg = _groups(x, g)
+    var = xg.var(-1, keepdims=True)
+    std = np.broadcast_to(np.sqrt(var + eps), xg.shape).reshape(x.shape)
+    vv = np.ones(c) if v is None else _f64(v)
+    return x / (1.0 + np.exp(-vv * x)) / std * s + b
+
+
+def layer_norm_scaling(x, layer_index, base='layernorm', scale=None, bias=None, eps=1e-6):
+    """LayerNorm Scaling (zoo 3): N(x) / sqrt(l), l counted from 1, N with its affine."""
+    if layer_index < 1:
+        raise ValueError(layer_index)
+    norm = layer_norm if base == 'layernorm' else rms_norm
+    return norm(x, scale, bias, eps) / np.sqrt(layer_index)
+
+
+def ada_ln_zero(x, shift, scale, eps=1e-6):
+    """adaLN (zoo 8, DiT `modulate(LN(x), shift, scale)`): LN(x) without affine * (1 + scale) + shift,
+    with shift and scale [N, C] per row."""
+    return layer_norm(x, eps=eps) * (1 + _f64(scale)) + _f64(shift)
+
+
+def adaln_modulation(cond, kernel, bias):
+    """DiT's adaLN_modulation: SiLU(cond) @ W + b, W [K, n, C], b [n, C]; returns [N, n, C]."""
+    cond = _f64(cond)
+    h = cond / (1.0 + np.exp(-cond))
+    return np.einsum('nk,kjc->njc', h, _f64(kernel)) + _f64(bias)
+
+
+def td_parameter(p, tau):
+    """DiMR `tdp_torch` (zoo 8): p1 + sigmoid((1 + w_raw) tau + b) (p0 - p1); tau [N] -> [N, C]."""
+    tau = _f64(tau).reshape(-1, 1)
+    p0, p1 = _f64(p['param0']), _f64(p['param1'])
+    w, b = 1.0 + _f64(p['nodecay_weight']), _f64(p['nodecay_bias'])
+    return p1 + (p0 - p1) / (1.0 + np.exp(-(tau * w + b)))
+
+
+def td_layer_norm(x, params, tau, eps=1e-5):
+    """DiMR's time-dependent LayerNorm: LN(x) * scale(tau) + bias(tau) (torch layer_norm, eps inside)."""
+    y = layer_norm(x, eps=eps)
+    if 'scale' in params:
+        y = y * td_parameter(params['scale'], tau)
+    if 'bias' in params:
+        y = y + td_parameter(params['bias'], tau)
+    return y
+
+
+def td_rms_norm(x, params, tau, eps=1e-8):
+    """DiMR's TDRMSNorm: x / (||x|| d^-1/2 + eps) * scale(tau) (+ bias(tau)), eps outside the sqrt."""
+    x = _f64(x)
+    rms = np.linalg.norm(x, axis=-1, keepdims=True) * x.shape[-1] ** -0.5
+    y = x / (rms + eps)
+    if 'scale' in params:
+        y = y * td_parameter(params['scale'], tau)
+    if 'bias' in params:
+        y = y + td_parameter(params['bias'], tau)
+    return y
+
+
+def qk_norm(t, kind='rmsnorm', scale=None, bias=None, eps=1e-6, per_head=True):
+    """QK-norm (zoo 11) of one of q/k, [N, H, D]: LN or RMSNorm over D per head (per_head) or over the
+    full width H*D; scale/bias of shape (D,) or (H, D)."""
+    t = _f64(t)
+    n, h, d = t.shape
+    flat = t.reshape(n * h, d) if per_head else t.reshape(n, h * d)
+    z = (layer_norm if kind == 'layernorm' else rms_norm)(flat, eps=eps).reshape(n, h, d)
+    if scale is not None:
+        z = z * _f64(scale)
+    if bias is not None:
+        z = z + _f64(bias)
+    return z

@@ -1,12 +1,15 @@
-"""Per-token norms without state: LayerNorm, RMSNorm and GroupScaling."""
+"""Per-token norms without state: LayerNorm, RMSNorm, GroupScaling, CRMSNorm
+and LayerNorm Scaling; `check_named_params` for the norms with other params."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from normjax._src import common
 
@@ -195,3 +198,175 @@ def group_scaling(
   y = common.affine(group_scale(x.astype(dtype), num_groups, eps), params,
                     dtype)
   return y.astype(x.dtype), state
+
+
+# ---------------------------------------------------------------------------
+# Shared by the norm zoo (DyT, GroupNorm/EvoNorm, TD-LN, QK-norm): parameter
+# dicts with names beyond `scale`/`bias`.
+
+
+def check_named_params(params: Any, fn: str,
+                       expected: dict[str, Any], features: int | None = None,
+                       path: str = 'params') -> dict[str, Array]:
+  """Checks a parameter dict against `expected` = {name: shape or shapes}.
+
+  A shape is a tuple; a tuple of tuples lists alternatives. Every key is
+  optional. Errors name the key and the expected shape, as
+  `common.check_params` does for `scale`/`bias`.
+  """
+  if params is None:
+    return {}
+  names = list(expected)
+  listed = (', '.join(repr(n) for n in names[:-1]) + f' and {names[-1]!r}'
+            if len(names) > 1 else repr(names[0]))
+  if not isinstance(params, Mapping):
+    raise TypeError(
+        f'{fn}: `{path}` must be a mapping with optional keys {listed} (or '
+        f'None), got {type(params).__name__}.')
+  unknown = set(params) - set(expected)
+  if unknown:
+    raise ValueError(
+        f'{fn}: `{path}` has unknown keys {sorted(unknown)}; expected only '
+        f'{listed}.')
+  for name, value in params.items():
+    want = expected[name]
+    options = want if want and isinstance(want[0], tuple) else (want,)
+    got = tuple(jnp.shape(value))
+    if got not in options:
+      shown = ' or '.join(str(o) for o in options)
+      why = (f' but `x` has {features} features'
+             if features is not None and (features,) in options else '')
+      raise ValueError(
+          f"{fn}: `{path}['{name}']` has shape {got}{why}; expected shape "
+          f'{shown}.')
+  return dict(params)
+
+
+# ---------------------------------------------------------------------------
+# CRMSNorm and LayerNorm Scaling.
+
+
+def crms_norm(
+    x: Array,
+    params: common.Params = None,
+    state: Any = None,
+    *,
+    mask: Array | None = None,
+    eps: float = 1e-6,
+    use_running_average: bool = False,
+    axis_name: Any = None,
+) -> tuple[Array, Any]:
+  """Compressed RMSNorm (Jiang et al., NeurIPS 2023, https://arxiv.org/abs/2305.14858).
+
+  A zero-mean vector x in R^d is stored losslessly as its first d - 1
+  coordinates x~ = x[:d-1], because x[d-1] = -sum(x~). CRMSNorm is RMSNorm of
+  the full vector computed from the compressed one (zoo spec section 4.5):
+
+      y = x~ / sqrt((sum_i x~_i^2 + (sum_i x~_i)^2) / d + eps),  d = dim(x~) + 1
+
+  so `crms_norm(x[..., :-1]) == rms_norm(x)[..., :-1]` for zero-mean x, and
+  `== layer_norm(x)[..., :-1]` for any x after recentring (LN(x) is
+  RMSNorm(x - mean x) with the same eps). The official code
+  (ZixuanJiang/pre-rmsnorm-transformer, `jax/model.py::CRMSNorm`) has no
+  affine; `params` may still add `scale`/`bias` of shape [d - 1].
+
+  Args:
+    x: [..., d - 1] the compressed activations (features on the last axis).
+    params: optional `{'scale', 'bias'}` of shape [d - 1].
+    state: returned unchanged.
+    mask: validated only: the norm is per token, pads are normalised like any
+      other token.
+    eps: added to the mean square (flax's RMSNorm default 1e-6).
+    use_running_average, axis_name: ignored (uniform signature).
+
+  Returns:
+    `(y, state)` with `y` in the dtype of `x`.
+  """
+  del use_running_average, axis_name
+  fn = 'crms_norm'
+  x = common.check_input(x, fn)
+  params = common.check_params(params, x.shape[-1], fn)
+  common.check_mask(mask, x, fn)
+  dtype = common.stats_dtype(x)
+  xs = x.astype(dtype)
+  d = x.shape[-1] + 1
+  missing = jnp.sum(xs, axis=-1, keepdims=True)  # = -x[d-1]
+  ms = (jnp.sum(jnp.square(xs), axis=-1, keepdims=True)
+        + jnp.square(missing)) / d
+  y = common.affine(xs * jax.lax.rsqrt(ms + eps), params, dtype)
+  return y.astype(x.dtype), state
+
+
+def layer_norm_scaling_factor(layer_index: Any) -> Any:
+  """1 / sqrt(l) for block l = 1, 2, ... (LayerNorm Scaling, zoo spec section 3).
+
+  The official code computes `1 / sqrt(layer_index + 1)` with a 0-based
+  index; here the index is 1-based, so block 1 is unscaled. A Python int
+  gives a Python float (checked to be >= 1); an array (e.g. the index of a
+  `nn.scan` over layers) gives an array.
+  """
+  if isinstance(layer_index, bool):
+    raise TypeError('layer_norm_scaling: `layer_index` must be an int >= 1 '
+                    '(blocks are counted from 1), got a bool.')
+  if isinstance(layer_index, (int, np.integer)):
+    if layer_index < 1:
+      raise ValueError(
+          f'layer_norm_scaling: `layer_index` must be >= 1 (blocks are '
+          f'counted from 1; the official code uses 1/sqrt(i + 1) for a '
+          f'0-based i), got {layer_index}.')
+    return 1.0 / math.sqrt(int(layer_index))
+  if isinstance(layer_index, float):
+    raise TypeError(
+        f'layer_norm_scaling: `layer_index` must be an int >= 1, got the '
+        f'float {layer_index!r}.')
+  layer_index = jnp.asarray(layer_index)
+  if layer_index.ndim:
+    raise ValueError(
+        'layer_norm_scaling: `layer_index` must be a scalar (one index per '
+        f'block), got shape {tuple(layer_index.shape)}.')
+  return jax.lax.rsqrt(layer_index.astype(jnp.float32))
+
+
+def layer_norm_scaling(
+    x: Array,
+    params: common.Params = None,
+    state: Any = None,
+    *,
+    layer_index: Any,
+    base: str = 'layernorm',
+    axis: common.Axes = -1,
+    mask: Array | None = None,
+    eps: float = 1e-6,
+    use_running_average: bool = False,
+    axis_name: Any = None,
+) -> tuple[Array, Any]:
+  """LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth in Large Language Models", https://arxiv.org/abs/2502.05795).
+
+      y = N(x) / sqrt(l),   N = LayerNorm or RMSNorm with its affine,
+
+  for the pre-attention and pre-MLP norms of block l = 1 ... L (1-based; zoo
+  spec section 3). The final norm before the head is *not* scaled: use the
+  plain norm there. The forward equals the base norm with scale and bias
+  divided by sqrt(l), but the gradients of the affine parameters differ from
+  that reparameterisation by the same factor, so this is not an init trick.
+
+  Args:
+    x, params, state, axis, mask, eps, axis_name: as in `layer_norm`.
+    layer_index: l >= 1, a Python int or a scalar array.
+    base: 'layernorm' or 'rmsnorm' (the official code scales LLaMA's RMSNorm).
+    use_running_average: ignored.
+  """
+  del use_running_average
+  fn = 'layer_norm_scaling'
+  common.check_choice(base, 'base', ('layernorm', 'rmsnorm'), fn)
+  factor = layer_norm_scaling_factor(layer_index)
+  x = common.check_input(x, fn)
+  params = common.check_params(params, x.shape[-1], fn)
+  mask = common.check_mask(mask, x, fn)
+  axes = _canonical_axes(axis, x.ndim, fn)
+  dtype = common.stats_dtype(x)
+  values, second_moment = _centered_and_var(x.astype(dtype), axes, mask,
+                                            axis_name, base == 'layernorm')
+  y = common.affine(values * jax.lax.rsqrt(second_moment + eps), params,
+                    dtype)
+  return (y * jnp.asarray(factor, dtype)).astype(x.dtype), state

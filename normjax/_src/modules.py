@@ -9,8 +9,11 @@ Statistics that the backward pass updates (PowerNorm's `ema_gz`, UN's
 the loss with respect to it and fold the result back with
 `normjax.apply_backward_stats`; never hand it to the optimizer.
 
-Every module is called as `module(x, use_running_average=None, *, mask=None)`,
-so any norm can be injected where another was. `dtype=None` returns the dtype
+Every module of `MODULES` is called as
+`module(x, use_running_average=None, *, mask=None)`, so any norm can be
+injected where another was. The conditional norms (`CONDITIONAL_MODULES`:
+AdaLNZero, TDLayerNorm, TDRMSNorm) are called `module(x, cond, *, mask=None)`
+and QKNorm `module(q, k)`: they are wired by hand. `dtype=None` returns the dtype
 of `x` (flax would promote bf16 activations to the float32 of the params).
 """
 
@@ -26,8 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import batch_norm as bn_lib
+from normjax._src import conditional_norm as cond_lib
+from normjax._src import dyt as dyt_lib
+from normjax._src import group_norm as gn_lib
 from normjax._src import layer_norm as ln_lib
 from normjax._src import power_norm as pn_lib
+from normjax._src import qk_norm as qk_lib
 from normjax._src import unified_norm as un_lib
 
 Array = jax.Array
@@ -50,21 +57,26 @@ class _Norm(nn.Module):
   param_axes: tuple[str, ...] = ('embed',)
 
   def _params(self, features: int) -> dict[str, Array]:
-    params = {}
-    if self.use_scale:
-      params['scale'] = self.param(
-          'scale', nn.with_logical_partitioning(self.scale_init,
-                                                self.param_axes),
-          (features,), self.param_dtype)
-    if self.use_bias:
-      params['bias'] = self.param(
-          'bias', nn.with_logical_partitioning(self.bias_init,
-                                               self.param_axes),
-          (features,), self.param_dtype)
-    return params
+    return _affine_params(self, features)
 
   def _out(self, y: Array) -> Array:
     return y if self.dtype is None else y.astype(self.dtype)
+
+
+def _affine_params(module: nn.Module, features: int) -> dict[str, Array]:
+  """`scale`/`bias` [features] as the module's use_/_init fields say."""
+  params = {}
+  if module.use_scale:
+    params['scale'] = module.param(
+        'scale', nn.with_logical_partitioning(module.scale_init,
+                                              module.param_axes),
+        (features,), module.param_dtype)
+  if module.use_bias:
+    params['bias'] = module.param(
+        'bias', nn.with_logical_partitioning(module.bias_init,
+                                             module.param_axes),
+        (features,), module.param_dtype)
+  return params
 
 
 class _StatefulNorm(_Norm):
@@ -244,6 +256,121 @@ class UnifiedNorm(_StatefulNorm):
                 mean_over=self.mean_over)
 
 
+class DyT(nn.Module):
+  """Dynamic Tanh; wraps `normjax.functional.dyt`. No epsilon, no statistics.
+
+  `alpha_init` is alpha_0, a float or a site name of `dyt_alpha_init`
+  ('default', 'attention', 'ffn', 'final'), resolved with the width of `x`
+  (the LLaMA recipe). The LLaMA variant has no bias: `use_bias=False`.
+  """
+  alpha_init: float | str = dyt_lib.DEFAULT_ALPHA
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Initializer = nn.initializers.ones
+  bias_init: Initializer = nn.initializers.zeros
+  param_axes: tuple[str, ...] = ('embed',)
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
+    del use_running_average
+    features = jnp.shape(x)[-1]
+    alpha0 = self.alpha_init
+    if isinstance(alpha0, str):
+      alpha0 = dyt_lib.dyt_alpha_init(alpha0, features)
+    alpha = self.param(
+        'alpha', nn.with_logical_partitioning(
+            nn.initializers.constant(alpha0), (None,)), (1,),
+        self.param_dtype)
+    params = {'alpha': alpha, **_affine_params(self, features)}
+    y, _ = dyt_lib.dyt(x, params, mask=mask)
+    return y if self.dtype is None else y.astype(self.dtype)
+
+
+class CRMSNorm(_Norm):
+  """Compressed RMSNorm; wraps `normjax.functional.crms_norm`. No affine by
+  default (the official CRMSNorm has none)."""
+  use_scale: bool = False
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
+    del use_running_average
+    y, _ = ln_lib.crms_norm(x, self._params(jnp.shape(x)[-1]), mask=mask,
+                            eps=self.epsilon)
+    return self._out(y)
+
+
+class GroupNorm(_Norm):
+  """Per-token GroupNorm; wraps `normjax.functional.group_norm`."""
+  num_groups: int = 32
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
+    del use_running_average
+    y, _ = gn_lib.group_norm(x, self._params(jnp.shape(x)[-1]), mask=mask,
+                             num_groups=self.num_groups, eps=self.epsilon)
+    return self._out(y)
+
+
+class EvoNormS0(_Norm):
+  """EvoNorm-S0 (per-token groups); wraps `normjax.functional.evonorm_s0`.
+
+  Params `v` (`v_init`, ones), `scale`, `bias`; no `v` with
+  `nonlinearity=False`. The official `init_zero` is `scale_init=zeros`.
+  """
+  epsilon: float = 1e-5
+  num_groups: int = 32
+  nonlinearity: bool = True
+  v_init: Initializer = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
+    del use_running_average
+    features = jnp.shape(x)[-1]
+    params = {}
+    if self.nonlinearity:
+      params['v'] = self.param(
+          'v', nn.with_logical_partitioning(self.v_init, self.param_axes),
+          (features,), self.param_dtype)
+    params.update(self._params(features))
+    y, _ = gn_lib.evonorm_s0(x, params, mask=mask, num_groups=self.num_groups,
+                             nonlinearity=self.nonlinearity, eps=self.epsilon)
+    return self._out(y)
+
+
+class LayerNormScaling(_Norm):
+  """LayerNorm Scaling: the norm of block `layer_index` (1-based) times
+  1/sqrt(layer_index); wraps `normjax.functional.layer_norm_scaling`.
+
+  `layer_index` is required (there is no neutral default: block 1 is the
+  unscaled one). `base='rmsnorm'` with `use_bias=False` is the official
+  LLaMA form. Do not use it for the final norm, which stays unscaled.
+  """
+  layer_index: int | None = None
+  base: str = 'layernorm'
+  reduction_axes: Any = -1
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
+    del use_running_average
+    if self.layer_index is None:
+      raise ValueError(
+          'LayerNormScaling: set `layer_index`, the 1-based index of the '
+          'block (e.g. make_norm("layernorm_scaling", layer_index=l)).')
+    y, _ = ln_lib.layer_norm_scaling(
+        x, self._params(jnp.shape(x)[-1]), layer_index=self.layer_index,
+        base=self.base, axis=self.reduction_axes, mask=mask, eps=self.epsilon,
+        axis_name=self.axis_name)
+    return self._out(y)
+
+
 class Identity(nn.Module):
   """No normalisation, with the common call signature (`kind='none'`)."""
 
@@ -254,6 +381,182 @@ class Identity(nn.Module):
     return x
 
 
+# ---------------------------------------------------------------------------
+# Conditional norms: called `norm(x, cond)`, so they cannot fill a plain norm
+# slot `norm(x, use_running_average, mask=)`. Wire them by hand: compute the
+# conditioning once per forward (DiT: c = t_emb + y_emb; DiMR: tau =
+# logSNR / 4) and pass it to every conditional norm of the network.
+
+
+def _check_cond_given(cond: Any, cls: str, what: str) -> None:
+  if cond is None or isinstance(cond, bool):
+    raise TypeError(
+        f'{cls} needs the conditioning `cond` ({what}) as its second '
+        f'argument: it does not fit the norm slot signature '
+        f'norm(x, use_running_average, mask=); call it as norm(x, cond).')
+
+
+class AdaLNZero(nn.Module):
+  """adaLN-Zero of DiT: y = LN(x) (1 + scale(c)) + shift(c) and gate(c).
+
+  `__call__(x, cond, *, mask=None) -> (y, gate)`: `cond` is [B, K] (one
+  vector per example, DiT's t_emb + y_emb) or [B, L, K] (per token); the
+  module holds the zero-initialised projection SiLU(cond) -> (shift, scale,
+  gate) (params `modulation_kernel` [K, 3, C], `modulation_bias` [3, C]).
+  At init y = LN(x) and gate = 0, so `x + gate * F(y)` is the identity.
+  Use the gate with `normjax.functional.gated_residual(x, F(y), gate)`.
+  `use_gate=False` (DiT's final layer) returns gate None. Wraps
+  `normjax.functional.ada_ln_zero` and `adaln_modulation`.
+  """
+  epsilon: float = 1e-6
+  use_gate: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.initializers.zeros
+  bias_init: Initializer = nn.initializers.zeros
+  param_axes: tuple[str, ...] = ('embed',)
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array | None = None,
+               use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> tuple[Array, Array | None]:
+    del use_running_average
+    _check_cond_given(cond, 'AdaLNZero', 'a [B, K] or [B, L, K] vector')
+    cond = cond_lib.check_cond(cond, x, 'AdaLNZero')
+    features, n = jnp.shape(x)[-1], 3 if self.use_gate else 2
+    kernel = self.param(
+        'modulation_kernel', nn.with_logical_partitioning(
+            self.kernel_init, (None, None) + tuple(self.param_axes)),
+        (cond.shape[-1], n, features), self.param_dtype)
+    bias = self.param(
+        'modulation_bias', nn.with_logical_partitioning(
+            self.bias_init, (None,) + tuple(self.param_axes)),
+        (n, features), self.param_dtype)
+    mods = cond_lib.adaln_modulation(cond, kernel, bias, x, 'AdaLNZero')
+    y, _ = cond_lib.ada_ln_zero(x, shift=mods[0], scale=mods[1], mask=mask,
+                                eps=self.epsilon)
+    dtype = y.dtype if self.dtype is None else self.dtype
+    gate = mods[2].astype(dtype) if self.use_gate else None
+    return y.astype(dtype), gate
+
+
+class TimeDependentParameter(nn.Module):
+  """DiMR's time-dependent vector: params param0, param1 (init `value`),
+  nodecay_weight, nodecay_bias (init 0), each [features]."""
+  features: int
+  value: float
+  param_dtype: Any = jnp.float32
+  param_axes: tuple[str, ...] = ('embed',)
+
+  @nn.compact
+  def __call__(self) -> dict[str, Array]:
+    def make(name, value):
+      return self.param(name, nn.with_logical_partitioning(
+          nn.initializers.constant(value), self.param_axes),
+          (self.features,), self.param_dtype)
+    return {'param0': make('param0', self.value),
+            'param1': make('param1', self.value),
+            'nodecay_weight': make('nodecay_weight', 0.0),
+            'nodecay_bias': make('nodecay_bias', 0.0)}
+
+
+class _TDNorm(nn.Module):
+  """Fields of the DiMR time-dependent norms."""
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  param_axes: tuple[str, ...] = ('embed',)
+
+  def _function(self):
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x: Array, cond: Array | None = None,
+               use_running_average: bool | None = None, *,
+               mask: Array | None = None) -> Array:
+    del use_running_average
+    name = type(self).__name__
+    _check_cond_given(cond, name, 'the time tau, [] or [B] or [B, L]')
+    features = jnp.shape(x)[-1]
+    params = {}
+    for key, value, use in (('scale', 1.0, self.use_scale),
+                            ('bias', 0.0, self.use_bias)):
+      if use:
+        params[key] = TimeDependentParameter(
+            features, value, self.param_dtype, self.param_axes, name=key)()
+    y, _ = self._function()(x, params, tau=cond, mask=mask, eps=self.epsilon)
+    return y if self.dtype is None else y.astype(self.dtype)
+
+
+class TDLayerNorm(_TDNorm):
+  """DiMR's time-dependent LayerNorm, `norm(x, tau)`; wraps
+  `normjax.functional.td_layer_norm` (tau = logSNR / 4 in DiMR)."""
+
+  def _function(self):
+    return cond_lib.td_layer_norm
+
+
+class TDRMSNorm(_TDNorm):
+  """DiMR's TDRMSNorm (eps 1e-8 outside the sqrt, no bias by default),
+  `norm(x, tau)`; wraps `normjax.functional.td_rms_norm`."""
+  epsilon: float = 1e-8
+  use_bias: bool = False
+
+  def _function(self):
+    return cond_lib.td_rms_norm
+
+
+class QKNorm(nn.Module):
+  """QK-norm, `qk_norm_module(q, k) -> (q, k)`; wraps
+  `normjax.functional.qk_norm`.
+
+  q [..., heads, head_dim], k [..., kv_heads, head_dim]. Params
+  `query_scale`/`key_scale` (and `_bias` with `use_bias`), of shape
+  (head_dim,) with `scale_shared_across_heads` (flax, ViT-22B) or
+  (heads, head_dim) per head (OLMo 2). `per_head=False` normalises over the
+  full width heads * head_dim (OLMo 2; apply before RoPE). Not a slot norm
+  and not in `make_norm`: attention code calls it on q and k.
+  """
+  kind: str = 'rmsnorm'
+  epsilon: float = 1e-6
+  per_head: bool = True
+  scale_shared_across_heads: bool = True
+  use_scale: bool = True
+  use_bias: bool = False
+  scale_init: Initializer = nn.initializers.ones
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  param_axes: tuple[str, ...] = ('heads', 'kv')
+
+  @nn.compact
+  def __call__(self, q: Array, k: Array) -> tuple[Array, Array]:
+    def params(prefix, t):
+      shape = tuple(jnp.shape(t)[-1:] if self.scale_shared_across_heads
+                    else jnp.shape(t)[-2:])
+      axes = tuple(self.param_axes)[-len(shape):]
+      out = {}
+      for key, init, use in (('scale', self.scale_init, self.use_scale),
+                             ('bias', self.bias_init, self.use_bias)):
+        if use:
+          out[key] = self.param(f'{prefix}_{key}',
+                                nn.with_logical_partitioning(init, axes),
+                                shape, self.param_dtype)
+      return out
+    if jnp.ndim(q) < 2 or jnp.ndim(k) < 2:
+      raise ValueError('QKNorm: `q` and `k` must have shape '
+                       '[..., heads, head_dim], got '
+                       f'{jnp.shape(q)} and {jnp.shape(k)}.')
+    q, k = qk_lib.qk_norm(q, k, params('query', q), params('key', k),
+                          kind=self.kind, eps=self.epsilon,
+                          per_head=self.per_head)
+    if self.dtype is not None:
+      q, k = q.astype(self.dtype), k.astype(self.dtype)
+    return q, k
+
+
 MODULES: dict[str, type[nn.Module]] = {
     'layernorm': LayerNorm,
     'rmsnorm': RMSNorm,
@@ -262,7 +565,19 @@ MODULES: dict[str, type[nn.Module]] = {
     'pn_v': PNV,
     'unified': UnifiedNorm,
     'group_scaling': GroupScaling,
+    'dyt': DyT,
+    'crmsnorm': CRMSNorm,
+    'groupnorm': GroupNorm,
+    'evonorm_s0': EvoNormS0,
+    'layernorm_scaling': LayerNormScaling,
     'none': Identity,
+}
+
+# Built by `make_norm` too, but called `norm(x, cond)`: not slot norms.
+CONDITIONAL_MODULES: dict[str, type[nn.Module]] = {
+    'adaln_zero': AdaLNZero,
+    'td_layernorm': TDLayerNorm,
+    'td_rmsnorm': TDRMSNorm,
 }
 
 
@@ -273,12 +588,18 @@ def make_norm(kind: str, **kwargs: Any) -> Callable[..., nn.Module]:
   >>> y = norm(name='ln1')(x, use_running_average=not train, mask=mask)
 
   Unknown kinds and unknown options raise a ValueError that lists the valid
-  ones, so a typo in a config fails at model construction.
+  ones, so a typo in a config fails at model construction. The kinds of
+  `CONDITIONAL_MODULES` build modules called `norm(x, cond)`, which do not
+  fit a plain norm slot.
   """
-  if kind not in MODULES:
+  if kind in MODULES:
+    cls = MODULES[kind]
+  elif kind in CONDITIONAL_MODULES:
+    cls = CONDITIONAL_MODULES[kind]
+  else:
     raise ValueError(f'make_norm: unknown norm kind {kind!r}; choose from '
-                     f'{sorted(MODULES)}.')
-  cls = MODULES[kind]
+                     f'{sorted(MODULES)} or the conditional '
+                     f'{sorted(CONDITIONAL_MODULES)}.')
   fields = {f.name for f in dataclasses.fields(cls)
             if f.name not in ('parent', 'name')}
   unknown = set(kwargs) - fields

@@ -447,14 +447,15 @@ def test_config():
 def test_a_new_placement_is_one_function(monkeypatch):
   """Peri-LN (norm before the sublayer and on its output), registered here."""
 
-  def peri_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers):
-    del layer_index, num_layers
+  def peri_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers,
+                config):
+    del layer_index, num_layers, config
     h = sublayer(norm()(x, not train, mask=mask))
     return x + norm('_out')(h, not train, mask=mask)
 
-  monkeypatch.setitem(models.PLACEMENTS, 'peri',
+  monkeypatch.setitem(models.PLACEMENTS, 'my_peri',
                       models.Placement(peri_norm, final_norm=True))
-  model = models.Transformer(config('rmsnorm', placement='peri'))
+  model = models.Transformer(config('rmsnorm', placement='my_peri'))
   variables = init(model)
   layer = variables['params']['decoder']['layer_0']
   for name in ('attention_norm', 'attention_norm_out', 'cross_attention_norm',

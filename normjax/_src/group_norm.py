@@ -1,0 +1,164 @@
+"""Per-token group statistics: GroupNorm and EvoNorm-S0.
+
+For sequences [..., tokens, C] both norms split the C features of every token
+into G equal groups and take statistics over one group of one token; neither
+looks at other tokens, so both are batch-independent and causal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from normjax._src import common
+from normjax._src import layer_norm as ln_lib
+from normjax._src.layer_norm import check_named_params
+
+Array = jax.Array
+
+
+def check_group_count(num_groups: Any, features: int, fn: str) -> None:
+  if isinstance(num_groups, bool) or not isinstance(num_groups, int) or (
+      num_groups < 1):
+    raise ValueError(f'{fn}: `num_groups` must be a positive int, got '
+                     f'{num_groups!r}.')
+  if features % num_groups:
+    divisors = [g for g in range(1, features + 1) if features % g == 0]
+    raise ValueError(
+        f'{fn}: `num_groups`={num_groups} must divide the number of features '
+        f'{features} of `x`; choose one of {divisors}.')
+
+
+def grouped_centered_var(x: Array, num_groups: int) -> tuple[Array, Array]:
+  """(x - group mean [..., G, C // G], group variance [..., G, 1]).
+
+  Two passes over pivot-shifted values per (token, group), like `layer_norm`,
+  so a large mean does not cost precision. `x` is in the statistics dtype.
+  """
+  c = x.shape[-1]
+  xg = x.reshape(x.shape[:-1] + (num_groups, c // num_groups))
+  return ln_lib._centered_and_var(xg, (xg.ndim - 1,), None, None, True)  # pylint: disable=protected-access
+
+
+def group_norm(
+    x: Array,
+    params: common.Params = None,
+    state: Any = None,
+    *,
+    num_groups: int = 32,
+    mask: Array | None = None,
+    eps: float = 1e-6,
+    use_running_average: bool = False,
+    axis_name: Any = None,
+) -> tuple[Array, Any]:
+  """GroupNorm over the features of each token (Wu & He, 2018, https://arxiv.org/abs/1803.08494).
+
+      y[n, k] = (x[n, k] - mean_g(n)) / sqrt(var_g(n) + eps) * scale[k] + bias[k]
+
+  where g is the group of feature k: the C features are split into
+  `num_groups` contiguous groups of C / G, and mean_g / var_g (biased) are
+  taken over the features of group g of token n only. This is
+  `flax.linen.GroupNorm(reduction_axes=-1)` (flax's default reduces over
+  every non-batch axis, i.e. also over the tokens of a sequence, which a
+  Transformer must not do), with a two-pass variance. G = 1 is LayerNorm;
+  G = C normalises every feature on its own (each output is then 0, or the
+  bias).
+
+  Args:
+    x: [..., features] activations.
+    params: optional `{'scale', 'bias'}` of shape [features].
+    state: returned unchanged.
+    num_groups: G, must divide the features (flax's default 32).
+    mask: validated only; pads are normalised like any other token.
+    eps: added to the variance (flax's GroupNorm default 1e-6).
+    use_running_average, axis_name: ignored (uniform signature).
+  """
+  del use_running_average, axis_name
+  fn = 'group_norm'
+  x = common.check_input(x, fn)
+  params = common.check_params(params, x.shape[-1], fn)
+  common.check_mask(mask, x, fn)
+  check_group_count(num_groups, x.shape[-1], fn)
+  dtype = common.stats_dtype(x)
+  centered, var = grouped_centered_var(x.astype(dtype), num_groups)
+  z = (centered * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+  return common.affine(z, params, dtype).astype(x.dtype), state
+
+
+def evonorm_num_groups(features: int, num_groups: int) -> int:
+  """The official rule: decrement G from `num_groups` until it divides C."""
+  g = num_groups
+  while g > 1 and features % g:
+    g -= 1
+  return g
+
+
+def evonorm_s0(
+    x: Array,
+    params: Any = None,
+    state: Any = None,
+    *,
+    num_groups: int = 32,
+    nonlinearity: bool = True,
+    mask: Array | None = None,
+    eps: float = 1e-5,
+    use_running_average: bool = False,
+    axis_name: Any = None,
+) -> tuple[Array, Any]:
+  """EvoNorm-S0 (Liu, Brock, Simonyan, Le, NeurIPS 2020, https://arxiv.org/abs/2004.02967).
+
+      y = x * sigmoid(v * x) / sqrt(s2_group(x) + eps) * scale + bias
+
+  with per-feature v (init 1), scale (init 1) and bias (init 0), and
+  s2_group the biased variance of the feature group of x (zoo spec
+  section 6). Sequence adaptation (the spec's mapping, a design choice): the
+  CNN's spatial axes become the token axis, but the group statistics are
+  taken **per token** over the features of the group only, so the norm is
+  batch-independent and causal. The numerator is not centred; only s2_group
+  is. As in the official code (tensorflow/tpu `resnet_model.py`,
+  `_group_std`), G starts at `num_groups` and is decremented until it
+  divides the features (`evonorm_num_groups`). `nonlinearity=False` gives
+  the official pure affine map y = scale * x + bias (no normalisation).
+
+  Limits: v = 0 gives x / (2 sqrt(s2 + eps)) * scale + bias (a scale-
+  invariant group RMS-like map as eps -> 0); v -> +inf gives
+  relu(x) / sqrt(s2 + eps) * scale + bias.
+
+  Args:
+    x: [..., features] activations.
+    params: optional `{'v', 'scale', 'bias'}` of shape [features]; without
+      `v` the norm uses v = 1 (its init).
+    state: returned unchanged.
+    num_groups: starting G (official 32).
+    nonlinearity: False for the official affine-only variant.
+    mask: validated only; pads are normalised like any other token.
+    eps: added to the group variance (official 1e-5).
+    use_running_average, axis_name: ignored (uniform signature).
+  """
+  del use_running_average, axis_name
+  fn = 'evonorm_s0'
+  x = common.check_input(x, fn)
+  features = x.shape[-1]
+  params = check_named_params(
+      params, fn, {'v': (features,), 'scale': (features,),
+                   'bias': (features,)}, features)
+  common.check_mask(mask, x, fn)
+  if isinstance(num_groups, bool) or not isinstance(num_groups, int) or (
+      num_groups < 1):
+    raise ValueError(f'{fn}: `num_groups` must be a positive int, got '
+                     f'{num_groups!r}.')
+  dtype = common.stats_dtype(x)
+  xs = x.astype(dtype)
+  v = params.pop('v', None)
+  if not nonlinearity:
+    return common.affine(xs, params, dtype).astype(x.dtype), state
+  g = evonorm_num_groups(features, num_groups)
+  _, var = grouped_centered_var(xs, g)  # var: [..., G, 1]
+  inv_std = jnp.broadcast_to(jax.lax.rsqrt(var + eps),
+                             var.shape[:-1] + (features // g,))
+  inv_std = inv_std.reshape(x.shape)
+  vx = xs if v is None else xs * common.feat(v.astype(dtype), x.ndim)
+  z = xs * jax.nn.sigmoid(vx) * inv_std
+  return common.affine(z, params, dtype).astype(x.dtype), state
