@@ -2,7 +2,7 @@
 
     python -m experiments.lm --config=ptb_powernorm --config.data.path=data/ptb
     python -m experiments.lm --config=ptb_powernorm,small \
-        --config.data.path=../shared/data/ptb          # ~15 min on 2 cores
+        --config.data.path=../shared/data/ptb          # small budget
     python -m experiments.lm --config=ptb_powernorm,demo   # embedded corpus
     python -m experiments.lm --config=ptb_powernorm --mode=eval --split=test
 

@@ -350,7 +350,7 @@ class UnifiedNormRef:
 # x is [N, C]; per-row conditioning (shift, scale, tau) is given per row as well.
 def numeric_vjp(f, x, dy, h=1e-6):
     """Central finite differences of sum(f(x) * dy) w.r.t. x (float64, for small arrays)."""
-    x, dy = _f64(x), _f64(dy)
+    x, dy = np.array(x, dtype=np.float64), _f64(dy)  # a writable copy
     g = np.zeros_like(x)
     flat, gflat = x.reshape(-1), g.reshape(-1)
     for i in range(flat.size):

@@ -324,7 +324,7 @@ def layer_norm_scaling_factor(layer_index: Any) -> Any:
     raise ValueError(
         'layer_norm_scaling: `layer_index` must be a scalar (one index per '
         f'block), got shape {tuple(layer_index.shape)}.')
-  return jax.lax.rsqrt(layer_index.astype(jnp.float32))
+  return jax.lax.rsqrt(layer_index.astype(float))  # default float dtype
 
 
 def layer_norm_scaling(
