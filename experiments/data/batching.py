@@ -181,13 +181,21 @@ class TokenBatcher:
     """One ordered pass over ALL examples, with 'index' int32[B] (-1: filler).
 
     Ordered by bucket, then length, then original index. The last batch of a
-    bucket is completed with filler rows (all PAD, weights 0).
+    bucket has `batch_multiple * 2**j` rows, the fewest that hold its
+    examples (at most the bucket's batch size), completed with filler rows
+    (all PAD, weights 0): filler costs at most as much as the examples (beam
+    search decodes every row), and each bucket compiles at most
+    log2(batch size) extra shapes.
     """
     batches = []
     for length, members in zip(self.bucket_lengths, self._members):
-      size = self.batch_sizes[length]
-      for start in range(0, len(members), size):
-        indices = members[start:start + size]
+      full = self.batch_sizes[length]
+      for start in range(0, len(members), full):
+        indices = members[start:start + full]
+        size = self.batch_multiple
+        while size < len(indices):
+          size *= 2
+        size = min(size, full)
         batch = self._make_batch(length, indices, size)
         index = np.full((size,), -1, np.int32)
         index[:len(indices)] = indices
