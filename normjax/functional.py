@@ -17,6 +17,7 @@ from normjax._src.batch_norm import batch_norm
 from normjax._src.batch_norm import init_batch_norm_state
 from normjax._src.common import EmptyState
 from normjax._src.conditional_norm import ada_ln_zero
+from normjax._src.conditional_norm import adaln_modulation
 from normjax._src.conditional_norm import dimr_tau
 from normjax._src.conditional_norm import gated_residual
 from normjax._src.conditional_norm import init_td_params
@@ -53,12 +54,12 @@ from normjax._src.unified_norm import unified_norm
 __all__ = [
     'BatchNormState', 'CONDITIONAL_FUNCTIONS', 'EmptyState', 'FUNCTIONS',
     'PNVState', 'PowerNormState', 'UnifiedNormState', 'ada_ln_zero',
-    'batch_norm', 'crms_norm', 'dimr_tau', 'dyt', 'dyt_alpha_init',
-    'evonorm_num_groups', 'evonorm_s0', 'gated_residual', 'get_norm',
-    'group_norm', 'group_scaling', 'init_batch_norm_state', 'init_pn_v_state',
-    'init_power_norm_state', 'init_state', 'init_td_params',
-    'init_unified_norm_state', 'layer_norm', 'layer_norm_scaling',
-    'layer_norm_scaling_factor', 'modulate', 'pn_v', 'power_norm', 'qk_norm',
-    'rms_norm', 'td_layer_norm', 'td_parameter', 'td_rms_norm',
-    'unified_norm',
+    'adaln_modulation', 'batch_norm', 'crms_norm', 'dimr_tau', 'dyt',
+    'dyt_alpha_init', 'evonorm_num_groups', 'evonorm_s0', 'gated_residual',
+    'get_norm', 'group_norm', 'group_scaling', 'init_batch_norm_state',
+    'init_pn_v_state', 'init_power_norm_state', 'init_state',
+    'init_td_params', 'init_unified_norm_state', 'layer_norm',
+    'layer_norm_scaling', 'layer_norm_scaling_factor', 'modulate', 'pn_v',
+    'power_norm', 'qk_norm', 'rms_norm', 'td_layer_norm', 'td_parameter',
+    'td_rms_norm', 'unified_norm',
 ]

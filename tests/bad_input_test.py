@@ -34,11 +34,19 @@ OPTIONS = {
     'pn_v': dict(num_groups=2),
     'unified': dict(window_size=2, warmup_steps=2, compensation_delay=2,
                     mean_over='valid'),
+    'dyt': {},
+    'crmsnorm': {},
+    'groupnorm': dict(num_groups=2),
+    'evonorm_s0': dict(num_groups=2),
+    'layernorm_scaling': dict(layer_index=3),
 }
 KINDS = sorted(OPTIONS)
 STATEFUL = ('batchnorm', 'powernorm', 'pn_v', 'unified')
-PER_TOKEN = ('group_scaling', 'layernorm', 'rmsnorm')
-GROUPED = ('group_scaling', 'pn_v', 'powernorm')  # take `num_groups`
+PER_TOKEN = ('group_scaling', 'layernorm', 'rmsnorm', 'dyt', 'crmsnorm',
+             'groupnorm', 'evonorm_s0', 'layernorm_scaling')
+# Take `num_groups` and reject one that does not divide the features
+# (EvoNorm-S0 decrements it instead, as the official code does).
+GROUPED = ('group_scaling', 'pn_v', 'powernorm', 'groupnorm')
 _DEFAULT = object()
 
 def _normal(seed, shape):
@@ -375,6 +383,20 @@ def _reference(kind, x, params, mask, dy):
     return reference.rms_norm(x2, scale, bias, eps=1e-6), None, {}, {}
   if kind == 'group_scaling':
     y = reference.group_scaling(x2, opts['num_groups']) * scale + bias
+    return y, None, {}, {}
+  if kind == 'dyt':
+    return reference.dyt(x2, 0.5, scale, bias), None, {}, {}
+  if kind == 'crmsnorm':
+    return reference.crms_norm(x2, 1e-6, scale, bias), None, {}, {}
+  if kind == 'groupnorm':
+    y = reference.group_norm(x2, opts['num_groups'], scale, bias, eps=1e-6)
+    return y, None, {}, {}
+  if kind == 'evonorm_s0':
+    y = reference.evonorm_s0(x2, opts['num_groups'], None, scale, bias)
+    return y, None, {}, {}
+  if kind == 'layernorm_scaling':
+    y = reference.layer_norm_scaling(x2, opts['layer_index'], 'layernorm',
+                                     scale, bias, eps=1e-6)
     return y, None, {}, {}
   if kind == 'batchnorm':
     ref = reference.BatchNormRef(F)

@@ -14,6 +14,8 @@ OPTIONS = {
     'batchnorm': {}, 'pn_v': dict(num_groups=2),
     'powernorm': dict(num_groups=2, warmup_steps=2),
     'unified': dict(window_size=2, warmup_steps=2, compensation_delay=2),
+    'dyt': {}, 'crmsnorm': {}, 'groupnorm': dict(num_groups=2),
+    'evonorm_s0': dict(num_groups=2), 'layernorm_scaling': dict(layer_index=3),
 }
 KINDS = sorted(nf.FUNCTIONS)
 

@@ -28,7 +28,15 @@ from normjax import linen as nl
 B, T, F = 2, 3, 8
 TOL = dict(atol=1e-6, rtol=1e-6)
 STATEFUL = ('batchnorm', 'powernorm', 'pn_v', 'unified')
-STATELESS = ('layernorm', 'rmsnorm', 'group_scaling')
+STATELESS = ('layernorm', 'rmsnorm', 'group_scaling', 'dyt', 'crmsnorm',
+             'groupnorm', 'evonorm_s0', 'layernorm_scaling')
+# Options without a usable default at F = 8 features: (module, function).
+REQUIRED = {
+    'groupnorm': (dict(num_groups=2), dict(num_groups=2)),
+    'layernorm_scaling': (dict(layer_index=2), dict(layer_index=2)),
+}
+# Params whose shape is not (F,), and their logical axes.
+PARAM_SHAPES = {'alpha': ((1,), (None,))}
 
 
 def _normal(seed, shape, dtype=np.float32):
@@ -197,6 +205,15 @@ CUSTOM = {
                 dict(eps=1e-3, window_size=(2, 3), warmup_steps=3,
                      compensation_delay=3, mean_over='valid',
                      num_batch_groups=2)),
+    'dyt': (dict(alpha_init=0.3, use_bias=False), {}),
+    'crmsnorm': (dict(epsilon=1e-3, use_scale=True), dict(eps=1e-3)),
+    'groupnorm': (dict(epsilon=1e-3, num_groups=4),
+                  dict(eps=1e-3, num_groups=4)),
+    'evonorm_s0': (dict(epsilon=1e-3, num_groups=2),
+                   dict(eps=1e-3, num_groups=2)),
+    'layernorm_scaling': (dict(epsilon=1e-3, layer_index=4, base='rmsnorm',
+                               use_bias=False),
+                          dict(eps=1e-3, layer_index=4, base='rmsnorm')),
 }
 
 
@@ -214,7 +231,8 @@ def test_module_equals_function(kind, options, float_dtype):
 
 
 def _check_module_equals_function(kind, options, float_dtype):
-  mod_opts, fn_opts = CUSTOM[kind] if options == 'custom' else ({}, {})
+  mod_opts, fn_opts = (CUSTOM[kind] if options == 'custom' else
+                       REQUIRED.get(kind, ({}, {})))
   module = nl.make_norm(kind, **mod_opts)()
   fn = functools.partial(nf.get_norm(kind), **fn_opts)
   x, dy = _x(dtype=float_dtype), _cotangent(dtype=float_dtype)
@@ -295,6 +313,11 @@ EXPECTED_COLLECTIONS = {
     'unified': ({'scale', 'bias'},
                 {'running_var', 'fwd_window', 'step', 'skip_count'},
                 {'ema_gz', 'bwd_window'}),
+    'dyt': ({'alpha', 'scale', 'bias'}, set(), set()),
+    'crmsnorm': (set(), set(), set()),
+    'groupnorm': ({'scale', 'bias'}, set(), set()),
+    'evonorm_s0': ({'v', 'scale', 'bias'}, set(), set()),
+    'layernorm_scaling': ({'scale', 'bias'}, set(), set()),
     'none': (set(), set(), set()),
 }
 
@@ -302,7 +325,7 @@ EXPECTED_COLLECTIONS = {
 @pytest.mark.parametrize('kind', sorted(EXPECTED_COLLECTIONS))
 def test_param_tree_and_collections(kind):
   x = _x()
-  module = nl.make_norm(kind)()
+  module = nl.make_norm(kind, **REQUIRED.get(kind, ({},))[0])()
   boxed = _init(module, x, use_running_average=False)
   variables = nn.unbox(boxed)
   params, batch_stats, grad_stats = _split(variables)
@@ -311,8 +334,8 @@ def test_param_tree_and_collections(kind):
   assert set(params) == want_p
   assert set(batch_stats) == want_bs
   assert set(grad_stats) == want_gs
-  for v in params.values():
-    chex.assert_shape(v, (F,))
+  for name, v in params.items():
+    chex.assert_shape(v, PARAM_SHAPES.get(name, ((F,),))[0])
     assert v.dtype == jnp.float32
   if 'scale' in params:
     chex.assert_trees_all_equal(params['scale'], jnp.ones(F))
@@ -323,7 +346,8 @@ def test_param_tree_and_collections(kind):
   # scalar counters replicated.
   specs = nn.get_partition_spec(boxed)
   for name in params:
-    assert specs['params'][name] == jax.sharding.PartitionSpec('embed')
+    axes = PARAM_SHAPES.get(name, (None, ('embed',)))[1]
+    assert specs['params'][name] == jax.sharding.PartitionSpec(*axes)
   for collection in ('batch_stats', 'grad_stats'):
     for name, value in variables.get(collection, {}).items():
       want = {0: (), 1: ('embed',), 2: (None, 'embed')}[value.ndim]
@@ -574,7 +598,7 @@ def test_make_norm_unknown_option():
 @pytest.mark.parametrize('kind', sorted(nl.MODULES))
 def test_make_norm_builds_every_kind(kind):
   x = _x()
-  module = nl.make_norm(kind)(name='norm')
+  module = nl.make_norm(kind, **REQUIRED.get(kind, ({},))[0])(name='norm')
   variables = _init(module, x, use_running_average=False)
   outputs = jax.jit(lambda v, x: [
       module.apply(v, x, use_running_average=not train, mask=_mask(),

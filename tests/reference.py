@@ -348,6 +348,11 @@ class UnifiedNormRef:
 # ----------------------------------------------------------------------------- the norm zoo
 # Written from /work/shared/research/norms_zoo.md (section numbers per function). Rows are tokens:
 # x is [N, C]; per-row conditioning (shift, scale, tau) is given per row as well.
+def _sigmoid(z):
+    """1 / (1 + exp(-z)), written without overflow."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 def numeric_vjp(f, x, dy, h=1e-6):
     """Central finite differences of sum(f(x) * dy) w.r.t. x (float64, for small arrays)."""
     x, dy = np.array(x, dtype=np.float64), _f64(dy)  # a writable copy
@@ -419,7 +424,7 @@ def evonorm_s0(x, num_groups=32, v=None, scale=None, bias=None, eps=1e-5, nonlin
     var = xg.var(-1, keepdims=True)
     std = np.broadcast_to(np.sqrt(var + eps), xg.shape).reshape(x.shape)
     vv = np.ones(c) if v is None else _f64(v)
-    return x / (1.0 + np.exp(-vv * x)) / std * s + b
+    return x * _sigmoid(vv * x) / std * s + b
 
 
 def layer_norm_scaling(x, layer_index, base='layernorm', scale=None, bias=None, eps=1e-6):
@@ -439,7 +444,7 @@ def ada_ln_zero(x, shift, scale, eps=1e-6):
 def adaln_modulation(cond, kernel, bias):
     """DiT's adaLN_modulation: SiLU(cond) @ W + b, W [K, n, C], b [n, C]; returns [N, n, C]."""
     cond = _f64(cond)
-    h = cond / (1.0 + np.exp(-cond))
+    h = cond * _sigmoid(cond)
     return np.einsum('nk,kjc->njc', h, _f64(kernel)) + _f64(bias)
 
 
@@ -448,7 +453,7 @@ def td_parameter(p, tau):
     tau = _f64(tau).reshape(-1, 1)
     p0, p1 = _f64(p['param0']), _f64(p['param1'])
     w, b = 1.0 + _f64(p['nodecay_weight']), _f64(p['nodecay_bias'])
-    return p1 + (p0 - p1) / (1.0 + np.exp(-(tau * w + b)))
+    return p1 + (p0 - p1) * _sigmoid(tau * w + b)
 
 
 def td_layer_norm(x, params, tau, eps=1e-5):

@@ -6,10 +6,16 @@ adaLN-Zero, TD-LN / TD-RMSNorm and QK-norm.
 2. Backward: autodiff against finite differences of the NumPy forward (or
    DyT's analytic gradient), and `check_grads` on the JAX functions.
 3. bfloat16 in -> bfloat16 out, computed from float32 statistics.
-4. Masks (validated; per-token norms ignore pads), jit and vmap.
-5. Modules == functions, param trees, `make_norm`.
+4. Masks (validated; per-token norms ignore pads), jit and vmap of the
+   conditional norms, batch independence and causality.
+5. Param trees, `make_norm`, the conditional and QK modules == functions.
 6. The invariants of the zoo spec's test lists for these norms.
 7. Bad inputs raise at trace time, naming the argument.
+
+The slot norms (dyt, crmsnorm, groupnorm, evonorm_s0, layernorm_scaling) are
+also in the tables of contract_test (jit, vmap, pads, bf16), linen_test
+(module == function in f32/f64, param trees, make_norm) and bad_input_test
+(invalid inputs, all-pad batches, bf16 grads, huge values vs the reference).
 """
 
 import functools
@@ -105,10 +111,6 @@ def _np(params):
 
 
 CASES = {
-    'dyt': (
-        lambda x, p: nf.dyt(x, p)[0],
-        lambda x, p: ref.dyt(x, p['alpha'], p['scale'], p['bias']),
-        lambda dt: dict(_affine(dt), alpha=jnp.asarray([0.7], dt))),
     'dyt_no_bias_scalar_alpha': (
         lambda x, p: nf.dyt(x, p)[0],
         lambda x, p: ref.dyt(x, p['alpha'], p['scale']),
@@ -125,10 +127,6 @@ CASES = {
     'evonorm_s0': (
         lambda x, p: nf.evonorm_s0(x, p, num_groups=2)[0],
         lambda x, p: ref.evonorm_s0(x, 2, p['v'], p['scale'], p['bias']),
-        lambda dt: dict(_affine(dt), v=_vec(9, C, 1.0, 0.5, dt))),
-    'evonorm_s0_default_groups': (  # 32 -> 8 groups of 1: var 0, sqrt(eps)
-        lambda x, p: nf.evonorm_s0(x, p)[0],
-        lambda x, p: ref.evonorm_s0(x, 32, p['v'], p['scale'], p['bias']),
         lambda dt: dict(_affine(dt), v=_vec(9, C, 1.0, 0.5, dt))),
     'layernorm_scaling': (
         lambda x, p: nf.layer_norm_scaling(x, p, layer_index=3)[0],
@@ -154,19 +152,16 @@ CASES = {
         lambda x, p: nf.td_rms_norm(x, p['td'], tau=p['tau'])[0],
         lambda x, p: ref.td_rms_norm(x, p['td'], _per_row(p['tau'])),
         lambda dt: {'td': _td(dt), 'tau': jnp.asarray(TAU, dt)}),
-    'td_rmsnorm_scale_only_shared_tau': (
-        lambda x, p: nf.td_rms_norm(x, {'scale': p['td']['scale']},
-                                    tau=p['tau'])[0],
-        lambda x, p: ref.td_rms_norm(x, {'scale': p['td']['scale']},
-                                     np.full(B * T, float(p['tau']))),
-        lambda dt: {'td': _td(dt), 'tau': jnp.asarray(0.4, dt)}),
     'qk_norm_q_rms_per_head': (  # the q output of qk_norm, [B, T, 2, 4]
-        lambda x, p: nf.qk_norm(x.reshape(B, T, 2, 4), x[..., None, :4], p, None)[0].reshape(SHAPE),
+        lambda x, p: nf.qk_norm(x.reshape(B, T, 2, 4), x[..., None, :4], p,
+                                None)[0].reshape(SHAPE),
         lambda x, p: ref.qk_norm(x.reshape(-1, 2, 4), 'rmsnorm',
                                  p['scale']).reshape(-1, C),
         lambda dt: {'scale': _vec(7, 4, 1.0, 0.3, dt)}),
     'qk_norm_q_ln_full_width': (
-        lambda x, p: nf.qk_norm(x.reshape(B, T, 2, 4), x.reshape(B, T, 2, 4), p, p, kind='layernorm', per_head=False)[0].reshape(SHAPE),
+        lambda x, p: nf.qk_norm(x.reshape(B, T, 2, 4), x.reshape(B, T, 2, 4),
+                                p, p, kind='layernorm',
+                                per_head=False)[0].reshape(SHAPE),
         lambda x, p: ref.qk_norm(x.reshape(-1, 2, 4), 'layernorm', p['scale'],
                                  p['bias'], per_head=False).reshape(-1, C),
         lambda dt: {'scale': _vec(7, C, 1.0, 0.3, dt).reshape(2, 4),
@@ -199,12 +194,19 @@ def test_forward_and_gradient_match_reference(name, float_dtype):
          tol)
 
 
-def test_dyt_gradients_match_analytic(float_dtype):
+def test_dyt_forward_and_gradients_match_analytic(float_dtype):
   x, dy = _x(float_dtype, seed=1), jnp.asarray(_rng(2).normal(size=SHAPE),
                                                float_dtype)
   p = dict(_affine(float_dtype), alpha=jnp.asarray([0.7], float_dtype))
-  g_x, g_p = jax.grad(lambda x, p: jnp.sum(nf.dyt(x, p)[0] * dy),
-                      argnums=(0, 1))(x, p)
+
+  def loss(x, p):
+    y = nf.dyt(x, p)[0]
+    return jnp.sum(y * dy), y
+
+  (_, y), (g_x, g_p) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                                  has_aux=True))(x, p)
+  _check('dyt: y', float_dtype, _rows(y),
+         ref.dyt(_rows(x), 0.7, p['scale'], p['bias']))
   dx, dalpha, dscale, dbias = ref.dyt_vjp(_rows(x), _rows(dy), 0.7,
                                           np.asarray(p['scale']))
   for what, got, want in [('dx', _rows(g_x), dx),
@@ -234,7 +236,7 @@ def test_check_grads(name):
     for key, value in GRAD_PARAMS.get(name, {}).items():
       p[key] = (_vec(11, C, 1.0, 0.5, 'float64') if value == 'vec'
                 else jnp.asarray(value, jnp.float64))
-    check_grads(GRAD_FNS[name], (x, p), order=1, modes=['fwd', 'rev'],
+    check_grads(jax.jit(GRAD_FNS[name]), (x, p), order=1, modes=['rev'],
                 atol=1e-6, rtol=1e-6)
 
 
@@ -243,21 +245,16 @@ def test_check_grads_conditional():
     x = _x('float64', seed=4)
     shift = jnp.asarray(COND_SHIFT)
     scale = jnp.asarray(COND_SCALE)
-    check_grads(lambda x, s, a: nf.ada_ln_zero(x, shift=s, scale=a)[0],
+    check_grads(jax.jit(lambda x, s, a: nf.ada_ln_zero(x, shift=s,
+                                                        scale=a)[0]),
                 (x, shift, scale), order=1, modes=['rev'], atol=1e-6,
                 rtol=1e-6)
     tau = jnp.asarray(TAU)
     # Spec 8 (g) 4: gradients w.r.t. (p0, p1, w, b) (and x, tau).
     for fn in (nf.td_layer_norm, nf.td_rms_norm):
-      check_grads(lambda x, p, t, fn=fn: fn(x, p, tau=t)[0],
+      check_grads(jax.jit(lambda x, p, t, fn=fn: fn(x, p, tau=t)[0]),
                   (x, _td('float64'), tau), order=1, modes=['rev'],
                   atol=1e-6, rtol=1e-6)
-    q = _x('float64', seed=6, shape=(B, T, 2, 4))
-    k = _x('float64', seed=7, shape=(B, T, 1, 4))
-    pq = {'scale': _vec(1, 4, 1.0, 0.3, 'float64')}
-    pk = {'scale': _vec(2, 4, 1.0, 0.3, 'float64').reshape(1, 4)}
-    check_grads(lambda q, k, a, b: nf.qk_norm(q, k, a, b, kind='layernorm'),
-                (q, k, pq, pk), order=1, modes=['rev'], atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -309,21 +306,20 @@ def test_bfloat16_conditional_and_qk():
   for f in (lambda x: nf.ada_ln_zero(x, shift=shift, scale=scale)[0],
             lambda x: nf.td_layer_norm(x, _td(), tau=jnp.asarray(TAU))[0],
             lambda x: nf.td_rms_norm(x, _td(), tau=jnp.asarray(TAU))[0],
-            lambda x: nf.qk_norm(x.reshape(B, T, 2, 4), x.reshape(B, T, 2, 4))[1]):
+            lambda x: nf.qk_norm(x.reshape(B, T, 2, 4),
+                                 x.reshape(B, T, 2, 4))[1]):
     y16 = f(x16)
     assert y16.dtype == jnp.bfloat16
     chex.assert_trees_all_equal(y16, f(x32).astype(jnp.bfloat16))
 
 
-@pytest.mark.parametrize('kind', sorted(ZOO))
-def test_pads_do_not_change_real_outputs_and_mask_is_only_validated(kind):
+def test_mask_is_only_validated():
+  """Per-token norms: the mask changes nothing (contract_test checks that
+  pads do not change real outputs, with jit and vmap, for every kind)."""
   x = _x()
-  y, _ = _run(kind, x, mask=jnp.asarray(MASK))
-  y_nomask, _ = _run(kind, x)
-  chex.assert_trees_all_equal(y, y_nomask)  # per token: nothing to mask
-  y_pad, _ = _run(kind, jnp.where(MASK[..., None], x, 1e3),
-                  mask=jnp.asarray(MASK))
-  chex.assert_trees_all_equal(jnp.where(MASK[..., None], y - y_pad, 0), 0.0)
+  for kind in ZOO:
+    y, _ = _run(kind, x, mask=jnp.asarray(MASK))
+    chex.assert_trees_all_equal(y, _run(kind, x)[0])
 
 
 def test_conditional_pads_do_not_change_real_outputs():
@@ -340,26 +336,11 @@ def test_conditional_pads_do_not_change_real_outputs():
                                 0.0)
 
 
-@pytest.mark.parametrize('kind', sorted(ZOO))
-def test_jit_and_vmap_equal_eager(kind):
-  x, p = _x(), _zoo_params(kind)
-  mask = jnp.asarray(MASK)
-  eager, _ = _run(kind, x, mask, p)
-  jitted, _ = jax.jit(lambda x, m, p: _run(kind, x, m, p))(x, mask, p)
-  chex.assert_trees_all_close(jitted, eager, atol=1e-6, rtol=1e-6)
-  xs = jnp.stack([x, 2 * x - 1])
-  ys = jax.vmap(lambda x: _run(kind, x, mask, p)[0])(xs)
-  for i in range(2):
-    chex.assert_trees_all_close(ys[i], _run(kind, xs[i], mask, p)[0],
-                                atol=1e-6, rtol=1e-6)
-
-
 def test_jit_and_vmap_conditional():
   x = _x()
   td, tau = _td(), jnp.asarray(TAU)
   shift, scale = jnp.asarray(COND_SHIFT), jnp.asarray(COND_SCALE)
   for f in (lambda x, s, a, t: nf.ada_ln_zero(x, shift=s, scale=a)[0],
-            lambda x, s, a, t: nf.td_layer_norm(x, td, tau=t)[0],
             lambda x, s, a, t: nf.td_rms_norm(x, td, tau=t)[0]):
     eager = f(x, shift, scale, tau)
     chex.assert_trees_all_close(jax.jit(f)(x, shift, scale, tau), eager,
@@ -370,15 +351,22 @@ def test_jit_and_vmap_conditional():
     chex.assert_trees_all_close(mapped, eager, atol=1e-6, rtol=1e-6)
 
 
-def test_batch_independence():
-  """Spec cross-cutting 4: DyT, S0, TD-LN see no other example."""
+def test_batch_independence_and_causality():
+  """Spec cross-cutting 4 and 5: DyT, S0, GroupNorm, TD-LN and adaLN see no
+  other example, and no later token."""
   x = _x()
   x_other = x.at[1].set(x[1] * 5 + 3)
+  x_future = x.at[:, 2].set(x[:, 2] * -4 + 1)  # change token t = 2
   td, tau = _td(), jnp.asarray(TAU)
+  shift, scale = jnp.asarray(COND_SHIFT), jnp.asarray(COND_SCALE)
   for f in (lambda x: _run('dyt', x)[0], lambda x: _run('evonorm_s0', x)[0],
             lambda x: _run('groupnorm', x)[0],
-            lambda x: nf.td_layer_norm(x, td, tau=tau)[0]):
-    chex.assert_trees_all_equal(f(x)[0], f(x_other)[0])
+            lambda x: _run('crmsnorm', x)[0],
+            lambda x: nf.td_layer_norm(x, td, tau=tau)[0],
+            lambda x: nf.ada_ln_zero(x, shift=shift, scale=scale)[0]):
+    y = f(x)
+    chex.assert_trees_all_equal(y[0], f(x_other)[0])
+    chex.assert_trees_all_equal(y[:, :2], f(x_future)[:, :2])
 
 
 # ---------------------------------------------------------------------------
@@ -397,20 +385,6 @@ def _randomize(params, seed=20):
       for i, v in enumerate(leaves)])
 
 
-# kind -> (module options, function of (x, params) with the same options)
-MODULE_CASES = {
-    'dyt': (dict(alpha_init=0.3), lambda x, p: nf.dyt(x, p)[0]),
-    'crmsnorm': (dict(epsilon=1e-3, use_scale=True),
-                 lambda x, p: nf.crms_norm(x, p, eps=1e-3)[0]),
-    'groupnorm': (dict(num_groups=4, epsilon=1e-3),
-                  lambda x, p: nf.group_norm(x, p, num_groups=4,
-                                             eps=1e-3)[0]),
-    'evonorm_s0': (dict(num_groups=2),
-                   lambda x, p: nf.evonorm_s0(x, p, num_groups=2)[0]),
-    'layernorm_scaling': (dict(layer_index=4, base='rmsnorm'),
-                          lambda x, p: nf.layer_norm_scaling(
-                              x, p, layer_index=4, base='rmsnorm')[0]),
-}
 EXPECTED_PARAMS = {  # default options (but C = 8 groups): name -> shape
     'dyt': {'alpha': (1,), 'scale': (C,), 'bias': (C,)},
     'crmsnorm': {},
@@ -420,50 +394,28 @@ EXPECTED_PARAMS = {  # default options (but C = 8 groups): name -> shape
 }
 
 
-@pytest.mark.parametrize('kind', sorted(MODULE_CASES))
-def test_module_equals_function(kind):
-  mod_opts, fn = MODULE_CASES[kind]
-  module = nl.make_norm(kind, **mod_opts)()
-  x, dy = _x(), jnp.asarray(_rng(9).normal(size=SHAPE), jnp.float32)
-  params = _randomize(_init(module, x)['params'])
-
-  def loss_m(p, x):
-    y = module.apply({'params': p}, x, True, mask=jnp.asarray(MASK))
-    return jnp.sum(y * dy), y
-
-  def loss_f(p, x):
-    y = fn(x, p)
-    return jnp.sum(y * dy), y
-
-  (_, y_m), g_m = jax.value_and_grad(loss_m, (0, 1), has_aux=True)(params, x)
-  (_, y_f), g_f = jax.value_and_grad(loss_f, (0, 1), has_aux=True)(params, x)
-  chex.assert_trees_all_close(y_m, y_f, atol=1e-6, rtol=1e-6)
-  chex.assert_trees_all_close(g_m, g_f, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize('kind', sorted(EXPECTED_PARAMS))
-def test_module_param_tree_and_partitioning(kind):
-  opts = {'layernorm_scaling': dict(layer_index=1),
-          'groupnorm': dict(num_groups=C)}.get(kind, {})
-  module = nl.make_norm(kind, **opts)()
+def test_module_param_trees_partitioning_and_dtypes():
+  """(linen_test checks module == function for every slot module.)"""
   x = _x()
-  boxed = jax.jit(module.init)(jax.random.key(0), x)
-  params = nn.unbox(boxed).get('params', {})
-  assert {k: v.shape for k, v in params.items()} == EXPECTED_PARAMS[kind]
-  specs = nn.get_partition_spec(boxed).get('params', {})
-  for name, v in params.items():
-    want = (None,) if name == 'alpha' else ('embed',)
-    assert specs[name] == jax.sharding.PartitionSpec(*want), name
-  if kind == 'dyt':
-    chex.assert_trees_all_equal(params['alpha'], jnp.asarray([0.5]))
-  if kind == 'evonorm_s0':
-    chex.assert_trees_all_equal(params['v'], jnp.ones(C))
-  y = module.apply({'params': params}, x)
-  assert y.dtype == x.dtype
-  y16 = module.apply({'params': params}, x.astype(jnp.bfloat16))
-  assert y16.dtype == jnp.bfloat16
-  assert module.clone(dtype=jnp.float32).apply(
-      {'params': params}, x.astype(jnp.bfloat16)).dtype == jnp.float32
+  for kind, want in EXPECTED_PARAMS.items():
+    opts = {'layernorm_scaling': dict(layer_index=1),
+            'groupnorm': dict(num_groups=C)}.get(kind, {})
+    module = nl.make_norm(kind, **opts)()
+    boxed = module.init(jax.random.key(0), x)
+    params = nn.unbox(boxed).get('params', {})
+    assert {k: v.shape for k, v in params.items()} == want, kind
+    specs = nn.get_partition_spec(boxed).get('params', {})
+    for name in params:
+      axes = (None,) if name == 'alpha' else ('embed',)
+      assert specs[name] == jax.sharding.PartitionSpec(*axes), (kind, name)
+    if kind == 'dyt':
+      chex.assert_trees_all_equal(params['alpha'], jnp.asarray([0.5]))
+    if kind == 'evonorm_s0':
+      chex.assert_trees_all_equal(params['v'], jnp.ones(C))
+    x16 = x.astype(jnp.bfloat16)
+    assert module.apply({'params': params}, x16).dtype == jnp.bfloat16
+    assert module.clone(dtype=jnp.float32).apply(
+        {'params': params}, x16).dtype == jnp.float32
 
 
 def test_dyt_module_alpha_init_by_site_and_param_count():
@@ -536,7 +488,7 @@ def test_dyt_invariants():
     beta, gamma = np.asarray(p['bias']), np.asarray(p['scale'])
     x = np.asarray(x)
     # 1. Diagonal Jacobian: no cross-token, cross-channel or batch mixing.
-    jac = np.asarray(jax.jacobian(lambda x: nf.dyt(x, p)[0])(
+    jac = np.asarray(jax.jit(jax.jacobian(lambda x: nf.dyt(x, p)[0]))(
         jnp.asarray(x))).reshape(x.size, x.size)
     np.testing.assert_array_equal(jac - np.diag(np.diag(jac)), 0.0)
     assert np.all(np.diag(jac) != 0)
@@ -565,7 +517,7 @@ def test_dyt_invariants():
 
 def test_crms_norm_equals_rms_norm_and_layer_norm_of_the_full_vector(
     float_dtype):
-  x = _x(float_dtype, seed=3, shape=(4, 5, 9))
+  x = _x(float_dtype, seed=3, shape=(B, T, 9))
   eps = 1e-6
   ln, _ = nf.layer_norm(x, None, eps=eps)
   zero_mean = x - jnp.mean(x, axis=-1, keepdims=True)
@@ -594,17 +546,17 @@ def test_group_norm_matches_flax_per_token():
   ours = nn.GroupNorm(num_groups=4, reduction_axes=-1,
                       use_fast_variance=False, param_dtype=float_dtype)
   _check('groupnorm: vs flax GroupNorm(reduction_axes=-1)', float_dtype, y,
-         ours.apply(variables, x))
+         jax.jit(ours.apply)(variables, x))
   # flax's default reduces over all non-batch axes: the same per token when
   # each token is its own example.
-  flat = nn.GroupNorm(num_groups=4, use_fast_variance=False,
-                      param_dtype=float_dtype).apply(variables,
-                                                     x.reshape(-1, C))
+  flat = jax.jit(nn.GroupNorm(num_groups=4, use_fast_variance=False,
+                              param_dtype=float_dtype).apply)(
+                                  variables, x.reshape(-1, C))
   _check('groupnorm: vs flax GroupNorm on [B*T, C]', float_dtype,
          y.reshape(-1, C), flat)
   # ... and not per token on [B, T, C].
-  seq = nn.GroupNorm(num_groups=4, param_dtype=float_dtype).apply(variables,
-                                                                   x)
+  seq = jax.jit(nn.GroupNorm(num_groups=4,
+                             param_dtype=float_dtype).apply)(variables, x)
   assert not np.allclose(seq, y, atol=1e-3)
 
 
@@ -619,10 +571,6 @@ def test_group_norm_limits():
     chex.assert_trees_all_close(nf.group_norm(x, p, num_groups=C)[0],
                                 jnp.broadcast_to(p['bias'], SHAPE),
                                 atol=1e-15)
-    # Each group is a LayerNorm of its features.
-    y = nf.group_norm(x, None, num_groups=2)[0]
-    chex.assert_trees_all_close(
-        y[..., :4], nf.layer_norm(x[..., :4], None)[0], atol=1e-14)
     # Shift/scale invariance per group.
     chex.assert_trees_all_close(
         nf.group_norm(3 * x + 7, None, num_groups=2, eps=0.0)[0],
@@ -683,26 +631,28 @@ def test_layer_norm_scaling_is_the_surgery_forward_not_its_gradient():
     x = _x('float64')
     p = _affine('float64')
     dy = jnp.asarray(_rng(5).normal(size=SHAPE))
-    for l in (1, 2, 7):
-      s = 1 / np.sqrt(l)
+    @jax.jit  # the index traced, as under nn.scan over layers
+    def lns_and_surgery(l):
+      s = jax.lax.rsqrt(l.astype(jnp.float64))
       surgery = jax.tree.map(lambda v: v * s, p)
-      y, _ = nf.layer_norm_scaling(x, p, layer_index=l)
-      chex.assert_trees_all_close(y, nf.layer_norm(x, surgery)[0],
-                                  atol=1e-15)
-      g_lns = jax.grad(lambda p: jnp.sum(
+      y, g_lns = jax.value_and_grad(lambda p: jnp.sum(
           nf.layer_norm_scaling(x, p, layer_index=l)[0] * dy))(p)
-      g_surg = jax.grad(lambda q: jnp.sum(nf.layer_norm(x, q)[0] * dy))(
-          surgery)
+      y_s, g_surg = jax.value_and_grad(lambda q: jnp.sum(
+          nf.layer_norm(x, q)[0] * dy))(surgery)
+      return (nf.layer_norm_scaling(x, p, layer_index=l)[0],
+              nf.layer_norm(x, surgery)[0], g_lns, g_surg, s)
+
+    for l in (1, 2, 7):
+      y, y_surgery, g_lns, g_surg, s = lns_and_surgery(jnp.asarray(l))
+      chex.assert_trees_all_close(y, y_surgery, atol=1e-15)
       # d/dgamma of LN(x; gamma)/sqrt(l) = (1/sqrt(l)) dLN/dgamma'.
       chex.assert_trees_all_close(g_lns, jax.tree.map(lambda g: g * s,
                                                       g_surg), atol=1e-13)
+      # The Python-int index gives the same result.
+      chex.assert_trees_all_close(
+          nf.layer_norm_scaling(x, p, layer_index=l)[0], y, atol=1e-15)
     chex.assert_trees_all_equal(
         nf.layer_norm_scaling(x, p, layer_index=1)[0], nf.layer_norm(x, p)[0])
-    # A traced index (e.g. nn.scan over layers) gives the same result.
-    traced = jax.jit(lambda l: nf.layer_norm_scaling(x, p, layer_index=l)[0])
-    chex.assert_trees_all_close(traced(jnp.asarray(7)),
-                                nf.layer_norm_scaling(x, p, layer_index=7)[0],
-                                atol=1e-7)
   assert nf.layer_norm_scaling_factor(4) == 0.5
   assert nf.layer_norm_scaling_factor(np.int64(1)) == 1.0
 
@@ -833,7 +783,8 @@ def test_td_layer_norm_is_adaln_with_time_dependent_modulation():
 def test_td_rms_norm_zero_token_has_finite_gradient():
   x = _x().at[0, 2].set(0.0)  # a zero-padded token
   td = _td()
-  g = jax.grad(lambda x: jnp.sum(nf.td_rms_norm(x, td, tau=TAU)[0]))(x)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(nf.td_rms_norm(x, td,
+                                                      tau=TAU)[0])))(x)
   chex.assert_tree_all_finite(g)
 
 
@@ -847,11 +798,11 @@ def test_td_module_equals_function():
     assert set(params) == {'scale', 'bias'}
     assert set(params['scale']) == {'param0', 'param1', 'nodecay_weight',
                                     'nodecay_bias'}
-    g_m = jax.grad(lambda p: jnp.sum(module.apply({'params': p}, x, tau)))(
-        params)
-    g_f = jax.grad(lambda p: jnp.sum(fn(x, p, tau=tau)[0]))(params)
-    chex.assert_trees_all_close(module.apply({'params': params}, x, tau),
-                                fn(x, params, tau=tau)[0], atol=1e-6)
+    y_m, g_m = jax.jit(jax.value_and_grad(lambda p: jnp.sum(module.apply(
+        {'params': p}, x, tau) * x)))(params)
+    y_f, g_f = jax.jit(jax.value_and_grad(lambda p: jnp.sum(
+        fn(x, p, tau=tau)[0] * x)))(params)
+    chex.assert_trees_all_close(y_m, y_f, atol=1e-5, rtol=1e-6)
     chex.assert_trees_all_close(g_m, g_f, atol=1e-5, rtol=1e-5)
 
 
@@ -877,7 +828,7 @@ def test_qk_norm_invariances_and_logit_bound():
     chex.assert_trees_all_close(
         _logits(*nf.qk_norm(q + shift, k, kind='layernorm', eps=0.0)),
         _logits(*nf.qk_norm(q, k, kind='layernorm', eps=0.0)), atol=1e-12)
-    # 2. RMS QK-norm with unit scales: ||N(q)|| = sqrt(d_h), |logit| <= sqrt(d_h).
+    # 2. RMS QK-norm, unit scales: ||N(q)|| = sqrt(d_h), |logit| <= sqrt(d_h).
     qn, kn = nf.qk_norm(q, k, eps=0.0)
     chex.assert_trees_all_close(jnp.linalg.norm(qn, axis=-1), 4.0, atol=1e-12)
     assert np.max(np.abs(_logits(qn, kn))) <= 4.0 + 1e-12
@@ -906,7 +857,7 @@ def test_qk_norm_module():
       'key_bias': (2, 8)}
   assert nn.get_partition_spec(boxed)['params']['key_scale'] == (
       jax.sharding.PartitionSpec('heads', 'kv'))
-  got = per_head.apply({'params': params}, q, k)
+  got = jax.jit(per_head.apply)({'params': params}, q, k)
   want = nf.qk_norm(q, k, {'scale': params['query_scale'],
                            'bias': params['query_bias']},
                     {'scale': params['key_scale'], 'bias': params['key_bias']},
@@ -1024,7 +975,8 @@ def test_wrong_cond_shape(jit):
        r'expected \[\*lead, 8\].*\[2, 8\] for one vector per example or '
        r'\[2, 3, 8\] per token'),
       (dict(scale=jnp.zeros((3, C))), r'`scale` has shape \(3, 8\)'),
-      (dict(scale=jnp.zeros((B, T, T, C))), r'`scale` has shape \(2, 3, 3, 8\)'),
+      (dict(scale=jnp.zeros((B, T, T, C))),
+       r'`scale` has shape \(2, 3, 3, 8\)'),
   ]
   for kw, pattern in bad:
     with pytest.raises(ValueError, match=pattern):
@@ -1043,7 +995,8 @@ def test_wrong_cond_shape(jit):
   with pytest.raises(ValueError, match=r'AdaLNZero: `cond` has shape '
                      r'\(3, 4\)'):
     nl.AdaLNZero().init(jax.random.key(0), x, jnp.ones((3, 4)))
-  with pytest.raises(ValueError, match=r'td_layer_norm: `tau` has shape \(3,\)'):
+  with pytest.raises(ValueError,
+                     match=r'td_layer_norm: `tau` has shape \(3,\)'):
     nl.TDLayerNorm().init(jax.random.key(0), x, jnp.ones((3,)))
 
 

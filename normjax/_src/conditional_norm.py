@@ -115,7 +115,8 @@ def gated_residual(x: Array, branch: Array, gate: Array) -> Array:
 
 def _normalized(x: Array, dtype, center: bool) -> Array:
   """LayerNorm (center) or RMSNorm statistics without eps: (values, moment)."""
-  return ln_lib._centered_and_var(x.astype(dtype), (x.ndim - 1,), None, None,  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  return ln_lib._centered_and_var(x.astype(dtype), (x.ndim - 1,), None, None,
                                   center)
 
 
@@ -131,7 +132,10 @@ def ada_ln_zero(
     use_running_average: bool = False,
     axis_name: Any = None,
 ) -> tuple[Array, Any]:
-  """adaLN(-Zero) of DiT (Peebles & Xie, ICCV 2023, https://arxiv.org/abs/2212.09748).
+  """adaLN(-Zero) of DiT.
+
+  Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023,
+  https://arxiv.org/abs/2212.09748:
 
       y = LN(x) * (1 + scale) + shift,  LN without affine (eps 1e-6),
 
@@ -174,7 +178,8 @@ def ada_ln_zero(
 
 
 def dimr_tau(log_snr: Array) -> Array:
-  """DiMR's time input: tau = logSNR / 4 (`TimeDependentParameter.seed_time`)."""
+  """DiMR's time input tau = logSNR / 4 (`TimeDependentParameter.seed_time`).
+  """
   return jnp.asarray(log_snr) / 4.0
 
 
@@ -266,7 +271,11 @@ def td_layer_norm(
     use_running_average: bool = False,
     axis_name: Any = None,
 ) -> tuple[Array, Any]:
-  """Time-dependent LayerNorm of DiMR (Liu et al., NeurIPS 2024, https://arxiv.org/abs/2406.09416).
+  """Time-dependent LayerNorm (TD-LN) of DiMR.
+
+  Liu et al., "Alleviating Distortion in Image Generation via
+  Multi-Resolution Diffusion Models", NeurIPS 2024,
+  https://arxiv.org/abs/2406.09416:
 
       y = LN(x) * scale(tau) + bias(tau),
       p(tau) = p1 + sigmoid(w * tau + b) * (p0 - p1),   w = 1 + w_raw,

@@ -39,7 +39,8 @@ def grouped_centered_var(x: Array, num_groups: int) -> tuple[Array, Array]:
   """
   c = x.shape[-1]
   xg = x.reshape(x.shape[:-1] + (num_groups, c // num_groups))
-  return ln_lib._centered_and_var(xg, (xg.ndim - 1,), None, None, True)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  return ln_lib._centered_and_var(xg, (xg.ndim - 1,), None, None, True)
 
 
 def group_norm(
@@ -53,9 +54,12 @@ def group_norm(
     use_running_average: bool = False,
     axis_name: Any = None,
 ) -> tuple[Array, Any]:
-  """GroupNorm over the features of each token (Wu & He, 2018, https://arxiv.org/abs/1803.08494).
+  """GroupNorm over the features of each token.
 
-      y[n, k] = (x[n, k] - mean_g(n)) / sqrt(var_g(n) + eps) * scale[k] + bias[k]
+  Wu & He, ECCV 2018, https://arxiv.org/abs/1803.08494:
+
+      y[n, k] = (x[n, k] - mean_g(n)) / sqrt(var_g(n) + eps) * scale[k]
+                + bias[k]
 
   where g is the group of feature k: the C features are split into
   `num_groups` contiguous groups of C / G, and mean_g / var_g (biased) are
@@ -107,7 +111,10 @@ def evonorm_s0(
     use_running_average: bool = False,
     axis_name: Any = None,
 ) -> tuple[Array, Any]:
-  """EvoNorm-S0 (Liu, Brock, Simonyan, Le, NeurIPS 2020, https://arxiv.org/abs/2004.02967).
+  """EvoNorm-S0, per token.
+
+  Liu, Brock, Simonyan, Le, "Evolving Normalization-Activation Layers",
+  NeurIPS 2020, https://arxiv.org/abs/2004.02967:
 
       y = x * sigmoid(v * x) / sqrt(s2_group(x) + eps) * scale + bias
 
@@ -122,9 +129,9 @@ def evonorm_s0(
   divides the features (`evonorm_num_groups`). `nonlinearity=False` gives
   the official pure affine map y = scale * x + bias (no normalisation).
 
-  Limits: v = 0 gives x / (2 sqrt(s2 + eps)) * scale + bias (a scale-
-  invariant group RMS-like map as eps -> 0); v -> +inf gives
-  relu(x) / sqrt(s2 + eps) * scale + bias.
+  Limits: v = 0 gives x / (2 sqrt(s2 + eps)) * scale + bias (scale-
+  invariant as eps -> 0); v -> +inf gives relu(x) / sqrt(s2 + eps) * scale
+  + bias.
 
   Args:
     x: [..., features] activations.

@@ -256,7 +256,10 @@ def crms_norm(
     use_running_average: bool = False,
     axis_name: Any = None,
 ) -> tuple[Array, Any]:
-  """Compressed RMSNorm (Jiang et al., NeurIPS 2023, https://arxiv.org/abs/2305.14858).
+  """Compressed RMSNorm (CRMSNorm).
+
+  Jiang et al., "Pre-RMSNorm and Pre-CRMSNorm Transformers", NeurIPS 2023,
+  https://arxiv.org/abs/2305.14858.
 
   A zero-mean vector x in R^d is stored losslessly as its first d - 1
   coordinates x~ = x[:d-1], because x[d-1] = -sum(x~). CRMSNorm is RMSNorm of
@@ -298,7 +301,7 @@ def crms_norm(
 
 
 def layer_norm_scaling_factor(layer_index: Any) -> Any:
-  """1 / sqrt(l) for block l = 1, 2, ... (LayerNorm Scaling, zoo spec section 3).
+  """1 / sqrt(l) for block l = 1, 2, ... (LayerNorm Scaling, zoo spec 3).
 
   The official code computes `1 / sqrt(layer_index + 1)` with a 0-based
   index; here the index is 1-based, so block 1 is unscaled. A Python int
@@ -340,7 +343,10 @@ def layer_norm_scaling(
     use_running_average: bool = False,
     axis_name: Any = None,
 ) -> tuple[Array, Any]:
-  """LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth in Large Language Models", https://arxiv.org/abs/2502.05795).
+  """LayerNorm Scaling (LNS).
+
+  Sun et al. 2025, "The Curse of Depth in Large Language Models",
+  https://arxiv.org/abs/2502.05795:
 
       y = N(x) / sqrt(l),   N = LayerNorm or RMSNorm with its affine,
 

@@ -13,8 +13,9 @@ Every module of `MODULES` is called as
 `module(x, use_running_average=None, *, mask=None)`, so any norm can be
 injected where another was. The conditional norms (`CONDITIONAL_MODULES`:
 AdaLNZero, TDLayerNorm, TDRMSNorm) are called `module(x, cond, *, mask=None)`
-and QKNorm `module(q, k)`: they are wired by hand. `dtype=None` returns the dtype
-of `x` (flax would promote bf16 activations to the float32 of the params).
+and QKNorm `module(q, k)`: they are wired by hand. `dtype=None` returns the
+dtype of `x` (flax would promote bf16 activations to the float32 of the
+params).
 """
 
 from __future__ import annotations
@@ -406,7 +407,16 @@ class AdaLNZero(nn.Module):
   At init y = LN(x) and gate = 0, so `x + gate * F(y)` is the identity.
   Use the gate with `normjax.functional.gated_residual(x, F(y), gate)`.
   `use_gate=False` (DiT's final layer) returns gate None. Wraps
-  `normjax.functional.ada_ln_zero` and `adaln_modulation`.
+  `normjax.functional.ada_ln_zero` and `adaln_modulation`. In a block:
+
+      c = t_emb + y_emb                               # [B, K], once
+      h, gate = AdaLNZero(name='norm1')(x, c)
+      x = gated_residual(x, attention(h), gate)
+      h, gate = AdaLNZero(name='norm2')(x, c)
+      x = gated_residual(x, mlp(h), gate)
+
+  (DiT computes all six vectors of a block with one Linear; two modules
+  with three each are the same map, split.)
   """
   epsilon: float = 1e-6
   use_gate: bool = True
