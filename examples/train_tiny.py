@@ -67,7 +67,10 @@ def main():
   args = parser.parse_args()
   options = {'powernorm': dict(num_groups=HEADS, warmup_steps=100),
              'unified': dict(warmup_steps=100, compensation_delay=100),
-             'pn_v': dict(num_groups=HEADS)}.get(args.norm, {})
+             'pn_v': dict(num_groups=HEADS),
+             'groupnorm': dict(num_groups=HEADS),
+             'evonorm_s0': dict(num_groups=HEADS),
+             'layernorm_scaling': dict(layer_index=1)}.get(args.norm, {})
   model = TinyEncoder(nnorm.make_norm(args.norm, **options))
   rng = np.random.default_rng(0)
   tokens, mask, _ = make_batch(rng)
