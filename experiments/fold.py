@@ -56,7 +56,6 @@ or `path/to/config.py:<preset>`, with dotted overrides as in training.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json

@@ -422,9 +422,14 @@ def test_default_configs_unchanged():
 @pytest.fixture(scope='module')
 def smoke_run(tmp_path_factory):
   """A run directory holding a TrainState checkpoint (step 2) of the
-  wmt `powernorm,smoke` model, its statistics moved by 2 train forwards."""
+  wmt `powernorm,smoke` model (PowerNorm encoder, LayerNorm decoder) with
+  the run's vocabulary, its statistics moved by 2 train-mode forwards."""
+  from experiments.data import load_translation
+  workdir = str(tmp_path_factory.mktemp('smoke_run'))
   run_config = wmt.get_config('powernorm,smoke')
-  cfg = models.TransformerConfig.from_config(run_config.model, VOCAB,
+  vocab = load_translation(run_config.data,
+                           cache_dir=os.path.join(workdir, 'vocab')).vocab
+  cfg = models.TransformerConfig.from_config(run_config.model, vocab.size,
                                              deterministic=True)
   variables = trained(cfg, True, steps=2)
   tx = optax.adam(1e-3)
@@ -433,7 +438,6 @@ def smoke_run(tmp_path_factory):
       opt_state=tx.init(variables['params']),
       batch_stats=variables['batch_stats'],
       grad_stats=variables['grad_stats'], rng=jax.random.PRNGKey(0))
-  workdir = str(tmp_path_factory.mktemp('smoke_run'))
   mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'), 2,
                                async_save=False)
   checkpointing.save(mngr, 2, state, {'vocab_fingerprint': 'test'})
@@ -459,6 +463,20 @@ def test_cli_fold_affine_writes_an_equivalent_checkpoint(smoke_run, tmp_path):
   assert meta['vocab_fingerprint'] == 'test'
   check_exact('fold_affine CLI checkpoint (powernorm,smoke)', cfg, variables,
               new_cfg, new_variables, True)
+
+
+def test_cli_freeze_ln_calibrates_on_the_valid_split(smoke_run, tmp_path):
+  workdir, _, _ = smoke_run
+  out = str(tmp_path / 'frozen')
+  summary = fold.run(workdir, 'wmt:powernorm,smoke', 'freeze_ln', out,
+                     calibration_batches=2)
+  assert summary['norms'] == {
+      'encoder_attention': 'powernorm', 'encoder_ffn': 'powernorm',
+      'encoder_final': 'powernorm', 'decoder_attention': 'none',
+      'decoder_ffn': 'none', 'decoder_final': 'none'}
+  new_cfg, new_variables, meta = fold.load(out)
+  assert meta['transform'] == 'freeze_ln'
+  fold.check_variables(new_cfg, new_variables)
 
 
 def cli(capsys, *argv):
