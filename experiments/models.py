@@ -181,6 +181,18 @@ class TransformerConfig:
   max_len: int = 256
   head_dim: int = 0  # 0: d_model // num_heads
   adaptive_softmax_cutoffs: tuple[int, ...] = ()  # LanguageModel only
+  # Set by experiments.fold (off by default, which is the models as trained):
+  # `untie_output` gives the output layer a kernel and a bias of its own
+  # ('output_projection'; with an adaptive softmax its own 'kernel') even
+  # when `share_embeddings` ties the input embeddings; `center_positions`
+  # subtracts each position's mean over the features from the sinusoidal
+  # table (a writer of the residual stream, zoo spec §4.2); with
+  # `compressed_stream` the residual stream keeps only its first
+  # d_model - 1 coordinates (Pre-CRMSNorm, §4.5), which needs
+  # `center_positions`.
+  untie_output: bool = False
+  center_positions: bool = False
+  compressed_stream: bool = False
   dtype: Any = jnp.float32
   deterministic: bool = False
   decode: bool = False
@@ -201,6 +213,11 @@ class TransformerConfig:
   @property
   def attention_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def stream_width(self) -> int:
+    """Features of the residual stream: d_model, d_model - 1 compressed."""
+    return self.d_model - 1 if self.compressed_stream else self.d_model
 
   def __post_init__(self):
     norms = _freeze(self.norms)
@@ -236,6 +253,10 @@ class TransformerConfig:
           f'between 0 and the vocabulary size {self.vocab_size} (exclusive); '
           'use () for a full softmax.')
     object.__setattr__(self, 'adaptive_softmax_cutoffs', cutoffs)
+    if self.compressed_stream and not self.center_positions:
+      raise ValueError('compressed_stream=True drops the last coordinate of '
+                       'a zero-mean residual stream: it needs '
+                       'center_positions=True.')
 
 
 # ----------------------------------------------------------------------------
@@ -263,6 +284,23 @@ def sinusoidal_table(max_len: int, features: int) -> np.ndarray:
   if features % 2:
     table = np.concatenate([table, np.zeros((max_len, 1))], axis=1)
   return table.astype(np.float32)
+
+
+def position_table(config: TransformerConfig) -> np.ndarray:
+  """The [max_len, stream_width] position table the model adds.
+
+  Without `center_positions` the float32 `sinusoidal_table`; with it that
+  table recentred per position in float64 (exact for a float64 model) and
+  cut to the stream's width.
+  """
+  table = sinusoidal_table(config.max_len, config.d_model)
+  if not config.center_positions:
+    return table
+  centred = table.astype(np.float64)
+  centred -= centred.mean(axis=-1, keepdims=True)
+  dtype = (np.float64 if jnp.dtype(config.dtype) == jnp.float64
+           else np.float32)
+  return centred[:, :config.stream_width].astype(dtype)
 
 
 def embedding_init(pad_id: int = PAD_ID):
@@ -399,7 +437,8 @@ class MultiHeadAttention(nn.Module):
         dropout_rate=cfg.attention_dropout, broadcast_dropout=False,
         deterministic=self.deterministic, dtype=cfg.dtype,
         force_fp32_for_softmax=True)
-    return _OutputProjection(cfg.d_model, out_init, cfg.dtype, name='out')(
+    return _OutputProjection(cfg.stream_width, out_init, cfg.dtype,
+                             name='out')(
         x.astype(cfg.dtype))
 
 
@@ -423,7 +462,7 @@ def _feed_forward(config: TransformerConfig, deterministic: bool):
                  name='fc1')(h)
     h = nn.relu(h)
     h = nn.Dropout(config.activation_dropout)(h, deterministic=deterministic)
-    h = nn.Dense(config.d_model, dtype=config.dtype,
+    h = nn.Dense(config.stream_width, dtype=config.dtype,
                  kernel_init=_partitioned(xavier, ('mlp', 'embed')),
                  bias_init=_partitioned(nn.initializers.zeros, ('embed',)),
                  name='fc2')(h)
@@ -435,7 +474,7 @@ def _embed(config: TransformerConfig, embedding: nn.Embed, tokens: jax.Array,
            positions: jax.Array, mask: jax.Array,
            deterministic: bool) -> jax.Array:
   """sqrt(d) * E[tokens] + sinusoid[positions] (zero at pads), dropout."""
-  table = jnp.asarray(sinusoidal_table(config.max_len, config.d_model))
+  table = jnp.asarray(position_table(config))
   pos = jnp.take(table, positions, axis=0) * mask[..., None].astype(
       table.dtype)
   x = embedding(tokens) * jnp.asarray(math.sqrt(config.d_model), config.dtype)
@@ -592,6 +631,17 @@ class Decoder(nn.Module):
     return logits.astype(jnp.float32)
 
 
+def _output_dense(config: TransformerConfig) -> nn.Dense:
+  """The untied output layer 'output_projection': N(0, d^-0.5), no bias
+  (fairseq's `embed_out`), or a zero-initialised bias with `untie_output`."""
+  return nn.Dense(
+      config.vocab_size, use_bias=config.untie_output, dtype=config.dtype,
+      kernel_init=_partitioned(
+          nn.initializers.normal(config.d_model ** -0.5), ('embed', 'vocab')),
+      bias_init=_partitioned(nn.initializers.zeros, ('vocab',)),
+      name='output_projection')
+
+
 class Transformer(nn.Module):
   """Encoder-decoder Transformer for translation (fairseq semantics).
 
@@ -605,7 +655,7 @@ class Transformer(nn.Module):
 
     def embed(name):
       return nn.Embed(
-          cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+          cfg.vocab_size, cfg.stream_width, dtype=cfg.dtype,
           param_dtype=jnp.float32,
           embedding_init=_partitioned(embedding_init(), ('vocab', 'embed')),
           name=name)
@@ -614,15 +664,14 @@ class Transformer(nn.Module):
       self.shared_embedding = embed('shared_embedding')
       source, target, projection = (self.shared_embedding,
                                     self.shared_embedding, None)
+      if cfg.untie_output:
+        self.output_projection = _output_dense(cfg)
+        projection = self.output_projection
     else:
       self.source_embedding = embed('source_embedding')
       self.target_embedding = embed('target_embedding')
       # fairseq's separate `embed_out`: no bias, N(0, d^-0.5).
-      self.output_projection = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-          kernel_init=_partitioned(
-              nn.initializers.normal(cfg.d_model ** -0.5), ('embed', 'vocab')),
-          name='output_projection')
+      self.output_projection = _output_dense(cfg)
       source, target, projection = (self.source_embedding,
                                     self.target_embedding,
                                     self.output_projection)
@@ -709,20 +758,18 @@ class LanguageModel(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedding = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=jnp.float32,
+        cfg.vocab_size, cfg.stream_width, dtype=cfg.dtype,
+        param_dtype=jnp.float32,
         embedding_init=_partitioned(embedding_init(), ('vocab', 'embed')),
         name='embedding')
-    tied = self.embedding if cfg.share_embeddings else None
+    tied = (self.embedding if cfg.share_embeddings and not cfg.untie_output
+            else None)
     if cfg.adaptive_softmax_cutoffs:
       projection = AdaptiveSoftmax(cfg.vocab_size, cfg.adaptive_softmax_cutoffs,
                                    embedding=tied, dtype=cfg.dtype,
                                    name='adaptive_softmax')
     elif tied is None:
-      projection = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
-          kernel_init=_partitioned(
-              nn.initializers.normal(cfg.d_model ** -0.5), ('embed', 'vocab')),
-          name='output_projection')
+      projection = _output_dense(cfg)
     else:
       projection = None
     self.decoder = Decoder(cfg, embedding=self.embedding,
