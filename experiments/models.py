@@ -175,6 +175,7 @@ class TransformerConfig:
   share_embeddings: bool = True
   placement: str = 'pre'
   mix_alpha: float = 0.25   # 'mix': the fraction of post-norm layers
+  qk_norm: str = ''  # '' | 'rmsnorm' | 'layernorm': QK-norm in attention
   embed_norm: bool | None = None  # norm the embeddings; None: only 'peri'
   norms: Mapping[str, Mapping[str, Any]] = dataclasses.field(
       default_factory=default_norms)
@@ -233,6 +234,9 @@ class TransformerConfig:
       nnorm.make_norm(**cfg)  # raises on an unknown kind or option
     object.__setattr__(self, 'norms', FrozenDict(
         {site: merged[site] for site in SITES}))
+    if self.qk_norm not in ('', 'rmsnorm', 'layernorm'):
+      raise ValueError(f"TransformerConfig.qk_norm={self.qk_norm!r}: choose "
+                       "'' (none), 'rmsnorm' or 'layernorm'.")
     if not 0.0 <= self.mix_alpha <= 1.0:
       raise ValueError(f'TransformerConfig.mix_alpha={self.mix_alpha}: the '
                        'fraction of post-norm layers must be in [0, 1].')
@@ -404,6 +408,8 @@ class MultiHeadAttention(nn.Module):
     query = project(name='query')(inputs_q)
     key = project(name='key')(inputs_kv)
     value = project(name='value')(inputs_kv)
+    if cfg.qk_norm:  # per token and head, so cached keys stay exact
+      query, key = nnorm.QKNorm(cfg.qk_norm, name='qk_norm')(query, key)
 
     if self.decode:
       initialized = self.has_variable('cache', 'cached_key')

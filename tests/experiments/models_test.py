@@ -326,16 +326,17 @@ def test_batch_statistic_norms_see_only_real_tokens():
 # Incremental decoding.
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize('kind,placement,share', [
-    ('layernorm', 'pre', True), ('powernorm', 'pre', True),
-    ('layernorm', 'post', False),
+@pytest.mark.parametrize('kind,placement,share,qk_norm', [
+    ('layernorm', 'pre', True, ''), ('powernorm', 'pre', True, ''),
+    ('layernorm', 'post', False, ''), ('rmsnorm', 'pre', True, 'rmsnorm'),
 ])
-def test_incremental_decoding_matches_full_decoder(kind, placement, share):
+def test_incremental_decoding_matches_full_decoder(kind, placement, share,
+                                                   qk_norm):
   model = models.Transformer(config(kind, placement=placement,
                                     share_embeddings=share,
-                                    num_decoder_layers=2))
+                                    num_decoder_layers=2, qk_norm=qk_norm))
   variables = init(model)
-  if kind != 'layernorm':  # running statistics away from their init
+  if 'batch_stats' in variables:  # running statistics away from init
     rng = np.random.default_rng(0)
     variables = {**variables, 'batch_stats': jax.tree.map(
         lambda x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
@@ -463,3 +464,31 @@ def test_a_new_placement_is_one_function(monkeypatch):
     assert name in layer, name
   logits = eval_apply(model)(variables, INPUTS, TARGETS)
   assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_qk_norm_makes_attention_invariant_to_the_query_key_scale():
+  model = models.Transformer(config('layernorm', qk_norm='rmsnorm'))
+  variables = nn.unbox(init(model))
+  for stack in ('encoder', 'decoder'):
+    layer = variables['params'][stack]['layer_0']
+    assert set(layer['self_attention']['qk_norm']) == {'query_scale',
+                                                       'key_scale'}
+  scaled = jax.tree.map(lambda x: x, variables)
+  attention = scaled['params']['encoder']['layer_0']['self_attention']
+  for name, factor in (('query', 7.0), ('key', 0.1)):
+    attention[name] = jax.tree.map(lambda p, f=factor: p * f,
+                                   attention[name])
+  a = np.asarray(eval_apply(model)(variables, INPUTS, TARGETS))
+  b = np.asarray(eval_apply(model)(scaled, INPUTS, TARGETS))
+  np.testing.assert_allclose(a, b, atol=1e-4)
+  # Without QK-norm the same rescaling changes the attention.
+  plain = models.Transformer(config('layernorm'))
+  plain_variables = nn.unbox(init(plain))
+  plain_scaled = jax.tree.map(lambda x: x, plain_variables)
+  attention = plain_scaled['params']['encoder']['layer_0']['self_attention']
+  attention['query'] = jax.tree.map(lambda p: p * 7.0, attention['query'])
+  c = np.asarray(eval_apply(plain)(plain_variables, INPUTS, TARGETS))
+  d = np.asarray(eval_apply(plain)(plain_scaled, INPUTS, TARGETS))
+  assert np.abs(c - d).max() > 1e-3
+  with pytest.raises(ValueError, match='qk_norm'):
+    config(qk_norm='l2')
