@@ -86,12 +86,7 @@ class Experiment:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   exp = Experiment(config, workdir)
-  mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
-                               config.train.keep_checkpoints)
-  expect = {'vocab_fingerprint': exp.data.fingerprint}
-  writer = train_lib.summary_writer(workdir)
-  state = train_lib.fit(exp, config.train, mngr, expect, writer,
-                        config.preset)
+  state, mngr, _, writer = train_lib.train(exp, config, workdir)
   mngr.close()
   result = {split: exp.perplexity(state, split) for split in ('valid', 'test')}
   for split, values in result.items():

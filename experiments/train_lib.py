@@ -322,6 +322,19 @@ def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
   return state
 
 
+def train(exp: Trainable, config: Any, workdir: str):
+  """`fit` of a run: checkpoints in <workdir>/checkpoints, the vocabulary
+  fingerprint (`exp.data.fingerprint`) checked on resume, TensorBoard in
+  <workdir>/tensorboard. Returns (state, manager, expect, writer); the
+  caller evaluates and closes the manager."""
+  mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
+                               config.train.keep_checkpoints)
+  expect = {'vocab_fingerprint': exp.data.fingerprint}
+  writer = summary_writer(workdir)
+  state = fit(exp, config.train, mngr, expect, writer, config.preset)
+  return state, mngr, expect, writer
+
+
 def _new_window() -> dict:
   return dict(loss=0.0, nll=0.0, ntokens=0.0, steps=0, start=time.time())
 

@@ -142,12 +142,7 @@ class Experiment:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   exp = Experiment(config, workdir)
-  mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
-                               config.train.keep_checkpoints)
-  expect = {'vocab_fingerprint': exp.data.fingerprint}
-  writer = train_lib.summary_writer(workdir)
-  state = train_lib.fit(exp, config.train, mngr, expect, writer,
-                        config.preset)
+  state, mngr, expect, writer = train_lib.train(exp, config, workdir)
   final = _average_and_test(exp, mngr, expect, writer, int(state.step))
   mngr.close()
   return final

@@ -73,6 +73,31 @@ def default_bucket_lengths(lengths: Sequence[int], max_buckets: int = 8,
   return sorted(buckets)
 
 
+def position_state(epoch: int, position: int, seed: int) -> dict:
+  """The JSON-serializable resume point of a seeded batch plan."""
+  return {'epoch': int(epoch), 'position': int(position), 'seed': int(seed)}
+
+
+def parse_position_state(owner: str, state: dict, seed: int,
+                         per_epoch: int, saved_for: str) -> tuple[int, int]:
+  """(epoch, position) of `state`, checked against this batcher's seed and
+  batches per epoch; errors name `owner` and what the state was saved for."""
+  try:
+    epoch, position, saved_seed = (int(state['epoch']),
+                                   int(state['position']), int(state['seed']))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'{owner}.restore: bad state {state!r} ({e}); '
+                     "expected {'epoch', 'position', 'seed'}.") from None
+  if saved_seed != seed:
+    raise ValueError(f'{owner}.restore: state seed {saved_seed} != batcher '
+                     f'seed {seed}; build the batcher with seed={saved_seed}.')
+  if epoch < 0 or not 0 <= position <= per_epoch:
+    raise ValueError(f'{owner}.restore: state {state!r} is out of range '
+                     f'({per_epoch} batches/epoch); was it saved for other '
+                     f'{saved_for}?')
+  return epoch, position
+
+
 class TokenBatcher:
   """Token-count batches [B_L, L] per length bucket; deterministic, resumable.
 
@@ -214,22 +239,10 @@ class TokenBatcher:
   def state(self) -> dict:
     """JSON-serializable position: the next batch is (epoch, position)."""
     self._normalize()
-    return {'epoch': int(self._epoch), 'position': int(self._position),
-            'seed': self.seed}
+    return position_state(self._epoch, self._position, self.seed)
 
   def restore(self, state: dict) -> None:
     """Continues exactly where the batcher that produced `state` was."""
-    try:
-      epoch, position, seed = (int(state['epoch']), int(state['position']),
-                               int(state['seed']))
-    except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f'TokenBatcher.restore: bad state {state!r} ({e}); '
-                       "expected {'epoch', 'position', 'seed'}.") from None
-    if seed != self.seed:
-      raise ValueError(f'TokenBatcher.restore: state seed {seed} != batcher '
-                       f'seed {self.seed}; build the batcher with seed={seed}.')
-    if epoch < 0 or not 0 <= position <= self.batches_per_epoch():
-      raise ValueError(f'TokenBatcher.restore: state {state!r} is out of '
-                       f'range ({self.batches_per_epoch()} batches/epoch); '
-                       'was it saved for other data or max_tokens?')
-    self._epoch, self._position = epoch, position
+    self._epoch, self._position = parse_position_state(
+        'TokenBatcher', state, self.seed, self.batches_per_epoch(),
+        'data or max_tokens')

@@ -86,6 +86,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.data import batching
 from experiments.data import sources
 from experiments.data.vocab import EOS_ID, PAD_ID, UNK_ID, WordVocab
 
@@ -199,19 +200,8 @@ def _read_tfds_lines(source, name: str, split: str, field: str) -> list[str]:
     indices = list(range(start, min(count, start + chunk)))
     for index, example in zip(indices, sources.tfds_examples(source,
                                                              indices)):
-      if field not in example:
-        raise ValueError(f'tfds {name}: examples have fields '
-                         f'{sorted(example)}, not {field!r}; set '
-                         'cfg.text_field.')
-      text = example[field]
-      if isinstance(text, bytes):
-        try:
-          text = text.decode('utf-8')
-        except UnicodeDecodeError as e:
-          raise ValueError(f'tfds {name} split {split!r} example {index} '
-                           f'field {field!r}: not valid UTF-8 ({e.reason}); '
-                           're-prepare the dataset.') from None
-      out.append(str(text).strip())
+      out.append(sources.tfds_text(example, field, name, split, index,
+                                   'cfg.text_field').strip())
   return out
 
 
@@ -572,26 +562,13 @@ class StreamBatcher:
   def state(self) -> dict:
     """JSON-serializable position: the next batch is (epoch, position)."""
     self._normalize()
-    return {'epoch': int(self._epoch), 'position': int(self._position),
-            'seed': self.seed}
+    return batching.position_state(self._epoch, self._position, self.seed)
 
   def restore(self, state: dict) -> None:
     """Continues exactly where the batcher that produced `state` was."""
-    try:
-      epoch, position, seed = (int(state['epoch']), int(state['position']),
-                               int(state['seed']))
-    except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f'StreamBatcher.restore: bad state {state!r} ({e}); '
-                       "expected {'epoch', 'position', 'seed'}.") from None
-    if seed != self.seed:
-      raise ValueError(f'StreamBatcher.restore: state seed {seed} != batcher '
-                       f'seed {self.seed}; build the batcher with '
-                       f'seed={seed}.')
-    if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
-      raise ValueError(f'StreamBatcher.restore: state {state!r} is out of '
-                       f'range ({self.batches_per_epoch} batches/epoch); was '
-                       'it saved for other data, batch_size or seq_len?')
-    self._epoch, self._position = epoch, position
+    self._epoch, self._position = batching.parse_position_state(
+        'StreamBatcher', state, self.seed, self.batches_per_epoch,
+        'data, batch_size or seq_len')
 
 
 def eval_batches(stream, *, batch_size: int, seq_len: int,

@@ -233,6 +233,24 @@ def tfds_examples(source, indices: list[int]) -> list[dict]:
     return [source[i] for i in indices]
 
 
+def tfds_text(example: Mapping, field: str, name: str, split: str,
+              index: int, fix: str) -> str:
+  """The text of `example[field]` (bytes decoded as UTF-8); errors name the
+  dataset, split, example and the config field to `fix`."""
+  if field not in example:
+    raise ValueError(f'tfds {name}: examples have fields {sorted(example)}, '
+                     f'not {field!r}; fix {fix}.')
+  text = example[field]
+  if isinstance(text, bytes):
+    try:
+      text = text.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise ValueError(f'tfds {name} split {split!r} example {index} field '
+                       f'{field!r}: not valid UTF-8 ({e.reason}); re-prepare '
+                       'the dataset.') from None
+  return str(text)
+
+
 def _read_tfds_pairs(source, count, name, split, src_lang, tgt_lang):
   """(src, tgt, number skipped) from the first `count` examples."""
   src, tgt, skipped = [], [], 0
@@ -241,21 +259,9 @@ def _read_tfds_pairs(source, count, name, split, src_lang, tgt_lang):
     indices = list(range(start, min(count, start + chunk)))
     examples = tfds_examples(source, indices)
     for index, example in zip(indices, examples):
-      pair = []
-      for lang in (src_lang, tgt_lang):
-        if lang not in example:
-          raise ValueError(f'tfds {name}: examples have fields '
-                           f'{sorted(example)}, not {lang!r}; fix '
-                           'cfg.src_lang / cfg.tgt_lang.')
-        text = example[lang]
-        if isinstance(text, bytes):
-          try:
-            text = text.decode('utf-8')
-          except UnicodeDecodeError as e:
-            raise ValueError(f'tfds {name} split {split!r} example {index} '
-                             f'field {lang!r}: not valid UTF-8 ({e.reason}); '
-                             're-prepare the dataset.') from None
-        pair.append(' '.join(str(text).split()))
+      pair = [' '.join(tfds_text(example, lang, name, split, index,
+                                 'cfg.src_lang / cfg.tgt_lang').split())
+              for lang in (src_lang, tgt_lang)]
       if pair[0] and pair[1]:
         src.append(pair[0])
         tgt.append(pair[1])
