@@ -65,7 +65,8 @@ def beam_search(logits_fn: LogitsFn, init_cache: Any, batch_size: int, *,
                 beam_size: int, max_len: int, length_penalty: float = 1.0,
                 eos_id: int = models.EOS_ID, bos_id: int = models.BOS_ID,
                 pad_id: int | None = models.PAD_ID,
-                min_len: int = 1) -> tuple[jax.Array, jax.Array]:
+                min_len: int = 1, done: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
   """Beam search over `max_len` steps; jittable, batched.
 
   Args:
@@ -84,6 +85,8 @@ def beam_search(logits_fn: LogitsFn, init_cache: Any, batch_size: int, *,
       no token is banned).
     min_len: EOS is banned while fewer than min_len tokens were generated
       (fairseq's --min-len, default 1: no empty hypothesis).
+    done: bool [B], sentences not to decode (e.g. the filler rows of a
+      padded batch): they return PAD only and do not keep the loop going.
 
   Returns:
     tokens [B, K, max_len] int32, best first, PAD after EOS, without BOS;
@@ -101,7 +104,8 @@ def beam_search(logits_fn: LogitsFn, init_cache: Any, batch_size: int, *,
       live_logprobs=jnp.tile(
           jnp.array([[0.0] + [-np.inf] * (k - 1)], jnp.float32), (b, 1)),
       finished_seqs=seqs0,
-      finished_scores=jnp.full((b, k), NEG_INF, jnp.float32),
+      finished_scores=jnp.full((b, k), NEG_INF, jnp.float32) if done is None
+      else jnp.where(done[:, None], jnp.zeros((b, k), jnp.float32), NEG_INF),
       cache=jax.tree.map(functools.partial(_tile, beam_size=k), init_cache))
 
   def num_finished(state):
@@ -208,7 +212,8 @@ def _translate(model, variables, inputs, *, beam_size, max_len,
 
   tokens, _ = beam_search(
       logits_fn, cache, inputs.shape[0], beam_size=beam_size, max_len=max_len,
-      length_penalty=length_penalty, min_len=min_len)
+      length_penalty=length_penalty, min_len=min_len,
+      done=~jnp.any(inputs != models.PAD_ID, axis=1))  # filler rows
   return tokens[:, 0, :]
 
 

@@ -337,6 +337,12 @@ def _deterministic(config: TransformerConfig, train: bool) -> bool:
   return config.deterministic or not train
 
 
+def project_heads(x, kernel, bias, dtype):
+  """x [..., d] -> [..., heads, head_dim] with kernel (d, heads, head_dim)."""
+  y = jnp.einsum('...d,dhk->...hk', x.astype(dtype), kernel.astype(dtype))
+  return y + bias.astype(dtype).reshape((1,) * (y.ndim - 2) + bias.shape)
+
+
 class _HeadsProjection(nn.Module):
   """[..., d] -> [..., heads, head_dim]: kernel (embed, heads, kv), bias."""
   num_heads: int
@@ -355,10 +361,7 @@ class _HeadsProjection(nn.Module):
     bias = self.param(
         'bias', _partitioned(nn.initializers.zeros, ('heads', 'kv')),
         (self.num_heads, self.head_dim), jnp.float32)
-    y = jnp.einsum('...d,dhk->...hk', x.astype(self.dtype),
-                   kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 2) +
-                                               bias.shape)
+    return project_heads(x, kernel, bias, self.dtype)
 
 
 class _OutputProjection(nn.Module):
@@ -389,11 +392,14 @@ class MultiHeadAttention(nn.Module):
   attention weights. With `decode=True` (self-attention), keys and values are
   cached in 'cache' (`cached_key`, `cached_value`, `cache_index`) as in
   flax's MultiHeadDotProductAttention: the first call (with the full
-  length) creates the cache, every later call appends one position.
+  length) creates the cache, every later call appends one position. With
+  `decode=True` and `cross=True`, the encoder's keys and values are read
+  from 'cache' (`cross_key`, `cross_value`, see `init_cache`).
   """
   config: TransformerConfig
   deterministic: bool
   decode: bool = False
+  cross: bool = False  # attends to the encoder output
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, *, mask):
@@ -406,12 +412,22 @@ class MultiHeadAttention(nn.Module):
     project = functools.partial(_HeadsProjection, cfg.num_heads, head_dim,
                                 qkv_init, cfg.dtype)
     query = project(name='query')(inputs_q)
-    key = project(name='key')(inputs_kv)
-    value = project(name='value')(inputs_kv)
+    if self.cross and self.decode and self.has_variable('cache',
+                                                          'cross_key'):
+      # The encoder's keys and values, projected once per sentence
+      # (`fill_cross_attention_cache`), not at every decoding step.
+      key = self.get_variable('cache', 'cross_key')
+      value = self.get_variable('cache', 'cross_value')
+    else:
+      key = project(name='key')(inputs_kv)
+      value = project(name='value')(inputs_kv)
+      if self.cross and self.decode:  # creates the cache entries (shapes)
+        self.put_variable('cache', 'cross_key', key)
+        self.put_variable('cache', 'cross_value', value)
     if cfg.qk_norm:  # per token and head, so cached keys stay exact
       query, key = nnorm.QKNorm(cfg.qk_norm, name='qk_norm')(query, key)
 
-    if self.decode:
+    if self.decode and not self.cross:
       initialized = self.has_variable('cache', 'cached_key')
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape,
                                  key.dtype)
@@ -452,7 +468,8 @@ def _attention(config: TransformerConfig, deterministic: bool, name: str, *,
                mask, memory=None, decode: bool = False):
   """Attention over `memory` (self-attention if None) -> residual dropout."""
   def attend(h):
-    h = MultiHeadAttention(config, deterministic, decode=decode, name=name)(
+    h = MultiHeadAttention(config, deterministic, decode=decode,
+                           cross=memory is not None, name=name)(
         h, h if memory is None else memory, mask=mask)
     return nn.Dropout(config.dropout)(h, deterministic=deterministic)
   return attend
@@ -543,7 +560,7 @@ class DecoderLayer(nn.Module):
               _site_norm(cfg, 'decoder_attention', 'attention_norm'))
     if encoded is not None:  # None: a decoder-only language model
       y = place(y, _attention(cfg, det, 'cross_attention', mask=cross_mask,
-                              memory=encoded),
+                              memory=encoded, decode=cfg.decode),
                 _site_norm(cfg, 'decoder_attention', 'cross_attention_norm'))
     y = place(y, _feed_forward(cfg, det),
               _site_norm(cfg, 'decoder_ffn', 'ffn_norm'))
@@ -805,4 +822,26 @@ def init_cache(model: Transformer, variables: Mapping[str, Any],
     return state['cache']
 
   shapes = jax.eval_shape(make, variables, encoded, inputs)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return fill_cross_attention_cache(model.config, variables, encoded, cache)
+
+
+def fill_cross_attention_cache(config: TransformerConfig,
+                               variables: Mapping[str, Any],
+                               encoded: jax.Array, cache: Any) -> Any:
+  """`cache` with every decoder layer's cross-attention keys and values of
+  `encoded` [B, S, d]: the projections decoding would otherwise recompute at
+  every step (most of its work for short targets)."""
+  params = nn.unbox(variables['params'])['decoder']
+  cache = jax.tree.map(lambda x: x, dict(cache))  # a copy to fill
+  for i in range(config.num_decoder_layers):
+    weights = params[f'layer_{i}']['cross_attention']
+    entry = dict(cache['decoder'][f'layer_{i}']['cross_attention'])
+    for name in ('key', 'value'):
+      entry[f'cross_{name}'] = project_heads(
+          encoded, weights[name]['kernel'], weights[name]['bias'],
+          config.dtype)
+    layer = dict(cache['decoder'][f'layer_{i}'])
+    layer['cross_attention'] = entry
+    cache['decoder'] = {**cache['decoder'], f'layer_{i}': layer}
+  return cache

@@ -255,3 +255,18 @@ def test_translate(norm):
 def test_translate_rejects_long_budget():
   with pytest.raises(ValueError, match='max_len'):
     decode.translate(tiny_model(), {}, INPUTS, beam_size=2, max_len=17)
+
+
+def test_filler_rows_are_not_decoded():
+  """All-PAD rows (eval batch filler) return PAD and change no other row."""
+  model = tiny_model()
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), INPUTS, INPUTS)
+  padded = np.concatenate([INPUTS, np.zeros_like(INPUTS[:1])])
+  max_len = decode.fairseq_max_len(INPUTS, 1.0, 2, limit=16)
+  alone = np.asarray(decode.translate(model, variables, INPUTS, beam_size=2,
+                                      max_len=max_len))
+  together = np.asarray(decode.translate(model, variables, padded,
+                                         beam_size=2, max_len=max_len))
+  np.testing.assert_array_equal(together[:len(INPUTS)], alone)
+  assert (together[len(INPUTS)] == PAD).all()
