@@ -52,22 +52,44 @@ def check_input(x: Any, fn: str, *, min_rank: int = 1) -> Array:
 
 def check_params(params: Params, features: int, fn: str) -> dict[str, Array]:
   """Checks that `params` holds only `scale`/`bias` of shape [features]."""
+  return check_named_params(params, fn, {'scale': (features,),
+                                         'bias': (features,)}, features)
+
+
+def check_named_params(params: Any, fn: str,
+                       expected: dict[str, Any], features: int | None = None,
+                       path: str = 'params') -> dict[str, Array]:
+  """Checks a parameter dict against `expected` = {name: shape or shapes}.
+
+  A shape is a tuple; a tuple of tuples lists alternatives. Every key is
+  optional. Errors name the key and the expected shape, as
+  `check_params` does for `scale`/`bias`.
+  """
   if params is None:
     return {}
+  names = list(expected)
+  listed = (', '.join(repr(n) for n in names[:-1]) + f' and {names[-1]!r}'
+            if len(names) > 1 else repr(names[0]))
   if not isinstance(params, Mapping):
     raise TypeError(
-        f"{fn}: `params` must be a mapping with optional keys 'scale' and "
-        f"'bias' (or None), got {type(params).__name__}.")
-  unknown = set(params) - {'scale', 'bias'}
+        f'{fn}: `{path}` must be a mapping with optional keys {listed} (or '
+        f'None), got {type(params).__name__}.')
+  unknown = set(params) - set(expected)
   if unknown:
     raise ValueError(
-        f"{fn}: `params` has unknown keys {sorted(unknown)}; expected only "
-        "'scale' and 'bias'.")
+        f'{fn}: `{path}` has unknown keys {sorted(unknown)}; expected only '
+        f'{listed}.')
   for name, value in params.items():
-    if tuple(jnp.shape(value)) != (features,):
+    want = expected[name]
+    options = want if want and isinstance(want[0], tuple) else (want,)
+    got = tuple(jnp.shape(value))
+    if got not in options:
+      shown = ' or '.join(str(o) for o in options)
+      why = (f' but `x` has {features} features'
+             if features is not None and (features,) in options else '')
       raise ValueError(
-          f"{fn}: `params['{name}']` has shape {tuple(jnp.shape(value))} but "
-          f'`x` has {features} features; expected shape ({features},).')
+          f"{fn}: `{path}['{name}']` has shape {got}{why}; expected shape "
+          f'{shown}.')
   return dict(params)
 
 

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 from normjax._src import common
 from normjax._src import layer_norm as ln_lib
-from normjax._src.layer_norm import check_named_params
 
 Array = jax.Array
 
@@ -229,8 +228,8 @@ def _check_td_params(params: Any, features: int, fn: str) -> dict:
   out = {}
   for name, sub in params.items():
     path = f"params['{name}']"
-    sub = check_named_params(sub, fn, {k: (features,) for k in TD_FIELDS},
-                             features, path)
+    sub = common.check_named_params(
+        sub, fn, {k: (features,) for k in TD_FIELDS}, features, path)
     missing = [k for k in TD_FIELDS if k not in sub]
     if missing:
       raise ValueError(

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import common
-from normjax._src.layer_norm import check_named_params
 
 Array = jax.Array
 
@@ -104,7 +103,7 @@ def dyt(
   fn = 'dyt'
   x = common.check_input(x, fn)
   features = x.shape[-1]
-  params = check_named_params(
+  params = common.check_named_params(
       params, fn, {'alpha': ((1,), ()), 'scale': (features,),
                    'bias': (features,)}, features)
   common.check_mask(mask, x, fn)

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from normjax._src import common
 from normjax._src import layer_norm as ln_lib
-from normjax._src.layer_norm import check_named_params
 
 Array = jax.Array
 
@@ -148,7 +147,7 @@ def evonorm_s0(
   fn = 'evonorm_s0'
   x = common.check_input(x, fn)
   features = x.shape[-1]
-  params = check_named_params(
+  params = common.check_named_params(
       params, fn, {'v': (features,), 'scale': (features,),
                    'bias': (features,)}, features)
   common.check_mask(mask, x, fn)

@@ -1,10 +1,9 @@
 """Per-token norms without state: LayerNorm, RMSNorm, GroupScaling, CRMSNorm
-and LayerNorm Scaling; `check_named_params` for the norms with other params."""
+and LayerNorm Scaling."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -203,43 +202,6 @@ def group_scaling(
 # ---------------------------------------------------------------------------
 # Shared by the norm zoo (DyT, GroupNorm/EvoNorm, TD-LN, QK-norm): parameter
 # dicts with names beyond `scale`/`bias`.
-
-
-def check_named_params(params: Any, fn: str,
-                       expected: dict[str, Any], features: int | None = None,
-                       path: str = 'params') -> dict[str, Array]:
-  """Checks a parameter dict against `expected` = {name: shape or shapes}.
-
-  A shape is a tuple; a tuple of tuples lists alternatives. Every key is
-  optional. Errors name the key and the expected shape, as
-  `common.check_params` does for `scale`/`bias`.
-  """
-  if params is None:
-    return {}
-  names = list(expected)
-  listed = (', '.join(repr(n) for n in names[:-1]) + f' and {names[-1]!r}'
-            if len(names) > 1 else repr(names[0]))
-  if not isinstance(params, Mapping):
-    raise TypeError(
-        f'{fn}: `{path}` must be a mapping with optional keys {listed} (or '
-        f'None), got {type(params).__name__}.')
-  unknown = set(params) - set(expected)
-  if unknown:
-    raise ValueError(
-        f'{fn}: `{path}` has unknown keys {sorted(unknown)}; expected only '
-        f'{listed}.')
-  for name, value in params.items():
-    want = expected[name]
-    options = want if want and isinstance(want[0], tuple) else (want,)
-    got = tuple(jnp.shape(value))
-    if got not in options:
-      shown = ' or '.join(str(o) for o in options)
-      why = (f' but `x` has {features} features'
-             if features is not None and (features,) in options else '')
-      raise ValueError(
-          f"{fn}: `{path}['{name}']` has shape {got}{why}; expected shape "
-          f'{shown}.')
-  return dict(params)
 
 
 # ---------------------------------------------------------------------------

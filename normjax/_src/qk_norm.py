@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from normjax._src import common
 from normjax._src import layer_norm as ln_lib
-from normjax._src.layer_norm import check_named_params
 
 Array = jax.Array
 
@@ -36,7 +35,7 @@ def _check(t: Any, name: str, fn: str) -> Array:
 def _norm_one(t, params, name, fn, kind, eps, per_head):
   heads, head_dim = t.shape[-2:]
   shapes = ((head_dim,), (heads, head_dim))
-  params = check_named_params(
+  params = common.check_named_params(
       params, fn, {'scale': shapes, 'bias': shapes}, None,
       path=f'params_{name}')
   dtype = common.stats_dtype(t)
