@@ -59,18 +59,19 @@ class Experiment:
     def init_variables(rng):
       return model.init({'params': rng, 'dropout': rng}, tokens, train=False)
 
-    def logits_fn(variables, batch, rngs):
+    def logits_fn(variables, batch, rngs, mutable):
       return model.apply(variables, batch['inputs'], train=True, rngs=rngs,
-                         mutable=['batch_stats'])
+                         mutable=mutable)
 
     def eval_logits(variables, batch):
       return eval_model.apply(variables, batch['inputs'], train=False)
 
-    (self.state, self.state_shardings, self.train_step,
+    (self.state, self.state_shardings, self.train_step, self.probe_step,
      self.eval_step) = train_lib.build_steps(
          init_variables, logits_fn, eval_logits, self.tx, self.schedule,
          seed=config.seed, label_smoothing=config.optim.label_smoothing,
-         mesh=self.mesh, logical_rules=self.rules)
+         mesh=self.mesh, logical_rules=self.rules,
+         exact_gradient=config.train.probe_exact_gradient)
 
   def perplexity(self, state, split: str) -> dict[str, float]:
     """Loss, nll and perplexity over the whole `split` stream."""

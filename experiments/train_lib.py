@@ -26,6 +26,7 @@ import tqdm
 
 import normjax
 from experiments import checkpointing
+from experiments import probing
 from experiments import sharding
 
 Array = jax.Array
@@ -127,11 +128,17 @@ def init_state(init_variables: Callable[[Array], dict], tx, seed: int,
 
 
 def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
-                    schedule: optax.Schedule, label_smoothing: float):
-  """A train step for `logits_fn(variables, batch, rngs) -> (logits, updates)`.
+                    schedule: optax.Schedule, label_smoothing: float, *,
+                    probe: bool = False, exact_gradient: bool = False):
+  """A train step for `logits_fn(variables, batch, rngs, mutable) ->
+  (logits, updates)`, `mutable` the collections the model may write.
 
-  `batch` holds `targets` and `weights` (1 for real target tokens).
+  `batch` holds `targets` and `weights` (1 for real target tokens). With
+  `probe` the metrics also hold 'probes' (`experiments.probing`), and with
+  `exact_gradient` the cosine of the gradient with exact autodiff.
   """
+  mutable = ['batch_stats', normjax.probes.PROBES] if probe else [
+      'batch_stats']
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rngs = {'dropout': jax.random.fold_in(state.rng, state.step)}
@@ -139,7 +146,7 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
     def loss_fn(params, grad_stats):
       variables = {'params': params, 'batch_stats': state.batch_stats,
                    'grad_stats': grad_stats}
-      logits, updates = logits_fn(variables, batch, rngs)
+      logits, updates = logits_fn(variables, batch, rngs, mutable)
       loss, nll, ntokens = label_smoothed_loss(
           logits, batch['targets'], batch['weights'], label_smoothing)
       return loss, (nll, ntokens, updates)
@@ -149,6 +156,11 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
             state.params, state.grad_stats))
     denom = jnp.maximum(ntokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)  # fairseq: sum, then /N
+    exact = None
+    if exact_gradient:
+      with normjax.functional.power_norm_autodiff():
+        exact = jax.grad(lambda p: loss_fn(p, state.grad_stats)[0])(
+            state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
@@ -160,6 +172,11 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
     metrics = dict(loss=loss / denom, nll=nll / denom, ntokens=ntokens,
                    grad_norm=optax.tree.norm(grads),
                    lr=schedule(state.step))
+    if probe:
+      metrics['probes'] = {
+          **probing.norm_probes(updates.get(normjax.probes.PROBES, {})),
+          **probing.gradient_probes(grads, exact),
+          **probing.state_probes(new_state.batch_stats, new_state.grad_stats)}
     return new_state, metrics
 
   return train_step
@@ -181,25 +198,31 @@ def build_steps(init_variables: Callable[[Array], dict],
                 logits_fn: Callable[..., tuple[Array, dict]],
                 eval_logits_fn: Callable[..., Array], tx,
                 schedule: optax.Schedule, *, seed: int,
-                label_smoothing: float, mesh, logical_rules):
-  """The sharded initial state and the jitted train and eval steps.
+                label_smoothing: float, mesh, logical_rules,
+                exact_gradient: bool = False):
+  """The sharded initial state and the jitted train, probed and eval steps.
 
-  Returns (state, state_shardings, train_step, eval_step); the train step
-  donates the state, batches are split over the mesh's data axes.
+  Returns (state, state_shardings, train_step, probe_step, eval_step); the
+  train steps donate the state, batches are split over the mesh's data axes.
+  `probe_step` is the train step that also returns probes (compiled only
+  when first called).
   """
   with jax.set_mesh(mesh):
     state, shardings = init_state(init_variables, tx, seed, mesh,
                                   logical_rules)
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
-  train_step = jax.jit(
-      make_train_step(logits_fn, tx, schedule, label_smoothing),
-      in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
-      donate_argnums=0)
+
+  def jit_train(**kwargs):
+    return jax.jit(
+        make_train_step(logits_fn, tx, schedule, label_smoothing, **kwargs),
+        in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
+        donate_argnums=0)
   eval_step = jax.jit(
       make_eval_step(eval_logits_fn, label_smoothing),
       in_shardings=(shardings, batch_sh), out_shardings=repl)
-  return state, shardings, train_step, eval_step
+  return (state, shardings, jit_train(),
+          jit_train(probe=True, exact_gradient=exact_gradient), eval_step)
 
 
 def evaluate_loss(eval_step, state: TrainState, batches, mesh
@@ -230,6 +253,7 @@ class Trainable(Protocol):
   state: TrainState            # the freshly initialised state
   state_shardings: Any
   train_step: Callable         # jitted (state, batch) -> (state, metrics)
+  probe_step: Callable         # the same, metrics['probes'] added
   batcher: Any                 # iterable of numpy batches; state()/restore()
 
   def validate(self, state: TrainState) -> dict[str, float]:
@@ -267,11 +291,14 @@ def restore_or_init(exp: Trainable, mngr, expect: dict) -> TrainState:
 
 
 def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
-        preset: str) -> TrainState:
+        preset: str, probe_log: probing.ProbeLog | None = None
+        ) -> TrainState:
   """Trains to `train_cfg.num_steps`, resuming from `mngr`'s newest step.
 
   Every `log_every` steps: loss, perplexity, tokens/s, lr and gradient norm
-  to stdout and TensorBoard; every `eval_every` steps `exp.validate`; every
+  to stdout and TensorBoard; every `probe_every` steps (if > 0) the step is
+  `exp.probe_step` and its probes go to TensorBoard and `probe_log`
+  (`experiments.probing`); every `eval_every` steps `exp.validate`; every
   `checkpoint_every` steps (and at the end, or at an early stop after
   `early_stop_patience` evaluations without a better valid loss) the whole
   state with `expect`, the data position and the preset as metadata.
@@ -287,8 +314,15 @@ def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
   with jax.set_mesh(exp.mesh):
     while step < cfg.num_steps:
       batch = sharding.global_batch(next(batches), exp.mesh)
-      state, metrics = exp.train_step(state, batch)
+      probed = cfg.probe_every > 0 and (step + 1) % cfg.probe_every == 0
+      state, metrics = (exp.probe_step if probed else exp.train_step)(
+          state, batch)
       step += 1
+      if probed:
+        values = {k: float(v) for k, v in metrics.pop('probes').items()}
+        log_scalars(writer, step, 'probes', values)
+        if probe_log is not None:
+          probe_log.write(step, values)
       bar.update(1)
       window['steps'] += 1
       for k in ('loss', 'nll', 'ntokens'):
@@ -325,13 +359,17 @@ def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
 def train(exp: Trainable, config: Any, workdir: str):
   """`fit` of a run: checkpoints in <workdir>/checkpoints, the vocabulary
   fingerprint (`exp.data.fingerprint`) checked on resume, TensorBoard in
-  <workdir>/tensorboard. Returns (state, manager, expect, writer); the
+  <workdir>/tensorboard, probes (if on) in <workdir>/probes.csv. Returns (state, manager, expect, writer); the
   caller evaluates and closes the manager."""
   mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
                                config.train.keep_checkpoints)
   expect = {'vocab_fingerprint': exp.data.fingerprint}
   writer = summary_writer(workdir)
-  state = fit(exp, config.train, mngr, expect, writer, config.preset)
+  probe_log = None
+  if config.train.probe_every > 0 and jax.process_index() == 0:
+    probe_log = probing.ProbeLog(workdir, resume_step=mngr.latest_step() or 0)
+  state = fit(exp, config.train, mngr, expect, writer, config.preset,
+              probe_log)
   return state, mngr, expect, writer
 
 

@@ -72,19 +72,20 @@ class Experiment:
       return model.init({'params': rng, 'dropout': rng}, tokens, tokens,
                         train=False)
 
-    def logits_fn(variables, batch, rngs):
+    def logits_fn(variables, batch, rngs, mutable):
       return model.apply(variables, batch['inputs'], batch['targets'],
-                         train=True, rngs=rngs, mutable=['batch_stats'])
+                         train=True, rngs=rngs, mutable=mutable)
 
     def eval_logits(variables, batch):
       return self.eval_model.apply(variables, batch['inputs'],
                                    batch['targets'], train=False)
 
-    (self.state, self.state_shardings, self.train_step,
+    (self.state, self.state_shardings, self.train_step, self.probe_step,
      self.eval_step) = train_lib.build_steps(
          init_variables, logits_fn, eval_logits, self.tx, self.schedule,
          seed=config.seed, label_smoothing=config.optim.label_smoothing,
-         mesh=self.mesh, logical_rules=self.rules)
+         mesh=self.mesh, logical_rules=self.rules,
+         exact_gradient=config.train.probe_exact_gradient)
 
   # ---------------------------------------------------------------- eval --
   def _eval_batches(self, examples, max_tokens):

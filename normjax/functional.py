@@ -42,6 +42,7 @@ from normjax._src.power_norm import init_pn_v_state
 from normjax._src.power_norm import init_power_norm_state
 from normjax._src.power_norm import pn_v
 from normjax._src.power_norm import power_norm
+from normjax._src.power_norm import power_norm_autodiff
 from normjax._src.qk_norm import qk_norm
 from normjax._src.registry import CONDITIONAL_FUNCTIONS
 from normjax._src.registry import FUNCTIONS
@@ -60,6 +61,7 @@ __all__ = [
     'init_pn_v_state', 'init_power_norm_state', 'init_state',
     'init_td_params', 'init_unified_norm_state', 'layer_norm',
     'layer_norm_scaling', 'layer_norm_scaling_factor', 'modulate', 'pn_v',
-    'power_norm', 'qk_norm', 'rms_norm', 'td_layer_norm', 'td_parameter',
+    'power_norm', 'power_norm_autodiff', 'qk_norm', 'rms_norm',
+    'td_layer_norm', 'td_parameter',
     'td_rms_norm', 'unified_norm',
 ]

@@ -64,7 +64,8 @@ def translation_base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       num_steps=60000,  # fairseq stopped early (patience 5 epochs), ~55 epochs
       log_every=100, eval_every=1000, checkpoint_every=1000,
-      keep_checkpoints=5, early_stop_patience=5, eval_bleu_examples=500))
+      keep_checkpoints=5, early_stop_patience=5, eval_bleu_examples=500,
+      probe_every=0, probe_exact_gradient=False))  # experiments.probing
   c.decode = ml_collections.ConfigDict(dict(
       beam_size=5, length_penalty=1.0, max_len_a=1.2, max_len_b=10,
       average_last=5, lowercase_bleu=True, batch_tokens=8192))

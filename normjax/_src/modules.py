@@ -35,6 +35,7 @@ from normjax._src import dyt as dyt_lib
 from normjax._src import group_norm as gn_lib
 from normjax._src import layer_norm as ln_lib
 from normjax._src import power_norm as pn_lib
+from normjax._src import probes
 from normjax._src import qk_norm as qk_lib
 from normjax._src import unified_norm as un_lib
 
@@ -95,6 +96,11 @@ class _StatefulNorm(_Norm):
   def _options(self) -> dict[str, Any]:
     raise NotImplementedError
 
+  def _probe_statistics(self, x: Array, state: Any
+                        ) -> tuple[Array, dict[str, Array]]:
+    """(input as the statistics see it, {statistic: running value})."""
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
                mask: Array | None = None) -> Array:
@@ -113,6 +119,10 @@ class _StatefulNorm(_Norm):
       variables[name] = self.variable(
           GRAD_STATS if name in backward else BATCH_STATS, name, init)
     state = type(fresh)(**{k: v.value for k, v in variables.items()})
+    if not use_running_average and self.is_mutable_collection(
+        probes.PROBES):
+      seen, running = self._probe_statistics(x, state)
+      probes.record(self, x, mask, running, statistics_input=seen)
     y, new_state = self._function()(
         x, params, state, mask=mask, use_running_average=use_running_average,
         axis_name=self.axis_name, num_batch_groups=self.num_batch_groups,
@@ -132,6 +142,7 @@ class LayerNorm(_Norm):
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
                mask: Array | None = None) -> Array:
     del use_running_average
+    probes.record(self, x, mask)
     y, _ = ln_lib.layer_norm(
         x, self._params(jnp.shape(x)[-1]), mask=mask, axis=self.reduction_axes,
         eps=self.epsilon, axis_name=self.axis_name)
@@ -147,6 +158,7 @@ class RMSNorm(_Norm):
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
                mask: Array | None = None) -> Array:
     del use_running_average
+    probes.record(self, x, mask)
     y, _ = ln_lib.rms_norm(
         x, self._params(jnp.shape(x)[-1]), mask=mask, axis=self.reduction_axes,
         eps=self.epsilon, axis_name=self.axis_name)
@@ -183,6 +195,17 @@ class BatchNorm(_StatefulNorm):
   def _options(self):
     return dict(momentum=self.momentum)
 
+  def _probe_statistics(self, x, state):
+    return x, {'mean': state.mean, 'var': state.var}
+
+
+def _group_scaled(module: nn.Module, x: Array) -> Array:
+  """PowerNorm's/PN-V's input as their statistics see it."""
+  if not module.use_group_scaling:
+    return x
+  return ln_lib.group_scale(x.astype(jnp.float32), module.num_groups,
+                            module.group_scaling_eps)
+
 
 class PowerNorm(_StatefulNorm):
   """PowerNorm; wraps `normjax.functional.power_norm` (see its docstring)."""
@@ -194,6 +217,7 @@ class PowerNorm(_StatefulNorm):
   group_scaling_eps: float = 1e-5
   backward_denominator: str = 'batch'
   grad_mean_over: str = 'padded'
+  backward: str | None = None  # None: 'approximate' (see power_norm)
 
   def _function(self):
     return pn_lib.power_norm
@@ -208,7 +232,10 @@ class PowerNorm(_StatefulNorm):
                 use_group_scaling=self.use_group_scaling,
                 group_scaling_eps=self.group_scaling_eps,
                 backward_denominator=self.backward_denominator,
-                grad_mean_over=self.grad_mean_over)
+                grad_mean_over=self.grad_mean_over, backward=self.backward)
+
+  def _probe_statistics(self, x, state):
+    return _group_scaled(self, x), {'quad_mean': state.running_phi}
 
 
 class PNV(_StatefulNorm):
@@ -229,6 +256,9 @@ class PNV(_StatefulNorm):
     return dict(momentum=self.momentum, num_groups=self.num_groups,
                 use_group_scaling=self.use_group_scaling,
                 group_scaling_eps=self.group_scaling_eps)
+
+  def _probe_statistics(self, x, state):
+    return _group_scaled(self, x), {'quad_mean': state.running_phi}
 
 
 class UnifiedNorm(_StatefulNorm):
@@ -256,6 +286,9 @@ class UnifiedNorm(_StatefulNorm):
                 compensation_clamp=self.compensation_clamp,
                 mean_over=self.mean_over)
 
+  def _probe_statistics(self, x, state):
+    return x, {'quad_mean': state.running_var}
+
 
 class DyT(nn.Module):
   """Dynamic Tanh; wraps `normjax.functional.dyt`. No epsilon, no statistics.
@@ -277,6 +310,7 @@ class DyT(nn.Module):
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
                mask: Array | None = None) -> Array:
     del use_running_average
+    probes.record(self, x, mask)
     features = jnp.shape(x)[-1]
     alpha0 = self.alpha_init
     if isinstance(alpha0, str):
@@ -300,6 +334,7 @@ class CRMSNorm(_Norm):
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
                mask: Array | None = None) -> Array:
     del use_running_average
+    probes.record(self, x, mask)
     y, _ = ln_lib.crms_norm(x, self._params(jnp.shape(x)[-1]), mask=mask,
                             eps=self.epsilon)
     return self._out(y)
@@ -313,6 +348,7 @@ class GroupNorm(_Norm):
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
                mask: Array | None = None) -> Array:
     del use_running_average
+    probes.record(self, x, mask)
     y, _ = gn_lib.group_norm(x, self._params(jnp.shape(x)[-1]), mask=mask,
                              num_groups=self.num_groups, eps=self.epsilon)
     return self._out(y)
@@ -333,6 +369,7 @@ class EvoNormS0(_Norm):
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
                mask: Array | None = None) -> Array:
     del use_running_average
+    probes.record(self, x, mask)
     features = jnp.shape(x)[-1]
     params = {}
     if self.nonlinearity:
@@ -361,6 +398,7 @@ class LayerNormScaling(_Norm):
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
                mask: Array | None = None) -> Array:
     del use_running_average
+    probes.record(self, x, mask)
     if self.layer_index is None:
       raise ValueError(
           'LayerNormScaling: set `layer_index`, the 1-based index of the '
@@ -378,7 +416,8 @@ class Identity(nn.Module):
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool | None = None, *,
                mask: Array | None = None) -> Array:
-    del use_running_average, mask
+    del use_running_average
+    probes.record(self, x, mask)
     return x
 
 

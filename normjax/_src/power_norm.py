@@ -16,7 +16,10 @@ as the parameters, then add the result to the state with
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -43,6 +46,26 @@ def init_power_norm_state(features: int, dtype=jnp.float32,
                          ema_gz=jnp.zeros((features,), dtype),
                          step=jnp.zeros((), jnp.int32))
   return common.group_state(state, num_batch_groups)
+
+
+_BACKWARD = contextvars.ContextVar('power_norm_backward',
+                                   default='approximate')
+
+
+@contextlib.contextmanager
+def power_norm_autodiff() -> Iterator[None]:
+  """Within this block PowerNorm's `backward=None` means 'autodiff'.
+
+  It acts at trace time: the functions traced inside use ordinary autodiff
+  through PowerNorm's forward pass, which lets a train step compare the
+  approximate gradient with the exact one of the same forward (the probes'
+  `grad_cosine`) without a second model.
+  """
+  token = _BACKWARD.set('autodiff')
+  try:
+    yield
+  finally:
+    _BACKWARD.reset(token)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -122,6 +145,7 @@ def power_norm(
     backward_denominator: str = 'batch',
     grad_mean_over: str = 'padded',
     num_batch_groups: int = 1,
+    backward: str | None = None,
 ) -> tuple[Array, PowerNormState]:
   """PowerNorm (Shen et al., 2020, https://arxiv.org/abs/2003.07845).
 
@@ -169,6 +193,10 @@ def power_norm(
     group_scaling_eps: GroupScaling's eps (hard-wired to 1e-5 officially).
     backward_denominator: 'batch' (official) or 'running' (paper).
     grad_mean_over: 'padded' (official) or 'valid' (paper).
+    backward: 'approximate' (the rule above) or 'autodiff': exact autodiff
+      of the same forward pass (through psi2 in warmup; after it phi_{t-1}
+      is a constant), leaving u unchanged. None: 'approximate', or
+      'autodiff' inside `normjax.functional.power_norm_autodiff()`.
     num_batch_groups: split the batch axis into this many groups, each with
       its own statistics and state, to reproduce the official per-GPU
       behaviour whatever the device count. Evaluation uses group 0's state,
@@ -190,6 +218,8 @@ def power_norm(
   common.check_choice(backward_denominator, 'backward_denominator',
                       ('batch', 'running'), fn)
   common.check_choice(grad_mean_over, 'grad_mean_over', ('padded', 'valid'), fn)
+  backward = _BACKWARD.get() if backward is None else backward
+  common.check_choice(backward, 'backward', ('approximate', 'autodiff'), fn)
   dtype = common.stats_dtype(x)
   scaled = functools.partial(_prescale, dtype=dtype,
                              use_group_scaling=use_group_scaling,
@@ -208,18 +238,24 @@ def power_norm(
     xs = scaled(xg)
     t = st.step + 1
     phi_prev = st.running_phi.astype(dtype)
+    exact = backward == 'autodiff'
     psi2, count = common.masked_row_mean(
-        jnp.square(jax.lax.stop_gradient(xs)), maskg, axis_name)
+        jnp.square(xs if exact else jax.lax.stop_gradient(xs)), maskg,
+        axis_name)
     has_data = count > 0
     psi2 = jnp.where(has_data, psi2, phi_prev)
     batch_denom = jnp.sqrt(psi2 + eps)
     denom = jnp.where(t <= warmup_steps, batch_denom, jnp.sqrt(phi_prev + eps))
-    bwd_denom = batch_denom if backward_denominator == 'batch' else denom
-    row_weight = None
-    if grad_mean_over == 'valid' and maskg is not None:
-      row_weight = maskg.astype(dtype)
-    z = _pn_core(xs, denom, bwd_denom, row_weight, has_data,
-                 st.ema_gz.astype(dtype), alpha_bkw, axis_name)
+    if exact:
+      z = xs / common.feat(denom, xs.ndim)
+      psi2 = jax.lax.stop_gradient(psi2)
+    else:
+      bwd_denom = batch_denom if backward_denominator == 'batch' else denom
+      row_weight = None
+      if grad_mean_over == 'valid' and maskg is not None:
+        row_weight = maskg.astype(dtype)
+      z = _pn_core(xs, denom, bwd_denom, row_weight, has_data,
+                   st.ema_gz.astype(dtype), alpha_bkw, axis_name)
     y = common.affine(z, params, dtype)
     tf = t.astype(dtype)
     phi = jnp.where(t < warmup_steps, phi_prev * (tf - 1) / tf + psi2 / tf,

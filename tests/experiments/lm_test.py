@@ -15,6 +15,7 @@ import pytest
 
 from experiments import language_model
 from experiments import models
+from experiments import probing
 from experiments import sharding
 from experiments import train_lib
 from experiments.configs import common
@@ -208,6 +209,7 @@ def smoke_config(num_steps, preset='ptb_powernorm,smoke', planned=6):
   c.schedule = ml_collections.ConfigDict(
       dict(c.schedule.to_dict(), decay_steps=planned))
   c.train.num_steps = num_steps
+  c.train.probe_every = 2  # probes.csv must resume exactly too
   c.lock()
   return c
 
@@ -237,6 +239,11 @@ def test_lm_resume_is_exact(runs):
   assert all(jax.tree.leaves(same)), 'resumed run diverged'
   norm = a['state']['batch_stats']['decoder']['layer_0']['attention_norm']
   assert int(norm['step']) == 6
+  pa, pb = (probing.read_probes(d) for d in (straight, resumed))
+  assert sorted(pa) == sorted(pb) and ('model', 'grad_norm') in pa
+  for key in pa:  # the resumed run's file has no duplicate or lost rows
+    np.testing.assert_array_equal(pa[key][0], [2, 4, 6])
+    np.testing.assert_array_equal(pa[key][1], pb[key][1])
 
 
 def test_lm_results_cover_every_token(runs):

@@ -1,0 +1,92 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Unified Normalization: window smoothing and outlier filtration at work
+#
+# UN (Yang et al., 2022) normalises with the *geometric mean* of the last
+# M_f batch quadratic means instead of the current one, and with outlier
+# filtration on it skips a batch whose statistic makes the window's
+# arithmetic and geometric means drift apart (AM - GM > M_f rho), keeping
+# the running statistic R instead.
+#
+# Here `normjax.functional.unified_norm` is fed a stream of batches whose
+# scale fluctuates (log-normal, as text activations do) with three outlier
+# batches 30x larger. The statistic UN actually normalised with is read off its
+# output: sigma2 + eps = mean(x^2) / mean(y^2) per channel (no affine).
+
+# %%
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+import normjax.functional as nf
+from experiments import dynamics
+
+STEPS, FEATURES, ROWS, WINDOW, WARMUP = 120, 4, 256, 4, 20
+OUTLIERS = (50, 80, 81)
+rng = np.random.default_rng(0)
+scale = np.exp(0.3 * rng.standard_normal(STEPS))
+scale[list(OUTLIERS)] *= 30.0
+
+
+def stream(filtration):
+  state = nf.init_unified_norm_state(FEATURES, WINDOW)
+  step = jax.jit(lambda x, st: nf.unified_norm(
+      x, None, st, window_size=WINDOW, warmup_steps=WARMUP,
+      outlier_filtration=filtration, compensation_delay=WARMUP))
+  batch_stat, used, running, skips = [], [], [], []
+  for t in range(STEPS):
+    x = jnp.asarray(scale[t] * rng.standard_normal((ROWS, FEATURES)),
+                    jnp.float32)
+    y, state = step(x, state)
+    batch_stat.append(float(jnp.mean(x**2)))
+    used.append(float(jnp.mean(jnp.mean(x**2, 0) / jnp.mean(y**2, 0))))
+    running.append(float(jnp.mean(state.running_var)))
+    skips.append(int(state.skip_count))
+  return dict(batch=np.array(batch_stat), used=np.array(used),
+              running=np.array(running), skips=np.array(skips))
+
+
+plain, filtered = stream(False), stream(True)
+skipped_at = np.nonzero(np.diff(filtered['skips'], prepend=0))[0] + 1
+print('outlier batches (1-based steps):', [t + 1 for t in OUTLIERS])
+print('batches UN skipped:', skipped_at.tolist())
+
+# %%
+t = np.arange(1, STEPS + 1)
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), sharey=True)
+for ax, run, title in ((axes[0], plain, 'window smoothing only'),
+                       (axes[1], filtered, 'with outlier filtration')):
+  ax.plot(t, run['batch'], color='lightgray', label='batch statistic $s_t$')
+  ax.plot(t, run['used'], label=r'normalised with $\sigma^2_t$')
+  ax.plot(t, run['running'], '--', label='running R (evaluation)')
+  ax.axvline(WARMUP, color='gray', lw=0.8)
+  ax.set(yscale='log', xlabel='step', title=title)
+for s in skipped_at:
+  axes[1].axvline(s, color='red', lw=0.6, alpha=0.6)
+axes[0].legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(dynamics.figure_path('unified_norm.png'), dpi=110)
+
+# %%
+after = t > WARMUP + WINDOW
+ordinary = after & ~np.isin(t - 1, OUTLIERS)
+spread = lambda v: np.std(np.log(v[ordinary]))
+print(f'log-spread of the batch statistic {spread(plain["batch"]):.3f}, of '
+      f'the smoothed one {spread(plain["used"]):.3f}')
+print(f'largest R after warmup: without filtration {plain["running"][after].max():.1f}, '
+      f'with {filtered["running"][after].max():.1f}')
+assert spread(plain['used']) < spread(plain['batch'])
+assert filtered['running'][after].max() < plain['running'][after].max()
