@@ -14,7 +14,7 @@
 # %% [markdown]
 # # Where the norm sits: gradient norm and activation variance by depth
 #
-# One 8-layer LayerNorm LM on the embedded corpus, five placements
+# One 6-layer LayerNorm LM on the embedded corpus, five placements
 # (`model.placement`): Post-LN (Vaswani et al.), Pre-LN, Peri-LN (a norm on
 # both the input and the output of each sublayer), Mix-LN (Post-LN for the
 # first quarter of the layers, Pre-LN after) and LayerNorm Scaling (Pre-LN with
@@ -29,7 +29,7 @@ import numpy as np
 from experiments import dynamics
 
 PLACEMENTS = ('post', 'pre', 'peri', 'mix', 'lns')
-LAYERS, STEPS, EVERY = 8, 60, 5
+LAYERS, STEPS, EVERY = 6, 60, 5
 runs = {
     p: dynamics.probed_lm_run(
         'ptb_layernorm,demo', steps=STEPS, probe_every=EVERY, name=p,

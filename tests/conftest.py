@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices (before JAX initialises), strict ranks."""
 
+import json
 import os
 
 os.environ.setdefault('XLA_FLAGS', '')
@@ -36,3 +37,17 @@ def pytest_terminal_summary(terminalreporter):
   terminalreporter.write_sep('-', 'largest deviations from the references')
   for name in sorted(DEVIATIONS):
     terminalreporter.write_line(f'{name:60s} {DEVIATIONS[name]:.2e}')
+
+
+def pytest_sessionfinish(session):
+  """An xdist worker hands its deviations to the controller."""
+  if hasattr(session.config, 'workeroutput'):
+    session.config.workeroutput['deviations'] = json.dumps(DEVIATIONS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  del error
+  for name, value in json.loads(
+      getattr(node, 'workeroutput', {}).get('deviations', '{}')).items():
+    record_deviation(name, value)

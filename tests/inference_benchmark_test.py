@@ -1,4 +1,4 @@
-"""The inference benchmark's quick mode runs, so the benchmark cannot rot."""
+"""The inference and probe benchmarks' quick modes run, so they cannot rot."""
 
 import math
 
@@ -18,3 +18,11 @@ def test_quick_inference_benchmark():
   assert math.isfinite(result['headline'])
   text = inference.report(result)
   assert "folded UN ('none') vs LayerNorm" in text and 'cpu:' in text
+
+
+def test_quick_probe_overhead_benchmark():
+  from benchmarks import probes  # pylint: disable=g-import-not-at-top
+  result = probes.run('ptb_powernorm,smoke', every=10, rounds=2, overrides={})
+  assert result['plain_ms'] > 0 and result['probed_ms'] > 0
+  assert math.isclose(result['overhead'], (9 + result['ratio']) / 10 - 1)
+  assert 'probing every 10 steps costs' in probes.report(result)

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 import json
 import re
 
@@ -39,6 +41,7 @@ def step_lines(out):
           if re.match(r'step \d+: ', l)]
 
 
+@pytest.mark.slow  # two JAX processes: run by `pytest -m slow` (CI does)
 def test_two_processes_match_one(tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))

@@ -89,5 +89,5 @@ def test_dynamics_run_records_every_probe_step():
   assert np.all(values > 0)
   with pytest.raises(KeyError, match='no probe'):
     run.series('decoder/layer_0/ffn_norm', 'qm_dist')
-  with pytest.raises(AttributeError):
+  with pytest.raises(KeyError, match='Did you mean "probe_every"'):
     dynamics.lm_config('ptb_batchnorm,smoke', {'train.probe_evry': 2})

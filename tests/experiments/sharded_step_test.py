@@ -18,7 +18,8 @@ EXPERIMENTS = {
 }
 
 
-@pytest.mark.parametrize('name', sorted(EXPERIMENTS))
+@pytest.mark.parametrize('name', [
+    pytest.param('translation', marks=pytest.mark.slow), 'language_model'])
 def test_sharded_train_steps_equal_single_device(name, tmp_path):
   assert len(jax.devices()) == 8
   experiment, make_config = EXPERIMENTS[name]
