@@ -29,9 +29,9 @@ from benchmarks import inference
 from experiments import dynamics
 from experiments.runtime import tune_malloc
 
-tune_malloc()
+malloc = tune_malloc()
 result = inference.run(batch=8, length=64, d_model=128, layers=4, reps=15)
-print(inference.report(result))
+print(inference.report(result, malloc))
 
 # %%
 rows = result['rows']
