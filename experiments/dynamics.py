@@ -88,17 +88,6 @@ def lm_config(preset: str, overrides: Mapping[str, Any] | None = None):
   return config
 
 
-def _collect(probes: dict, step: int, values: Mapping[str, Any]) -> None:
-  for key, value in values.items():
-    site, metric = key.rsplit('/', 1)
-    probes.setdefault((site, metric), []).append((step, float(value)))
-
-
-def _as_series(probes: dict) -> dict[tuple[str, str], Series]:
-  return {k: (np.array([s for s, _ in v]), np.array([x for _, x in v]))
-          for k, v in probes.items()}
-
-
 def probed_lm_run(preset: str, steps: int, probe_every: int = 5,
                   overrides: Mapping[str, Any] | None = None,
                   exact_gradient: bool = False, name: str | None = None
@@ -113,7 +102,7 @@ def probed_lm_run(preset: str, steps: int, probe_every: int = 5,
   with tempfile.TemporaryDirectory() as workdir:
     exp = language_model.Experiment(config, workdir)
     state, batches = exp.state, iter(exp.batcher)
-    losses, probes = [], {}
+    losses, rows = [], []
     with jax.set_mesh(exp.mesh):
       for step in range(1, steps + 1):
         batch = sharding.global_batch(next(batches), exp.mesh)
@@ -121,12 +110,13 @@ def probed_lm_run(preset: str, steps: int, probe_every: int = 5,
         state, metrics = (exp.probe_step if probed else exp.train_step)(
             state, batch)
         if probed:
-          _collect(probes, step, metrics.pop('probes'))
+          rows += [(step, *r) for r in probing.split_keys(
+              metrics.pop('probes'))]
         losses.append(float(metrics['loss']))
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f'{preset}: non-finite loss at step '
                              f'{int(np.argmin(np.isfinite(losses))) + 1}')
-  return Run(name or preset, np.array(losses), _as_series(probes),
+  return Run(name or preset, np.array(losses), probing.to_series(rows),
              time.time() - start)
 
 
@@ -192,7 +182,7 @@ def probed_cnn_run(steps: int, probe_every: int = 5, batch_size: int = 64,
   plain, probed = make_step(False), make_step(True)
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(images))
-  start, losses, probes, pos = time.time(), [], {}, 0
+  start, losses, rows, pos = time.time(), [], [], 0
   for step in range(1, steps + 1):
     if pos + batch_size > len(order):
       order, pos = rng.permutation(len(images)), 0
@@ -201,8 +191,7 @@ def probed_cnn_run(steps: int, probe_every: int = 5, batch_size: int = 64,
     fn = probed if step % probe_every == 0 else plain
     params, batch_stats, opt_state, loss, extra = fn(
         params, batch_stats, opt_state, images[idx], labels[idx])
-    if extra:
-      _collect(probes, step, extra)
+    rows += [(step, *r) for r in probing.split_keys(extra)]
     losses.append(float(loss))
-  return Run('digits CNN', np.array(losses), _as_series(probes),
+  return Run('digits CNN', np.array(losses), probing.to_series(rows),
              time.time() - start)

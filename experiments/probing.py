@@ -53,14 +53,9 @@ def layer_of(path: str) -> str:
 
 def _by_layer(tree: Any) -> dict[str, list[Array]]:
   groups: dict[str, list[Array]] = {}
-  for path, leaf in normjax.probes.flatten(_unfreeze(tree)).items():
+  for path, leaf in normjax.probes.flatten(tree).items():
     groups.setdefault(layer_of(path), []).append(leaf)
   return groups
-
-
-def _unfreeze(tree: Any) -> dict:
-  return {k: _unfreeze(v) if isinstance(v, Mapping) else v
-          for k, v in tree.items()}
 
 
 def _sq(leaves) -> Array:
@@ -76,29 +71,33 @@ def gradient_probes(grads: Any, exact_grads: Any = None) -> dict[str, Array]:
   """Per-layer and total gradient norms; cosines with `exact_grads`."""
   out = {}
   groups = _by_layer(grads)
-  exact = _by_layer(exact_grads) if exact_grads is not None else None
-  for name, leaves in groups.items():
-    out[f'{name}/grad_norm'] = jnp.sqrt(_sq(leaves))
-  out['model/grad_norm'] = jnp.sqrt(sum(_sq(v) for v in groups.values()))
-  if exact is not None:
-    def cosine(a, b):
-      return _dot(a, b) / jnp.maximum(jnp.sqrt(_sq(a) * _sq(b)), 1e-30)
-    for name, leaves in groups.items():
-      out[f'{name}/grad_cosine'] = cosine(leaves, exact[name])
-    every = [x for v in groups.values() for x in v]
-    every_exact = [x for name in groups for x in exact[name]]
-    out['model/grad_cosine'] = cosine(every, every_exact)
+  sq = {name: _sq(leaves) for name, leaves in groups.items()}
+  for name, value in sq.items():
+    out[f'{name}/grad_norm'] = jnp.sqrt(value)
+  total = sum(sq.values())
+  out['model/grad_norm'] = jnp.sqrt(total)
+  if exact_grads is not None:
+    exact = _by_layer(exact_grads)
+    sq_exact = {name: _sq(exact[name]) for name in groups}
+    dots = {name: _dot(groups[name], exact[name]) for name in groups}
+
+    def cosine(dot, a, b):
+      return dot / jnp.maximum(jnp.sqrt(a * b), 1e-30)
+    for name in groups:
+      out[f'{name}/grad_cosine'] = cosine(dots[name], sq[name], sq_exact[name])
+    out['model/grad_cosine'] = cosine(sum(dots.values()), total,
+                                      sum(sq_exact.values()))
   return out
 
 
 def state_probes(batch_stats: Any, grad_stats: Any) -> dict[str, Array]:
   """PowerNorm's/UN's gradient statistic and UN's outlier-skip count."""
   out = {}
-  for path, leaf in normjax.probes.flatten(_unfreeze(grad_stats)).items():
+  for path, leaf in normjax.probes.flatten(grad_stats).items():
     site, name = path.rsplit('/', 1)
     if name == 'ema_gz':
       out[f'{site}/grad_stat'] = jnp.mean(jnp.abs(leaf.astype(jnp.float32)))
-  for path, leaf in normjax.probes.flatten(_unfreeze(batch_stats)).items():
+  for path, leaf in normjax.probes.flatten(batch_stats).items():
     site, name = path.rsplit('/', 1)
     if name == 'skip_count':
       out[f'{site}/skip_count'] = jnp.sum(leaf).astype(jnp.float32)
@@ -107,7 +106,7 @@ def state_probes(batch_stats: Any, grad_stats: Any) -> dict[str, Array]:
 
 def norm_probes(sown: Any) -> dict[str, Array]:
   """The norms' sown 'probes' collection as {'<site>/<metric>': value}."""
-  return dict(normjax.probes.flatten(_unfreeze(sown)))
+  return normjax.probes.flatten(sown)
 
 
 # ------------------------------------------------------------ the file --
@@ -134,10 +133,24 @@ class ProbeLog:
 
   def write(self, step: int, values: Mapping[str, float]) -> None:
     with open(self.path, 'a', newline='') as f:
-      writer = csv.writer(f)
-      for key, value in sorted(values.items()):
-        site, metric = key.rsplit('/', 1)
-        writer.writerow((step, site, metric, repr(float(value))))
+      csv.writer(f).writerows(
+          (step, site, metric, repr(float(value)))
+          for site, metric, value in split_keys(values))
+
+
+def split_keys(values: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
+  """{'<site>/<metric>': v} -> sorted [(site, metric, v)]."""
+  return [(*key.rsplit('/', 1), value)
+          for key, value in sorted(values.items())]
+
+
+def to_series(rows) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+  """(step, site, metric, value) rows -> {(site, metric): (steps, values)}."""
+  series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+  for step, site, metric, value in rows:
+    series.setdefault((site, metric), []).append((int(step), float(value)))
+  return {k: (np.array([s for s, _ in v]), np.array([x for _, x in v]))
+          for k, v in series.items()}
 
 
 def _read_rows(path: str) -> list[dict[str, str]]:
@@ -154,9 +167,4 @@ def read_probes(path: str) -> dict[tuple[str, str], tuple[np.ndarray,
   """probes.csv (or its workdir) -> {(site, metric): (steps, values)}."""
   if os.path.isdir(path):
     path = os.path.join(path, 'probes.csv')
-  series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-  for row in _read_rows(path):
-    series.setdefault((row['site'], row['metric']), []).append(
-        (int(row['step']), float(row['value'])))
-  return {k: (np.array([s for s, _ in v]), np.array([x for _, x in v]))
-          for k, v in series.items()}
+  return to_series([r[c] for c in COLUMNS] for r in _read_rows(path))

@@ -201,10 +201,9 @@ class BatchNorm(_StatefulNorm):
 
 def _group_scaled(module: nn.Module, x: Array) -> Array:
   """PowerNorm's/PN-V's input as their statistics see it."""
-  if not module.use_group_scaling:
-    return x
-  return ln_lib.group_scale(x.astype(jnp.float32), module.num_groups,
-                            module.group_scaling_eps)
+  return pn_lib._prescale(  # pylint: disable=protected-access
+      x, jnp.float32, module.use_group_scaling, module.num_groups,
+      module.group_scaling_eps)
 
 
 class PowerNorm(_StatefulNorm):
