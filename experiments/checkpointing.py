@@ -2,14 +2,24 @@
 
 A checkpoint holds the whole `TrainState` (params, optimizer state, the
 norms' forward and backward statistics, the step and the rng) and a JSON
-record: the data iterator position, the vocabulary fingerprint, and the
-preset, so a run that resumes with another vocabulary stops with a message
-instead of training on garbage.
+record: the data iterator position, the vocabulary fingerprint, the preset
+and the settings that define the run (`run_identity`: seed, model, data), so
+a run that resumes with another vocabulary or model stops with a message
+naming what differs instead of training on garbage.
+
+A checkpoint counts only when it is complete (`problem`: orbax's commit
+marker and metadata present) and restores (`restore_newest`): a truncated or
+half-written one is moved aside, never deleted, and the run falls back to
+the next newer valid one. Orbax deletes old checkpoints (`keep`) only after
+a newer one is committed.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
 from typing import Any
 
 import jax
@@ -21,10 +31,41 @@ class CheckpointMismatch(ValueError):
   """The checkpoint does not belong to this run: a user error."""
 
 
+class CheckpointCorrupt(ValueError):
+  """No checkpoint of the run can be restored."""
+
+
+# Settings that define a run; the others (steps, cadence, learning rate,
+# mesh) may change on resume. Paths may move between machines.
+IDENTITY = ('seed', 'model', 'data')
+MOVABLE = ('data.path', 'data.tfds_data_dir')
+COMMIT_MARKER = 'commit_success.txt'
+INVALID_DIR = 'invalid_checkpoints'
+
+
+def run_identity(config: Any) -> dict[str, Any]:
+  """{'config': {dotted key: value}} of the settings a resume must keep."""
+  flat: dict[str, Any] = {}
+
+  def walk(prefix, value):
+    if hasattr(value, 'items'):
+      for k, v in value.items():
+        walk(f'{prefix}.{k}' if prefix else k, v)
+    elif prefix not in MOVABLE:
+      flat[prefix] = value
+  for section in IDENTITY:
+    walk(section, config[section])
+  # JSON round trip: tuples become lists, as they come back from a checkpoint.
+  return {'config': json.loads(json.dumps(flat, default=str))}
+
+
 def manager(directory: str, keep: int, async_save: bool = True
             ) -> ocp.CheckpointManager:
+  """Keeps `keep` checkpoints; half-written temporary ones of a killed save
+  (never complete, never restored) are removed on start."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+      cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -41,21 +82,102 @@ def abstract_like(state: Any, shardings: Any) -> Any:
       state, shardings)
 
 
+def check_meta(where: str, meta: dict, expect: dict) -> None:
+  """Raises CheckpointMismatch naming the first settings that differ."""
+  for key, want in expect.items():
+    got = meta.get(key)
+    if key == 'config':
+      if got is None:  # written before run identities were recorded
+        continue
+      diff = [k for k in sorted(set(got) | set(want))
+              if got.get(k, '<absent>') != want.get(k, '<absent>')]
+      if diff:
+        shown = '; '.join(
+            f'{k}={got.get(k, "<absent>")!r} there, {want.get(k, "<absent>")!r}'
+            ' here' for k in diff[:3])
+        more = f' (and {len(diff) - 3} more)' if len(diff) > 3 else ''
+        raise CheckpointMismatch(
+            f'checkpoint {where} was written by another config: {shown}{more}; '
+            'use a new --workdir, or the settings the checkpoint was written '
+            'with.')
+    elif got != want:
+      raise CheckpointMismatch(
+          f'checkpoint {where} has {key}={got!r} but this run '
+          f'has {key}={want!r}; use a new --workdir, or the settings the '
+          'checkpoint was written with.')
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
             expect: dict) -> tuple[Any, dict]:
   """Restores `step`; checks `expect` (key -> value) against the metadata."""
   meta = mngr.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta']
-  for key, want in expect.items():
-    got = meta.get(key)
-    if got != want:
-      raise CheckpointMismatch(
-          f'checkpoint {mngr.directory}/{step} has {key}={got!r} but this run '
-          f'has {key}={want!r}; use a new --workdir, or the settings the '
-          'checkpoint was written with.')
+  check_meta(f'{mngr.directory}/{step}', meta, expect)
   state = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))['state']
   return state, meta
+
+
+def problem(directory: str, step: int) -> str | None:
+  """Why `directory/step` is not a complete checkpoint, or None."""
+  path = os.path.join(str(directory), str(step))
+  for name in (COMMIT_MARKER, '_CHECKPOINT_METADATA',
+               os.path.join('state', COMMIT_MARKER),
+               os.path.join('meta', 'metadata')):
+    if not os.path.exists(os.path.join(path, name)):
+      return f'{name} is missing'
+  return None
+
+
+def restore_newest(mngr: ocp.CheckpointManager, abstract_state: Any,
+                   expect: dict) -> tuple[Any, dict] | None:
+  """The newest checkpoint that is complete and restores, or None if there
+  is none at all.
+
+  An incomplete or unreadable checkpoint is moved to <workdir>/
+  invalid_checkpoints/<step> (a warning says why) and the next older one is
+  tried; a checkpoint of another run (CheckpointMismatch) stops at once.
+  Raises CheckpointCorrupt if checkpoints exist but none restores.
+  """
+  directory = str(mngr.directory)
+  bad = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    reason = problem(directory, step)
+    if reason is None:
+      try:
+        state, meta = restore(mngr, step, abstract_state, expect)
+        if int(meta.get('step', step)) != step or int(state.step) != step:
+          reason = (f'its state is at step {int(state.step)}, its record at '
+                    f'{meta.get("step")}')
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+    if reason is None:
+      for bad_step, why in bad:
+        _move_aside(directory, bad_step, why)
+      if bad:
+        mngr.reload()
+      return state, meta
+    bad.append((step, reason))
+  if bad:
+    raise CheckpointCorrupt(
+        f'no checkpoint in {directory} can be restored ('
+        + '; '.join(f'step {s}: {why}' for s, why in bad)
+        + '); move the directory away to start afresh, or restore a copy.')
+  return None
+
+
+def _move_aside(directory: str, step: int, why: str) -> None:
+  target = os.path.join(os.path.dirname(directory), INVALID_DIR)
+  os.makedirs(target, exist_ok=True)
+  dest = os.path.join(target, str(step))
+  n = 1
+  while os.path.exists(dest):
+    dest, n = os.path.join(target, f'{step}.{n}'), n + 1
+  shutil.move(os.path.join(directory, str(step)), dest)
+  print(f'warning: checkpoint {directory}/{step} is invalid ({why}); moved to '
+        f'{dest}, resuming from an older one.', file=sys.stderr, flush=True)
 
 
 def average(states: list[Any]) -> Any:

@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 
 from experiments import configs
+from experiments import faults
 from experiments import runtime
 from experiments import sharding
 
@@ -29,7 +30,13 @@ SPLIT = flags.DEFINE_enum('split', 'test', ['valid', 'test'],
 def run(experiment: str, config_flag: flags.FlagHolder,
         train: Callable, evaluate: Callable,
         default_checkpoint: str = 'averaged') -> None:
-  """Parses flags and runs; user errors end in one line and exit code 2."""
+  """Parses flags and runs; user errors end in one line and exit code 2.
+
+  Exit codes: 2 a user error (bad flag, config, data, or a checkpoint of
+  another run), 3 a non-finite step (faults.NonFiniteError), 143 stopped by
+  SIGTERM after a final checkpoint (faults.Preempted). NORMJAX_TRACEBACK=1
+  shows the traceback instead.
+  """
 
   def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -47,12 +54,17 @@ def run(experiment: str, config_flag: flags.FlagHolder,
       else:
         evaluate(config, workdir, CHECKPOINT.value or default_checkpoint,
                  SPLIT.value)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except faults.Preempted as e:
+      print(f'preempted: {e}', file=sys.stderr, flush=True)
+      sys.exit(143)
+    except (faults.NonFiniteError, ValueError, FileNotFoundError,
+            KeyError) as e:
       if os.environ.get('NORMJAX_TRACEBACK'):
         raise
-      print(f'error: {e}  (set NORMJAX_TRACEBACK=1 for the traceback)',
-            file=sys.stderr)
-      sys.exit(2)
+      message = e.args[0] if isinstance(e, KeyError) and e.args else e
+      print(f'error: {message}  (set NORMJAX_TRACEBACK=1 for the traceback)',
+            file=sys.stderr, flush=True)
+      sys.exit(3 if isinstance(e, faults.NonFiniteError) else 2)
 
   app.run(main, flags_parser=lambda argv: configs.parse_flags(experiment,
                                                                argv))

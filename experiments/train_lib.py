@@ -12,6 +12,7 @@ as in the official code; they are folded into the state with
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ import tqdm
 
 import normjax
 from experiments import checkpointing
+from experiments import faults
 from experiments import probing
 from experiments import sharding
 
@@ -136,6 +138,11 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
   `batch` holds `targets` and `weights` (1 for real target tokens). With
   `probe` the metrics also hold 'probes' (`experiments.probing`), and with
   `exact_gradient` the cosine of the gradient with exact autodiff.
+
+  A step whose loss or gradient norm is not finite changes nothing but the
+  step counter (metrics['finite'] is False): the parameters, optimizer
+  state and norm statistics stay those of the last good step, and `fit`
+  stops or skips (config.train.nonfinite).
   """
   mutable = ['batch_stats', normjax.probes.PROBES] if probe else [
       'batch_stats']
@@ -169,9 +176,13 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
         batch_stats=updates.get('batch_stats', state.batch_stats),
         grad_stats=normjax.apply_backward_stats(state.grad_stats,
                                                 stat_updates))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             new_state, state).replace(step=new_state.step)
     metrics = dict(loss=loss / denom, nll=nll / denom, ntokens=ntokens,
-                   grad_norm=optax.tree.norm(grads),
-                   lr=schedule(state.step))
+                   grad_norm=grad_norm, lr=schedule(state.step),
+                   finite=finite)
     if probe:
       metrics['probes'] = {
           **probing.norm_probes(updates.get(normjax.probes.PROBES, {})),
@@ -278,12 +289,15 @@ def summary_writer(workdir: str):
 
 
 def restore_or_init(exp: Trainable, mngr, expect: dict) -> TrainState:
-  """The newest checkpoint (data position included), else the fresh state."""
+  """The newest valid checkpoint (data position included), else the fresh
+  state (`checkpointing.restore_newest`: invalid ones are moved aside)."""
   if mngr.latest_step() is None:
     return exp.state
   abstract = checkpointing.abstract_like(exp.state, exp.state_shardings)
-  state, meta = checkpointing.restore(mngr, mngr.latest_step(), abstract,
-                                      expect)
+  restored = checkpointing.restore_newest(mngr, abstract, expect)
+  if restored is None:
+    return exp.state
+  state, meta = restored
   exp.batcher.restore(meta['data'])
   print(f'resumed from step {int(state.step)} of {mngr.directory}',
         flush=True)
@@ -291,8 +305,9 @@ def restore_or_init(exp: Trainable, mngr, expect: dict) -> TrainState:
 
 
 def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
-        preset: str, probe_log: probing.ProbeLog | None = None
-        ) -> TrainState:
+        preset: str, probe_log: probing.ProbeLog | None = None,
+        state: TrainState | None = None,
+        step_log: faults.StepLog | None = None) -> TrainState:
   """Trains to `train_cfg.num_steps`, resuming from `mngr`'s newest step.
 
   Every `log_every` steps: loss, perplexity, tokens/s, lr and gradient norm
@@ -302,32 +317,55 @@ def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
   `checkpoint_every` steps (and at the end, or at an early stop after
   `early_stop_patience` evaluations without a better valid loss) the whole
   state with `expect`, the data position and the preset as metadata.
+  `state` is where to start (default: `restore_or_init`); `step_log` gets
+  every step's values (`faults.StepLog`).
+
+  Faults: a SIGTERM writes a checkpoint after the current step and raises
+  `faults.Preempted`. A step with a non-finite loss or gradient norm (which
+  the train step leaves without effect) raises `faults.NonFiniteError`
+  naming the step and where the values first went bad, or with
+  `nonfinite='skip'` is skipped, up to `nonfinite_max_skips` in a row.
   """
   cfg = train_cfg
-  state = restore_or_init(exp, mngr, expect)
+  if state is None:
+    state = restore_or_init(exp, mngr, expect)
   step = int(state.step)
+  skipped = 0
   best, stale = float('inf'), 0
   batches: Iterator = iter(exp.batcher)
   window = _new_window()
   bar = tqdm.tqdm(total=cfg.num_steps, initial=step, desc='train',
                   disable=jax.process_index() != 0, mininterval=5)
-  with jax.set_mesh(exp.mesh):
+  with jax.set_mesh(exp.mesh), faults.Preemption() as preemption:
     while step < cfg.num_steps:
-      batch = sharding.global_batch(next(batches), exp.mesh)
+      host_batch = next(batches)
+      batch = sharding.global_batch(host_batch, exp.mesh)
       probed = cfg.probe_every > 0 and (step + 1) % cfg.probe_every == 0
       state, metrics = (exp.probe_step if probed else exp.train_step)(
           state, batch)
       step += 1
+      if not bool(metrics['finite']):
+        skipped = _nonfinite_step(exp, cfg, mngr, state, batch, metrics,
+                                  step, skipped)
+        bar.write(f'step {step}: skipped, loss {float(metrics["loss"])}, '
+                  f'grad_norm {float(metrics["grad_norm"])} '
+                  f'({skipped} in a row)')
+      else:
+        skipped = 0
+      if step_log is not None:
+        step_log.write(step, metrics, faults.batch_crc(host_batch))
       if probed:
         values = {k: float(v) for k, v in metrics.pop('probes').items()}
         log_scalars(writer, step, 'probes', values)
         if probe_log is not None:
           probe_log.write(step, values)
       bar.update(1)
-      window['steps'] += 1
-      for k in ('loss', 'nll', 'ntokens'):
-        window[k] += float(metrics[k])
-      if step % cfg.log_every == 0 or step == cfg.num_steps:
+      if not skipped:
+        window['steps'] += 1
+        for k in ('loss', 'nll', 'ntokens'):
+          window[k] += float(metrics[k])
+      if window['steps'] and (step % cfg.log_every == 0
+                              or step == cfg.num_steps):
         logged = _summarize(window, metrics)
         bar.set_postfix(loss=f"{logged['loss']:.3f}",
                         tok_s=f"{logged['tokens_per_s']:.0f}")
@@ -344,9 +382,14 @@ def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
           stale += 1
       stop = bool(cfg.early_stop_patience) and (
           stale >= cfg.early_stop_patience)
-      if stop or step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+      if (stop or preemption.requested or step % cfg.checkpoint_every == 0
+          or step == cfg.num_steps):
         checkpointing.save(mngr, step, state, dict(
             expect, data=exp.batcher.state(), step=step, preset=preset))
+      if preemption.requested:
+        bar.close()
+        mngr.wait_until_finished()
+        raise faults.Preempted(step, str(mngr.directory))
       if stop:
         bar.write(f'early stop at step {step}: valid loss did not improve for '
                   f'{stale} evaluations')
@@ -358,19 +401,67 @@ def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
 
 def train(exp: Trainable, config: Any, workdir: str):
   """`fit` of a run: checkpoints in <workdir>/checkpoints, the vocabulary
-  fingerprint (`exp.data.fingerprint`) checked on resume, TensorBoard in
-  <workdir>/tensorboard, probes (if on) in <workdir>/probes.csv. Returns (state, manager, expect, writer); the
-  caller evaluates and closes the manager."""
+  fingerprint (`exp.data.fingerprint`) and the run's settings
+  (`checkpointing.run_identity`) checked on resume, TensorBoard in
+  <workdir>/tensorboard, per-step losses in <workdir>/losses.csv, probes
+  (if on) in <workdir>/probes.csv. Returns (state, manager, expect,
+  writer); the caller evaluates and closes the manager."""
   mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
                                config.train.keep_checkpoints)
-  expect = {'vocab_fingerprint': exp.data.fingerprint}
+  expect = {'vocab_fingerprint': exp.data.fingerprint,
+            **checkpointing.run_identity(config)}
+  state = restore_or_init(exp, mngr, expect)
   writer = summary_writer(workdir)
-  probe_log = None
-  if config.train.probe_every > 0 and jax.process_index() == 0:
-    probe_log = probing.ProbeLog(workdir, resume_step=mngr.latest_step() or 0)
-  state = fit(exp, config.train, mngr, expect, writer, config.preset,
-              probe_log)
+  probe_log = step_log = None
+  if jax.process_index() == 0:
+    step_log = faults.StepLog(workdir, resume_step=int(state.step))
+    if config.train.probe_every > 0:
+      probe_log = probing.ProbeLog(workdir, resume_step=int(state.step))
+  try:
+    state = fit(exp, config.train, mngr, expect, writer, config.preset,
+                probe_log, state=state, step_log=step_log)
+  finally:
+    if step_log is not None:
+      step_log.close()
   return state, mngr, expect, writer
+
+
+def _nonfinite_step(exp: Trainable, cfg: Any, mngr, state: TrainState,
+                    batch: dict, metrics: dict, step: int, skipped: int
+                    ) -> int:
+  """Raises NonFiniteError, or returns the count of steps skipped in a row."""
+  skipped += 1
+  policy = cfg.get('nonfinite', 'stop')
+  if policy not in ('stop', 'skip'):
+    raise ValueError(f"--config.train.nonfinite={policy!r}: choose 'stop' or "
+                     "'skip'.")
+  if policy == 'skip' and skipped <= cfg.get('nonfinite_max_skips', 10):
+    return skipped
+  mngr.wait_until_finished()
+  last = mngr.latest_step()
+  # The step left the state as it was: probe the same batch from it.
+  where = faults.locate(_probe(exp, state.replace(step=state.step - 1),
+                               batch), state.params)
+  hint = ('the run skipped ' + str(skipped - 1) + ' steps in a row before; '
+          if policy == 'skip' else
+          'set --config.train.nonfinite=skip to skip such steps; ')
+  raise faults.NonFiniteError(
+      f'step {step}: loss {float(metrics["loss"])}, gradient norm '
+      f'{float(metrics["grad_norm"])}; {where}. Nothing of this step was '
+      f'saved; the last good checkpoint is '
+      f'{"none" if last is None else f"{mngr.directory}/{last}"}; '
+      f'{hint}lower the learning rate or check the data.')
+
+
+def _probe(exp: Trainable, state: TrainState, batch: dict) -> dict:
+  """The probes of one step (the probed step donates: it gets a copy)."""
+  try:
+    _, metrics = exp.probe_step(jax.tree.map(jnp.copy, state), batch)
+    return {k: float(v) for k, v in metrics['probes'].items()}
+  except Exception as e:  # pylint: disable=broad-except  # a diagnosis only
+    print(f'warning: probing the non-finite step failed: {e}',
+          file=sys.stderr)
+    return {}
 
 
 def _new_window() -> dict:

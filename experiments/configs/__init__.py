@@ -12,6 +12,7 @@ are type-checked and an unknown key is an error, because the config is locked.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import ml_collections
@@ -77,6 +78,36 @@ def parse_flags(experiment: str, argv: list[str]) -> list[str]:
     return flags.FLAGS(expand_argv(experiment, argv))
   except (flags.Error, ConfigError, AttributeError, KeyError, TypeError,
           ValueError) as e:
-    message = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-    print(f'error: {message}', file=sys.stderr)
+    print(f'error: {one_line(str(e), argv)}', file=sys.stderr)
     sys.exit(2)
+
+
+def one_line(message: str, argv: list[str]) -> str:
+  """A flag-parsing error as one line naming the flag and the fix.
+
+  absl/ml_collections put the reason last, after a traceback of the config
+  module; a misspelled key comes as "'key'\nDid you mean ...", quoted."""
+  text = message.strip().replace('\\n', '\n')
+  lines = [l.strip() for l in text.splitlines() if l.strip()] or [message]
+  last = lines[-1]
+  if len(last) > 1 and last[0] == last[-1] and last[0] in '\'"':
+    last = last[1:-1]
+  for prefix in ('experiments.configs.ConfigError: ', 'ConfigError: '):
+    if last.startswith(prefix):
+      return last[len(prefix):]
+  suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  if suggestion:
+    right, wrong = suggestion.groups()
+    flag = next((a.split('=')[0] for a in argv
+                 if a.startswith('--config.') and
+                 wrong in a.split('=')[0].split('.')), f'--config...{wrong}')
+    return (f'{flag}: no config key {wrong!r}; did you mean {right!r}? '
+            '(the keys are in experiments/configs/)')
+  unknown = re.search(r"Unknown command line flag '(config\.[^']+)'", text)
+  if unknown:
+    return (f'--{unknown.group(1)}: no such config key; the keys are in '
+            'experiments/configs/ (e.g. --config.train.num_steps=100).')
+  if last.startswith('flag --config.'):
+    return (f'{last}; give a value of the type the preset has (see '
+            'experiments/configs/).')
+  return last

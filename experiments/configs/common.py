@@ -65,7 +65,10 @@ def translation_base() -> ml_collections.ConfigDict:
       num_steps=60000,  # fairseq stopped early (patience 5 epochs), ~55 epochs
       log_every=100, eval_every=1000, checkpoint_every=1000,
       keep_checkpoints=5, early_stop_patience=5, eval_bleu_examples=500,
-      probe_every=0, probe_exact_gradient=False))  # experiments.probing
+      probe_every=0, probe_exact_gradient=False,  # experiments.probing
+      # A NaN/Inf loss or gradient: 'stop' (naming the step and layer) or
+      # 'skip' the step, at most nonfinite_max_skips steps in a row.
+      nonfinite='stop', nonfinite_max_skips=10))
   c.decode = ml_collections.ConfigDict(dict(
       beam_size=5, length_penalty=1.0, max_len_a=1.2, max_len_b=10,
       average_last=5, lowercase_bleu=True, batch_tokens=8192))

@@ -62,7 +62,10 @@ def ptb_base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       num_steps=20000, log_every=200, eval_every=4000, checkpoint_every=1000,
       keep_checkpoints=3, early_stop_patience=0,
-      probe_every=0, probe_exact_gradient=False))  # experiments.probing
+      probe_every=0, probe_exact_gradient=False,  # experiments.probing
+      # A NaN/Inf loss or gradient: 'stop' (naming the step and layer) or
+      # 'skip' the step, at most nonfinite_max_skips steps in a row.
+      nonfinite='stop', nonfinite_max_skips=10))
   c.schedule = ml_collections.ConfigDict(dict(
       kind='cosine', peak_lr=2.5e-4, warmup_steps=0, min_lr=0.0,
       decay_steps=c.train.get_ref('num_steps'), warmup_init_lr=0.0))
