@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax._src import common
+from normjax._src import cpu_kernel
 
 Array = jax.Array
 
@@ -71,11 +72,31 @@ def _per_token_norm(fn, center, x, params, state, axis, mask, eps,
   mask = common.check_mask(mask, x, fn)
   axes = _canonical_axes(axis, x.ndim, fn)
   dtype = common.stats_dtype(x)
-  values, second_moment = _centered_and_var(x.astype(dtype), axes, mask,
-                                            axis_name, center)
-  y = common.affine(values * jax.lax.rsqrt(second_moment + eps), params,
-                    dtype)
+
+  def xla_math(v, params):
+    values, second_moment = _centered_and_var(v, axes, mask, axis_name,
+                                              center)
+    return common.affine(values * jax.lax.rsqrt(second_moment + eps), params,
+                         dtype)
+
+  if axes == (x.ndim - 1,) and dtype == jnp.float32 and x.size:
+    y = _fused(x.astype(dtype), params, eps, center, xla_math)
+  else:
+    y = xla_math(x.astype(dtype), params)
   return y.astype(x.dtype), state
+
+
+def _fused(x: Array, params: dict[str, Array], eps: float, center: bool,
+           xla_math) -> Array:
+  """A per-token norm over the last axis through the fused CPU kernel."""
+  if not cpu_kernel.available():
+    return xla_math(x, params)
+  c = x.shape[-1]
+  scale = params.get('scale', jnp.ones((c,), x.dtype)).astype(x.dtype)
+  bias = params.get('bias', jnp.zeros((c,), x.dtype)).astype(x.dtype)
+  return cpu_kernel.per_token_norm(
+      x, scale, bias, eps=eps, center=center,
+      fallback=lambda v, s, b: xla_math(v, {'scale': s, 'bias': b}))
 
 
 def layer_norm(
@@ -148,8 +169,14 @@ def group_scale(x: Array, num_groups: int, eps: float = 1e-5) -> Array:
   """Array form of `group_scaling`, in the dtype of `x`, without checks."""
   c = x.shape[-1]
   xg = x.reshape(x.shape[:-1] + (num_groups, c // num_groups))
-  ms = jnp.mean(jnp.square(xg), axis=-1, keepdims=True)
-  return (xg * jax.lax.rsqrt(ms + eps)).reshape(x.shape)
+
+  def xla_math(v, params):
+    del params
+    return v * jax.lax.rsqrt(jnp.mean(jnp.square(v), -1, keepdims=True) + eps)
+
+  if x.dtype == jnp.float32 and x.size:
+    return _fused(xg, {}, eps, False, xla_math).reshape(x.shape)
+  return xla_math(xg, {}).reshape(x.shape)
 
 
 def check_num_groups(num_groups: Any, features: int, fn: str) -> None:

@@ -1,0 +1,185 @@
+// Fused per-token LayerNorm / RMSNorm for XLA:CPU, as XLA FFI handlers.
+//
+// Built and loaded by normjax/_src/cpu_kernel.py. x is [rows, features]
+// (leading axes flattened), float32. Per row, in the kernel's only pass over
+// memory (the row then stays in L1 for the later loops):
+//   center: d = x - x[0]   (pivot shift: the variance keeps its precision
+//                           when the mean is large next to the spread)
+//           mu = mean(d), xh = (d - mu) * r,  r = 1 / sqrt(mean((d-mu)^2) + eps)
+//   else:   xh = x * r,  r = 1 / sqrt(mean(x^2) + eps)
+//   y = xh * scale + bias
+// Forward returns y, mu and r; backward recomputes xh from x, mu, r:
+//   g = dy * scale, dx = r * (g - mean(g) - xh * mean(g * xh))   [no mean(g)
+//   term without centring], dscale = sum_rows(dy * xh), dbias = sum_rows(dy).
+// Rows are split over std::threads when the array is large enough to pay.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMinElementsPerThread = 1 << 16;
+
+template <typename Dims>
+int64_t Features(const Dims& dims) {
+  return dims.size() == 0 ? 1 : dims[dims.size() - 1];
+}
+
+int NumThreads(int64_t elements) {
+  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min(hw, elements / kMinElementsPerThread)));
+}
+
+// Calls body(thread, first_row, end_row) on `threads` contiguous row ranges.
+template <typename Body>
+void ParallelRows(int64_t rows, int threads, Body body) {
+  if (threads == 1) {
+    body(0, 0, rows);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t chunk = (rows + threads - 1) / threads;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t lo = std::min(rows, t * chunk);
+    const int64_t hi = std::min(rows, lo + chunk);
+    pool.emplace_back(body, t, lo, hi);
+  }
+  body(0, 0, std::min(rows, chunk));
+  for (auto& th : pool) th.join();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::ResultBuffer<ffi::F32> mean,
+                   ffi::ResultBuffer<ffi::F32> rstd, float eps, bool center) {
+  const int64_t c = Features(x.dimensions());
+  const int64_t n = x.element_count() / c;
+  const float* xp = x.typed_data();
+  const float* sp = scale.typed_data();
+  const float* bp = bias.typed_data();
+  float* yp = y->typed_data();
+  float* mp = mean->typed_data();
+  float* rp = rstd->typed_data();
+  const float inv_c = 1.0f / static_cast<float>(c);
+  ParallelRows(n, NumThreads(n * c), [=](int, int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float* xr = xp + i * c;
+      const float pivot = center ? xr[0] : 0.0f;
+      float mu = 0.0f;
+      if (center) {
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < c; ++j) s += xr[j] - pivot;
+        mu = s * inv_c;
+      }
+      float q = 0.0f;
+#pragma omp simd reduction(+ : q)
+      for (int64_t j = 0; j < c; ++j) {
+        const float d = (xr[j] - pivot) - mu;
+        q += d * d;
+      }
+      const float r = 1.0f / std::sqrt(q * inv_c + eps);
+      float* yr = yp + i * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        yr[j] = ((xr[j] - pivot) - mu) * r * sp[j] + bp[j];
+      }
+      mp[i] = mu;
+      rp[i] = r;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
+                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                    ffi::ResultBuffer<ffi::F32> dscale,
+                    ffi::ResultBuffer<ffi::F32> dbias, bool center) {
+  const int64_t c = Features(x.dimensions());
+  const int64_t n = x.element_count() / c;
+  const float* xp = x.typed_data();
+  const float* sp = scale.typed_data();
+  const float* mp = mean.typed_data();
+  const float* rp = rstd.typed_data();
+  const float* gp = dy.typed_data();
+  float* dxp = dx->typed_data();
+  const float inv_c = 1.0f / static_cast<float>(c);
+  const int threads = NumThreads(n * c);
+  // Per-thread partial sums of dscale and dbias, added in a fixed order.
+  std::vector<float> partial(static_cast<size_t>(2 * threads * c), 0.0f);
+  float* part = partial.data();
+  ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
+    float* ds = part + 2 * t * c;
+    float* db = ds + c;
+    for (int64_t i = lo; i < hi; ++i) {
+      const float* xr = xp + i * c;
+      const float* gr = gp + i * c;
+      const float shift = center ? xr[0] : 0.0f;
+      const float mu = mp[i], r = rp[i];
+      float a1 = 0.0f, a2 = 0.0f;
+#pragma omp simd reduction(+ : a1, a2)
+      for (int64_t j = 0; j < c; ++j) {
+        const float xh = ((xr[j] - shift) - mu) * r;
+        const float g = gr[j] * sp[j];
+        a1 += g;
+        a2 += g * xh;
+        ds[j] += gr[j] * xh;
+        db[j] += gr[j];
+      }
+      a1 = center ? a1 * inv_c : 0.0f;
+      a2 *= inv_c;
+      float* dr = dxp + i * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        const float xh = ((xr[j] - shift) - mu) * r;
+        dr[j] = r * (gr[j] * sp[j] - a1 - xh * a2);
+      }
+    }
+  });
+  float* dsp = dscale->typed_data();
+  float* dbp = dbias->typed_data();
+  for (int64_t j = 0; j < c; ++j) {
+    float s = 0.0f, b = 0.0f;
+    for (int t = 0; t < threads; ++t) {
+      s += part[2 * t * c + j];
+      b += part[2 * t * c + c + j];
+    }
+    dsp[j] = s;
+    dbp[j] = b;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPerTokenNormForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // mu
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // r
+                                  .Attr<float>("eps")
+                                  .Attr<bool>("center"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPerTokenNormBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mu
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // r
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
+                                  .Attr<bool>("center"));

@@ -1,0 +1,312 @@
+"""Fused LayerNorm / RMSNorm kernel for XLA:CPU, with the XLA math elsewhere.
+
+XLA:CPU compiles a LayerNorm training step into several loops, and its
+reductions over products (sum(dy * scale * x_hat)) run far below memory speed:
+the jitted forward+backward of a (4096, 1024) f32 LayerNorm took 20-26 ms on
+the project's 2-core CPU, where PyTorch's kernel takes 4 ms. `cpu_kernel.cc`
+does it as torch does: one pass over memory per direction, the row kept in
+L1 for the rest, the statistics and the backward formula fused.
+
+`per_token_norm(x, scale, bias, eps=, center=, fallback=)` is differentiable
+(custom_vjp: the backward recomputes x_hat from x and two floats per row),
+shards over the leading axes under `jax.jit` (custom_partitioning: every row
+is independent; dscale/dbias are summed over the shards), and runs `fallback`
+(the same math in jnp) on GPU/TPU via `jax.lax.platform_dependent`.
+
+The kernel is compiled once per machine with the system C++ compiler into
+`$NORMJAX_KERNEL_CACHE` (default `~/.cache/normjax`). Without a compiler the
+norms warn once and use the XLA path. `NORMJAX_CPU_KERNEL=0` turns the kernel
+off; `use_cpu_kernel(False)` does so inside a `with` block (at trace time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+Array = jax.Array
+
+_SOURCE = os.path.join(os.path.dirname(__file__), 'cpu_kernel.cc')
+_FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-fno-math-errno',
+          '-std=c++17', '-shared', '-fPIC', '-w')
+_FORWARD, _BACKWARD = 'normjax_per_token_norm_fwd', 'normjax_per_token_norm_bwd'
+_enabled = [os.environ.get('NORMJAX_CPU_KERNEL', '1') != '0']
+
+
+@contextlib.contextmanager
+def use_cpu_kernel(enabled: bool) -> Iterator[None]:
+  """Turns the fused CPU kernel on or off for functions traced inside."""
+  previous, _enabled[0] = _enabled[0], enabled
+  try:
+    yield
+  finally:
+    _enabled[0] = previous
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as fh:
+      return next((l for l in fh if l.startswith('flags')), '')
+  except OSError:
+    return platform.processor()
+
+
+def _build() -> str:
+  """Compiles cpu_kernel.cc (once per machine and source); returns the path."""
+  compiler = shutil.which(os.environ.get('CXX', 'g++'))
+  if compiler is None:
+    raise RuntimeError('no C++ compiler (set CXX or install g++)')
+  with open(_SOURCE, 'rb') as fh:
+    source = fh.read()
+  key = hashlib.sha256(b'\0'.join([
+      source, ' '.join(_FLAGS).encode(), jax.__version__.encode(),
+      compiler.encode(), _cpu_model().encode()])).hexdigest()[:16]
+  cache = os.environ.get('NORMJAX_KERNEL_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'normjax')
+  path = os.path.join(cache, f'cpu_kernel_{key}.so')
+  if os.path.exists(path):
+    return path
+  os.makedirs(cache, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=cache)
+  os.close(fd)
+  try:
+    cmd = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', _SOURCE, '-o', tmp]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+      raise RuntimeError(f'{" ".join(cmd)} failed: {done.stderr[-2000:]}')
+    os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+@functools.cache
+def _load() -> bool:
+  """Builds and registers the kernel; False (with one warning) if it cannot."""
+  if platform.system() != 'Linux':
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(_build())
+    jax.ffi.register_ffi_target(
+        _FORWARD, jax.ffi.pycapsule(lib.NormjaxPerTokenNormForward),
+        platform='cpu')
+    jax.ffi.register_ffi_target(
+        _BACKWARD, jax.ffi.pycapsule(lib.NormjaxPerTokenNormBackward),
+        platform='cpu')
+  except (OSError, RuntimeError, AttributeError) as e:
+    warnings.warn(
+        f'normjax: the fused CPU LayerNorm/RMSNorm kernel is unavailable '
+        f'({e}); using the XLA path, about 3x slower on CPU. Set '
+        'NORMJAX_CPU_KERNEL=0 to silence this.', RuntimeWarning, stacklevel=3)
+    return False
+  return True
+
+
+def available() -> bool:
+  """Whether per-token norms will use the fused kernel on CPU."""
+  return _enabled[0] and _load()
+
+
+def _struct(shape, like: Array) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, like.dtype)
+
+
+def _forward_call(x, scale, bias, eps, center):
+  rows = x.shape[:-1]
+  return jax.ffi.ffi_call(
+      _FORWARD, (_struct(x.shape, x), _struct(rows, x), _struct(rows, x)),
+      vmap_method='sequential')(x, scale, bias, eps=np.float32(eps),
+                                center=center)
+
+
+def _backward_call(x, scale, mu, r, dy, center):
+  feat = x.shape[-1:]
+  return jax.ffi.ffi_call(
+      _BACKWARD, (_struct(x.shape, x), _struct(feat, x), _struct(feat, x)),
+      vmap_method='sequential')(x, scale, mu, r, dy, center=center)
+
+
+def _row_spec(arg_shape) -> tuple:
+  """The sharding of the leading (row) axes of x; the feature axis whole."""
+  spec = tuple(arg_shape.sharding.spec)
+  rank = len(arg_shape.shape)
+  return (spec + (None,) * rank)[:rank - 1]
+
+
+def _mesh_axes(row_spec: tuple) -> tuple[str, ...]:
+  names = []
+  for entry in row_spec:
+    if entry is not None:
+      names.extend((entry,) if isinstance(entry, str) else entry)
+  return tuple(names)
+
+
+@functools.partial(custom_partitioning, static_argnums=(3, 4))
+def _forward(x, scale, bias, eps, center):
+  return _forward_call(x, scale, bias, eps, center)
+
+
+def _forward_shardings(mesh, arg_shapes):
+  rows = _row_spec(arg_shapes[0])
+  return (NamedSharding(mesh, PartitionSpec(*rows, None)),
+          NamedSharding(mesh, PartitionSpec(*rows)),
+          NamedSharding(mesh, PartitionSpec(*rows)))
+
+
+def _forward_partition(eps, center, mesh, arg_shapes, result_shape):
+  del result_shape
+  out = _forward_shardings(mesh, arg_shapes)
+  whole = NamedSharding(mesh, PartitionSpec())
+  lower = lambda x, s, b: _forward_call(x, s, b, eps, center)
+  return mesh, lower, out, (out[0], whole, whole)
+
+
+_forward.def_partition(
+    partition=_forward_partition,
+    infer_sharding_from_operands=lambda eps, center, mesh, args, res:
+    _forward_shardings(mesh, args),
+    sharding_rule='... c, c, c -> ... c, ..., ...')
+
+
+@functools.partial(custom_partitioning, static_argnums=(5,))
+def _backward(x, scale, mu, r, dy, center):
+  return _backward_call(x, scale, mu, r, dy, center)
+
+
+def _backward_shardings(mesh, arg_shapes):
+  whole = NamedSharding(mesh, PartitionSpec())
+  rows = _row_spec(arg_shapes[0])
+  return NamedSharding(mesh, PartitionSpec(*rows, None)), whole, whole
+
+
+def _backward_partition(center, mesh, arg_shapes, result_shape):
+  del result_shape
+  rows = _row_spec(arg_shapes[0])
+  x_sharding, whole, _ = _backward_shardings(mesh, arg_shapes)
+  row_sharding = NamedSharding(mesh, PartitionSpec(*rows))
+  axes = _mesh_axes(rows)
+
+  def lower(x, s, mu, r, dy):
+    dx, ds, db = _backward_call(x, s, mu, r, dy, center)
+    if axes:  # each shard summed its own rows
+      ds, db = jax.lax.psum((ds, db), axes)
+    return dx, ds, db
+  return (mesh, lower, (x_sharding, whole, whole),
+          (x_sharding, whole, row_sharding, row_sharding, x_sharding))
+
+
+_backward.def_partition(
+    partition=_backward_partition,
+    infer_sharding_from_operands=lambda center, mesh, args, res:
+    _backward_shardings(mesh, args),
+    sharding_rule='... c, c, ..., ..., ... c -> ... c, c, c')
+
+
+def _batched(args, in_batched, axis_size):
+  """Every argument with the vmapped axis in front."""
+  return [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+          for a, b in zip(args, in_batched)]
+
+
+@functools.cache
+def _forward_vmappable(eps: float, center: bool):
+  """`_forward` under vmap: one call when the parameters are shared."""
+  @jax.custom_batching.custom_vmap
+  def forward(x, scale, bias):
+    return _forward(x, scale, bias, eps, center)
+
+  @forward.def_vmap
+  def rule(axis_size, in_batched, x, scale, bias):
+    x, scale, bias = _batched((x, scale, bias), in_batched, axis_size)
+    if in_batched[1] or in_batched[2]:  # per-member parameters: a loop
+      outs = jax.lax.map(lambda a: forward(*a), (x, scale, bias))
+    else:  # the vmapped axis is one more row axis
+      outs = forward(x, scale[0], bias[0])
+    return outs, (True,) * 3
+  return forward
+
+
+@functools.cache
+def _backward_vmappable(center: bool):
+  """`_backward` under vmap; dscale/dbias per vmapped member."""
+  @jax.custom_batching.custom_vmap
+  def backward(x, scale, mu, r, dy):
+    return _backward(x, scale, mu, r, dy, center)
+
+  @backward.def_vmap
+  def rule(axis_size, in_batched, x, scale, mu, r, dy):
+    x, scale, mu, r, dy = _batched((x, scale, mu, r, dy), in_batched,
+                                   axis_size)
+    if in_batched[1]:
+      outs = jax.lax.map(lambda a: backward(*a), (x, scale, mu, r, dy))
+      return outs, (True,) * 3
+    dx, _, _ = backward(x, scale[0], mu, r, dy)
+    shift = x[..., :1] if center else 0.0
+    x_hat = ((x - shift) - mu[..., None]) * r[..., None]
+    rows = tuple(range(1, x.ndim - 1))
+    return (dx, jnp.sum(dy * x_hat, rows), jnp.sum(dy, rows)), (True,) * 3
+  return backward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused(x, scale, bias, eps, center):
+  return _forward_vmappable(eps, center)(x, scale, bias)[0]
+
+
+def _fused_fwd(x, scale, bias, eps, center):
+  y, mu, r = _forward_vmappable(eps, center)(x, scale, bias)
+  return y, (x, scale, mu, r)
+
+
+def _fused_bwd(eps, center, residuals, dy):
+  del eps
+  return _backward_vmappable(center)(*residuals, dy)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _sharded_type(x: Array) -> bool:
+  """Whether `x`'s type carries sharding: an `AxisType.Explicit` mesh, or a
+  `shard_map` body (varying manual axes).
+
+  custom_partitioning works on the partitioner's shardings, not on sharded
+  types, so these take the XLA path.
+  """
+  mesh = getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
+  types = getattr(mesh, 'axis_types', ())
+  return any(t in (AxisType.Explicit, AxisType.Manual) for t in types)
+
+
+def per_token_norm(x: Array, scale: Array, bias: Array, *, eps: float,
+                   center: bool, fallback: Callable[[Array, Array, Array],
+                                                    Array]) -> Array:
+  """LayerNorm (center) or RMSNorm of float32 `x` over its last axis.
+
+      y = (x - mean) / sqrt(var + eps) * scale + bias      (center)
+      y = x / sqrt(mean(x^2) + eps) * scale + bias          (not center)
+
+  The fused kernel on CPU; `fallback(x, scale, bias)` on other platforms
+  (and where the kernel is unavailable).
+  """
+  if not available() or _sharded_type(x):
+    return fallback(x, scale, bias)
+  return jax.lax.platform_dependent(
+      x, scale, bias, cpu=lambda *a: _fused(*a, eps, center),
+      default=fallback)
