@@ -17,6 +17,8 @@ from normjax._src.batch_norm import batch_norm
 from normjax._src.batch_norm import init_batch_norm_state
 from normjax._src.common import EmptyState
 from normjax._src.conditional_norm import ada_ln_zero
+from normjax._src.cpu_kernel import available as cpu_kernel_available
+from normjax._src.cpu_kernel import use_cpu_kernel
 from normjax._src.conditional_norm import adaln_modulation
 from normjax._src.conditional_norm import dimr_tau
 from normjax._src.conditional_norm import gated_residual

@@ -16,7 +16,8 @@ is independent; dscale/dbias are summed over the shards), and runs `fallback`
 The kernel is compiled once per machine with the system C++ compiler into
 `$NORMJAX_KERNEL_CACHE` (default `~/.cache/normjax`). Without a compiler the
 norms warn once and use the XLA path. `NORMJAX_CPU_KERNEL=0` turns the kernel
-off; `use_cpu_kernel(False)` does so inside a `with` block (at trace time).
+off; `use_cpu_kernel(False)` does so inside a `with` block. Both act when a
+function is traced: a function jitted before keeps its compiled choice.
 """
 
 from __future__ import annotations

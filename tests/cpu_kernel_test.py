@@ -1,0 +1,171 @@
+"""The fused CPU kernel of LayerNorm/RMSNorm/GroupScaling equals the XLA math.
+
+The NumPy references in exactness_test.py and layer_norm_test.py already run
+through the kernel (it is the default on CPU); these tests pin what is
+particular to it: that it is really used, the threaded path, vmap, sharding,
+precision with a large mean, and the fallback without a compiler.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from normjax import functional as nf
+from normjax._src import cpu_kernel
+
+NORMS = {
+    'layer_norm': lambda x, p: nf.layer_norm(x, p)[0],
+    'rms_norm': lambda x, p: nf.rms_norm(x, p)[0],
+    'group_scaling': lambda x, p: nf.group_scaling(x, p, num_groups=4)[0],
+}
+
+
+def data(shape, seed=0, mean=0.5):
+  rng = np.random.default_rng(seed)
+  c = shape[-1]
+  x = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 2 + mean)
+  dy = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+  params = {'scale': jnp.asarray(rng.uniform(0.5, 1.5, c).astype(np.float32)),
+            'bias': jnp.asarray(rng.standard_normal(c).astype(np.float32))}
+  return x, dy, params
+
+
+def value_and_grads(fn, x, dy, params, kernel=True):
+  def loss(x, p):
+    return jnp.sum(fn(x, p) * dy)
+  with cpu_kernel.use_cpu_kernel(kernel):
+    f = jax.jit(lambda x, p: (fn(x, p), jax.grad(loss, (0, 1))(x, p)))
+    return f(x, params)
+
+
+def test_kernel_builds_here():
+  if not os.environ.get('CXX') and subprocess.run(
+      ['which', 'g++'], capture_output=True).returncode:
+    pytest.skip('no C++ compiler on this machine')
+  assert cpu_kernel.available()
+
+
+@pytest.mark.parametrize('name', ['layer_norm', 'rms_norm'])
+def test_kernel_is_what_runs(name):
+  x, _, params = data((4, 8, 16))
+  hlo = jax.jit(NORMS[name]).lower(x, params).compile().as_text()
+  assert 'normjax_per_token_norm_fwd' in hlo
+  with cpu_kernel.use_cpu_kernel(False):  # a new function: a new trace
+    hlo = jax.jit(lambda *a: NORMS[name](*a)).lower(x, params).compile(
+    ).as_text()
+  assert 'normjax_per_token_norm' not in hlo
+
+
+@pytest.mark.parametrize('name', sorted(NORMS))
+@pytest.mark.parametrize('shape', [(1, 4), (3, 1, 8), (2, 5, 36), (64, 2048)],
+                         ids=['one_row', 'one_token', 'odd', 'threaded'])
+def test_kernel_matches_xla(name, shape):
+  if name == 'group_scaling' and shape[-1] % 4:
+    pytest.skip('4 groups need features divisible by 4')
+  x, dy, params = data(shape)
+  got = value_and_grads(NORMS[name], x, dy, params)
+  want = value_and_grads(NORMS[name], x, dy, params, kernel=False)
+  chex.assert_trees_all_close(got, want, atol=2e-5 * np.sqrt(shape[0]),
+                              rtol=2e-5)
+
+
+def test_large_mean_keeps_precision():
+  """1e4 + 0.01 N(0, 1): the pivot shift keeps the variance exact."""
+  rng = np.random.default_rng(0)
+  x64 = 1e4 + 0.01 * rng.standard_normal((16, 256))
+  x = jnp.asarray(x64.astype(np.float32))
+  x64 = np.asarray(x, np.float64)
+  want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(
+      x64.var(-1, keepdims=True) + 1e-6)
+  y = jax.jit(lambda v: nf.layer_norm(v)[0])(x)
+  np.testing.assert_allclose(np.asarray(y), want, atol=2e-4)
+
+
+@pytest.mark.parametrize('name', ['layer_norm', 'rms_norm'])
+@pytest.mark.parametrize('shared', [True, False], ids=['shared', 'per_member'])
+def test_vmap(name, shared):
+  x, dy, params = data((3, 4, 8, 16))
+  if not shared:
+    params = jax.tree.map(lambda p: p * jnp.arange(1., 4.)[:, None],
+                          jax.tree.map(lambda p: jnp.stack([p] * 3), params))
+  fn = NORMS[name]
+  in_axes = (0, None if shared else 0, 0)
+
+  def per_member(x, p, dy):
+    return jax.value_and_grad(lambda x, p: jnp.sum(fn(x, p) * dy), (0, 1))(
+        x, p)
+
+  got = jax.jit(jax.vmap(per_member, in_axes))(x, params, dy)
+  with cpu_kernel.use_cpu_kernel(False):
+    want = jax.jit(jax.vmap(per_member, in_axes))(x, params, dy)
+  chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('spec', [P('data'), P(None, 'data'),
+                                  P('data', None, 'model')],
+                         ids=['batch', 'length', 'batch+features'])
+def test_sharded_jit_matches_unsharded(spec):
+  mesh = jax.make_mesh((4, 2), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  x, dy, params = data((8, 8, 32))
+  want = value_and_grads(NORMS['layer_norm'], x, dy, params)
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, spec))
+  got = value_and_grads(NORMS['layer_norm'], put(x), put(dy), params)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  assert got[0].sharding.is_equivalent_to(NamedSharding(mesh, spec), 3)
+
+
+def test_row_sharded_step_has_no_gather():
+  mesh = jax.make_mesh((8,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  x, dy, params = data((8, 4, 16))
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P('data')))
+
+  def step(x, dy, p):
+    return jax.grad(lambda x, p: jnp.sum(NORMS['layer_norm'](x, p) * dy),
+                    (0, 1))(x, p)
+  hlo = jax.jit(step).lower(put(x), put(dy), params).compile().as_text()
+  assert 'all-gather' not in hlo
+  assert 'all-reduce' in hlo  # dscale and dbias summed over the shards
+
+
+def test_explicit_mesh_takes_xla_path():
+  mesh = jax.make_mesh((8,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  x, dy, params = data((8, 4, 16))
+  want = value_and_grads(NORMS['layer_norm'], x, dy, params)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, P('data'))
+    got = value_and_grads(NORMS['layer_norm'], xs, dy, params)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_without_compiler_warns_and_uses_xla(tmp_path):
+  code = textwrap.dedent("""
+      import warnings
+      import jax, jax.numpy as jnp
+      from normjax import functional as nf
+      from normjax._src import cpu_kernel
+      x = jnp.arange(12.0).reshape(3, 4)
+      with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        y = jax.jit(lambda v: nf.layer_norm(v)[0])(x)
+      assert not cpu_kernel.available()
+      assert any('kernel is unavailable' in str(m.message) for m in w), w
+      print(float(jnp.abs(y).max()))
+  """)
+  env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'),
+             NORMJAX_KERNEL_CACHE=str(tmp_path / 'cache'),
+             XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  done = subprocess.run([sys.executable, '-c', code], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert abs(float(done.stdout.split()[-1]) - 1.3416) < 1e-3
