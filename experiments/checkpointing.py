@@ -16,7 +16,10 @@ a newer one is committed.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import os
 import shutil
 import sys
@@ -144,15 +147,16 @@ def restore_newest(mngr: ocp.CheckpointManager, abstract_state: Any,
   for step in sorted(mngr.all_steps(), reverse=True):
     reason = problem(directory, step)
     if reason is None:
-      try:
-        state, meta = restore(mngr, step, abstract_state, expect)
-        if int(meta.get('step', step)) != step or int(state.step) != step:
-          reason = (f'its state is at step {int(state.step)}, its record at '
-                    f'{meta.get("step")}')
-      except CheckpointMismatch:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+      with _quiet_asyncio():
+        try:
+          state, meta = restore(mngr, step, abstract_state, expect)
+          if int(meta.get('step', step)) != step or int(state.step) != step:
+            reason = (f'its state is at step {int(state.step)}, its record '
+                      f'at {meta.get("step")}')
+        except CheckpointMismatch:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
     if reason is None:
       for bad_step, why in bad:
         _move_aside(directory, bad_step, why)
@@ -166,6 +170,20 @@ def restore_newest(mngr: ocp.CheckpointManager, abstract_state: Any,
         + '; '.join(f'step {s}: {why}' for s, why in bad)
         + '); move the directory away to start afresh, or restore a copy.')
   return None
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+  """A failed orbax read leaves futures whose errors asyncio would print at
+  garbage collection, pages of them; the one-line reason is reported."""
+  logger = logging.getLogger('asyncio')
+  level = logger.level
+  logger.setLevel(logging.CRITICAL + 1)
+  try:
+    yield
+  finally:
+    gc.collect()
+    logger.setLevel(level)
 
 
 def _move_aside(directory: str, step: int, why: str) -> None:

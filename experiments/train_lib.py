@@ -410,16 +410,22 @@ def train(exp: Trainable, config: Any, workdir: str):
                                config.train.keep_checkpoints)
   expect = {'vocab_fingerprint': exp.data.fingerprint,
             **checkpointing.run_identity(config)}
-  state = restore_or_init(exp, mngr, expect)
-  writer = summary_writer(workdir)
-  probe_log = step_log = None
-  if jax.process_index() == 0:
-    step_log = faults.StepLog(workdir, resume_step=int(state.step))
-    if config.train.probe_every > 0:
-      probe_log = probing.ProbeLog(workdir, resume_step=int(state.step))
+  step_log = writer = None
   try:
+    state = restore_or_init(exp, mngr, expect)
+    writer = summary_writer(workdir)
+    probe_log = None
+    if jax.process_index() == 0:
+      step_log = faults.StepLog(workdir, resume_step=int(state.step))
+      if config.train.probe_every > 0:
+        probe_log = probing.ProbeLog(workdir, resume_step=int(state.step))
     state = fit(exp, config.train, mngr, expect, writer, config.preset,
                 probe_log, state=state, step_log=step_log)
+  except BaseException:
+    mngr.close()  # waits for a save in flight; the last good one stays
+    if writer is not None:
+      writer.close()
+    raise
   finally:
     if step_log is not None:
       step_log.close()
