@@ -165,6 +165,7 @@ def test_nan_stops_naming_step_and_layer_checkpoint_intact(straight, tmp_path):
   assert_same_state(checkpoint(straight, 2), checkpoint(workdir, 2))
 
 
+@pytest.mark.slow  # a third fresh run: keeps the default suite in budget
 def test_nan_batch_is_skipped_with_nonfinite_skip(straight, tmp_path):
   def nan_weights(step, state, batch):
     if step == 3:
