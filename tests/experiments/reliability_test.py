@@ -27,6 +27,10 @@ from experiments import train_lib
 from experiments.configs import lm as lm_configs
 
 
+# Three smoke runs: over the default suite's budget, so CI's slow step runs it.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('compilation_cache')]
+
+
 def config(**train):
   c = lm_configs.get_config('ptb_powernorm,smoke')
   c.unlock()
@@ -63,18 +67,6 @@ def assert_same_state(a, b):
   same = jax.tree.map(np.array_equal, a['state'], b['state'])
   assert all(jax.tree.leaves(same))
   assert a['meta']['data'] == b['meta']['data']
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update('jax_compilation_cache_dir',
-                    str(tmp_path_factory.mktemp('xla_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  yield
-  jax.config.update('jax_compilation_cache_dir', old[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
 
 
 @pytest.fixture(scope='module')
@@ -165,7 +157,6 @@ def test_nan_stops_naming_step_and_layer_checkpoint_intact(straight, tmp_path):
   assert_same_state(checkpoint(straight, 2), checkpoint(workdir, 2))
 
 
-@pytest.mark.slow  # a third fresh run: keeps the default suite in budget
 def test_nan_batch_is_skipped_with_nonfinite_skip(straight, tmp_path):
   def nan_weights(step, state, batch):
     if step == 3:

@@ -15,6 +15,9 @@ from experiments import translation
 from experiments.configs import wmt
 
 
+pytestmark = pytest.mark.usefixtures('compilation_cache')
+
+
 def smoke_config(num_steps, preset='powernorm,smoke'):
   c = wmt.get_config(preset)
   c.unlock()
@@ -28,19 +31,6 @@ def final_state(workdir, step):
   with ocp.CheckpointManager(path) as m:
     return m.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs compile the same programs: reuse them across runs."""
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update('jax_compilation_cache_dir',
-                    str(tmp_path_factory.mktemp('xla_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  yield
-  jax.config.update('jax_compilation_cache_dir', old[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
 
 
 @pytest.fixture(scope='module')
