@@ -231,6 +231,7 @@ def runs(tmp_path_factory):
   return straight, resumed, result
 
 
+@pytest.mark.slow  # the end-to-end runs: SIGKILL resume in kill_resume_test
 def test_lm_resume_is_exact(runs):
   straight, resumed, _ = runs
   a, b = _checkpoint(straight, 6), _checkpoint(resumed, 6)
@@ -246,6 +247,7 @@ def test_lm_resume_is_exact(runs):
     np.testing.assert_array_equal(pa[key][1], pb[key][1])
 
 
+@pytest.mark.slow  # the end-to-end runs: SIGKILL resume in kill_resume_test
 def test_lm_results_cover_every_token(runs):
   straight, _, result = runs
   with open(os.path.join(straight, 'results.json')) as f:
@@ -259,6 +261,7 @@ def test_lm_results_cover_every_token(runs):
   assert os.listdir(os.path.join(straight, 'tensorboard'))
 
 
+@pytest.mark.slow  # the end-to-end runs: SIGKILL resume in kill_resume_test
 def test_lm_eval_mode_scores_a_checkpoint(runs):
   straight, _, result = runs
   again = language_model.evaluate(smoke_config(6), straight, 'latest', 'test')
