@@ -2,9 +2,12 @@
 
 import math
 
+import pytest
+
 from benchmarks import inference
 
 
+@pytest.mark.slow  # CI also runs `python -m benchmarks --quick`
 def test_quick_inference_benchmark():
   result = inference.run(quick=True)
   rows = {r['model']: r for r in result['rows']}
@@ -20,6 +23,7 @@ def test_quick_inference_benchmark():
   assert "folded UN ('none') vs LayerNorm" in text and 'cpu:' in text
 
 
+@pytest.mark.slow  # over the default suite's budget
 def test_quick_probe_overhead_benchmark():
   from benchmarks import probes  # pylint: disable=g-import-not-at-top
   result = probes.run('ptb_powernorm,smoke', every=10, rounds=2, overrides={})

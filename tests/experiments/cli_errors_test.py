@@ -51,7 +51,13 @@ CASES = {  # name: (module, args, words the line must contain)
 }
 
 
-@pytest.mark.parametrize('name', sorted(CASES))
+DEFAULT = ('unknown preset', 'missing data directory',
+           'mesh not dividing the devices')  # the rest in the slow step
+
+
+@pytest.mark.parametrize('name', [
+    n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+    for n in sorted(CASES)])
 def test_user_error_is_one_line(name, tmp_path):
   module, args, words = CASES[name]
   corpus(str(tmp_path / 'mismatch'), test_en=['only one line'])

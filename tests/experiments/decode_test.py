@@ -211,7 +211,8 @@ def greedy_by_recompute(model, variables, inputs, max_len):
   return out
 
 
-@pytest.mark.parametrize('norm', ['layernorm', 'powernorm'])
+@pytest.mark.parametrize('norm', [
+    'layernorm', pytest.param('powernorm', marks=pytest.mark.slow)])
 def test_translate(norm):
   model = tiny_model(norm)
   variables = jax.jit(functools.partial(model.init, train=False))(

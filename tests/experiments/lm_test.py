@@ -108,6 +108,7 @@ def test_perplexity_of_a_known_stream_equals_the_hand_computation():
   assert result['ppl'] == pytest.approx(np.exp(nll.mean()), rel=1e-6)
 
 
+@pytest.mark.slow  # about 20 s: over the default suite's budget
 def test_adaptive_softmax_is_a_normalised_two_level_softmax():
   cfg = models.TransformerConfig(
       vocab_size=11, d_model=8, num_heads=2, ffn_dim=16, num_decoder_layers=1,
