@@ -28,7 +28,12 @@ from experiments.configs import lm as lm_configs
 
 
 # Three smoke runs: over the default suite's budget, so CI's slow step runs it.
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('compilation_cache')]
+# orbax's failed reads of the corrupted checkpoints leave asyncio callbacks
+# that raise 'Event loop is closed' at garbage collection: benign.
+pytestmark = [
+    pytest.mark.slow, pytest.mark.usefixtures('compilation_cache'),
+    pytest.mark.filterwarnings(
+        'ignore::pytest.PytestUnraisableExceptionWarning')]
 
 
 def config(**train):
