@@ -42,10 +42,21 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 Array = jax.Array
 
-_SOURCE = os.path.join(os.path.dirname(__file__), 'cpu_kernel.cc')
+_SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
+                 for name in ('cpu_kernel.cc', 'power_kernel.cc'))
 _FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-fno-math-errno',
           '-std=c++17', '-shared', '-fPIC', '-w')
 _FORWARD, _BACKWARD = 'normjax_per_token_norm_fwd', 'normjax_per_token_norm_bwd'
+# FFI target name -> exported handler symbol (power_kernel.cc's are used by
+# power_kernel.py).
+_TARGETS = {
+    _FORWARD: 'NormjaxPerTokenNormForward',
+    _BACKWARD: 'NormjaxPerTokenNormBackward',
+    'normjax_power_stats': 'NormjaxPowerStats',
+    'normjax_power_apply': 'NormjaxPowerApply',
+    'normjax_power_bwd': 'NormjaxPowerBackward',
+    'normjax_power_columns': 'NormjaxPowerColumns',
+}
 _enabled = [os.environ.get('NORMJAX_CPU_KERNEL', '1') != '0']
 
 
@@ -68,14 +79,16 @@ def _cpu_model() -> str:
 
 
 def _build() -> str:
-  """Compiles cpu_kernel.cc (once per machine and source); returns the path."""
+  """Compiles the kernels (once per machine and source); returns the path."""
   compiler = shutil.which(os.environ.get('CXX', 'g++'))
   if compiler is None:
     raise RuntimeError('no C++ compiler (set CXX or install g++)')
-  with open(_SOURCE, 'rb') as fh:
-    source = fh.read()
+  sources = []
+  for name in _SOURCES:
+    with open(name, 'rb') as fh:
+      sources.append(fh.read())
   key = hashlib.sha256(b'\0'.join([
-      source, ' '.join(_FLAGS).encode(), jax.__version__.encode(),
+      *sources, ' '.join(_FLAGS).encode(), jax.__version__.encode(),
       compiler.encode(), _cpu_model().encode()])).hexdigest()[:16]
   cache = os.environ.get('NORMJAX_KERNEL_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'normjax')
@@ -86,7 +99,8 @@ def _build() -> str:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=cache)
   os.close(fd)
   try:
-    cmd = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', _SOURCE, '-o', tmp]
+    cmd = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', *_SOURCES, '-o',
+           tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
       raise RuntimeError(f'{" ".join(cmd)} failed: {done.stderr[-2000:]}')
@@ -104,12 +118,9 @@ def _load() -> bool:
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(_build())
-    jax.ffi.register_ffi_target(
-        _FORWARD, jax.ffi.pycapsule(lib.NormjaxPerTokenNormForward),
-        platform='cpu')
-    jax.ffi.register_ffi_target(
-        _BACKWARD, jax.ffi.pycapsule(lib.NormjaxPerTokenNormBackward),
-        platform='cpu')
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(
+          target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
   except (OSError, RuntimeError, AttributeError) as e:
     warnings.warn(
         f'normjax: the fused CPU LayerNorm/RMSNorm kernel is unavailable '

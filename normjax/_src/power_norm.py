@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax._src import common
+from normjax._src import common, power_kernel
 from normjax._src.layer_norm import check_num_groups, group_scale
 
 Array = jax.Array
@@ -234,29 +234,62 @@ def power_norm(
       state, init_power_norm_state(features, num_batch_groups=num_batch_groups),
       fn, 'init_power_norm_state')
 
-  def train(xg, maskg, st):
+  def xla_train(xg, maskg, st, t, scale, bias):
+    """(y, psi2) of the approximate rule, in jnp."""
     xs = scaled(xg)
-    t = st.step + 1
     phi_prev = st.running_phi.astype(dtype)
-    exact = backward == 'autodiff'
     psi2, count = common.masked_row_mean(
-        jnp.square(xs if exact else jax.lax.stop_gradient(xs)), maskg,
-        axis_name)
+        jnp.square(jax.lax.stop_gradient(xs)), maskg, axis_name)
     has_data = count > 0
     psi2 = jnp.where(has_data, psi2, phi_prev)
     batch_denom = jnp.sqrt(psi2 + eps)
     denom = jnp.where(t <= warmup_steps, batch_denom, jnp.sqrt(phi_prev + eps))
-    if exact:
-      z = xs / common.feat(denom, xs.ndim)
+    bwd_denom = batch_denom if backward_denominator == 'batch' else denom
+    row_weight = None
+    if grad_mean_over == 'valid' and maskg is not None:
+      row_weight = maskg.astype(dtype)
+    z = _pn_core(xs, denom, bwd_denom, row_weight, has_data,
+                 st.ema_gz.astype(dtype), alpha_bkw, axis_name)
+    p = {k: v for k, v in (('scale', scale), ('bias', bias)) if k in params}
+    return common.affine(z, p, dtype), psi2
+
+  def approximate(xg, maskg, st, t):
+    c = xg.shape[-1]
+    scale = params.get('scale', jnp.ones((c,), dtype)).astype(dtype)
+    bias = params.get('bias', jnp.zeros((c,), dtype)).astype(dtype)
+    xf = xg.astype(dtype)
+    if not power_kernel.usable(xf) or axis_name is not None:
+      return xla_train(xf, maskg, st, t, scale, bias)
+    ones = jnp.ones(xf.shape[:-1], dtype)
+    stat_w = ones if maskg is None else maskg.astype(dtype)
+    cw = stat_w if grad_mean_over == 'valid' else ones
+    opts = power_kernel.PowerNormOptions(
+        warmup_steps, alpha_bkw, eps, num_groups if use_group_scaling else 0,
+        group_scaling_eps, backward_denominator == 'running')
+    return power_kernel.on_cpu(
+        lambda *a: power_kernel.power_norm_train(*a, opts),
+        lambda x_, s_, b_, *_: xla_train(x_, maskg, st, t, s_, b_),
+        xf, scale, bias, stat_w, cw, st.running_phi.astype(dtype),
+        st.ema_gz.astype(dtype), t)
+
+  def train(xg, maskg, st):
+    t = st.step + 1
+    phi_prev = st.running_phi.astype(dtype)
+    if backward == 'autodiff':
+      xs = scaled(xg)
+      psi2, count = common.masked_row_mean(jnp.square(xs), maskg, axis_name)
+      psi2 = jnp.where(count > 0, psi2, phi_prev)
+      denom = jnp.where(t <= warmup_steps, jnp.sqrt(psi2 + eps),
+                        jnp.sqrt(phi_prev + eps))
+      y = common.affine(xs / common.feat(denom, xs.ndim), params, dtype)
       psi2 = jax.lax.stop_gradient(psi2)
     else:
-      bwd_denom = batch_denom if backward_denominator == 'batch' else denom
-      row_weight = None
-      if grad_mean_over == 'valid' and maskg is not None:
-        row_weight = maskg.astype(dtype)
-      z = _pn_core(xs, denom, bwd_denom, row_weight, has_data,
-                   st.ema_gz.astype(dtype), alpha_bkw, axis_name)
-    y = common.affine(z, params, dtype)
+      y, psi2 = approximate(xg, maskg, st, t)
+    count = (jnp.asarray(xg.size // xg.shape[-1]) if maskg is None
+             else jnp.sum(maskg))
+    if axis_name is not None:
+      count = jax.lax.psum(count, axis_name)
+    has_data = count > 0
     tf = t.astype(dtype)
     phi = jnp.where(t < warmup_steps, phi_prev * (tf - 1) / tf + psi2 / tf,
                     phi_prev)

@@ -1,0 +1,186 @@
+"""Fused PowerNorm and UN training steps for XLA:CPU (`power_kernel.cc`).
+
+PowerNorm's training step under XLA:CPU costs about three LayerNorms: its
+masked column reductions over tokens (psi2, dscale, dbias, the gradient
+statistic u) run at a fraction of memory speed. Here the forward is two
+passes over memory (the statistics, then the normalisation: `d` is only
+known once every row is seen) and the approximate backward is one, with
+GroupScaling and its VJP fused in and x_s recomputed from x and one float
+per row and group. UN's backward needs its gradient statistic before dx, so
+it takes two passes.
+
+Each kernel shards over the leading (row) axes under `jax.jit`
+(custom_partitioning; column sums are psum'd over the row axes), runs once
+per member under `vmap` (the statistics are per member), and the callers
+fall back to the jnp math on GPU/TPU, under Explicit meshes and in
+`shard_map` bodies (see `cpu_kernel.per_token_norm`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from normjax._src import cpu_kernel
+
+Array = jax.Array
+
+# Operand / result kinds: 'x' [..., C] and 'r' [..., k] sharded by rows with
+# the last axis whole, 'w' [...] sharded by rows, 'c' [C] replicated, 's' [C]
+# a column sum (computed per shard, then psum'd over the row axes).
+_RULE = {'x': '... c', 'r': '... g', 'w': '...', 'c': 'c', 's': 'c'}
+
+
+def _sequential_vmap(f: Callable) -> Callable:
+  """`f` under vmap: one call per member (column statistics do not batch)."""
+  f = jax.custom_batching.custom_vmap(f)
+
+  @f.def_vmap
+  def rule(axis_size, in_batched, *args):
+    args = cpu_kernel._batched(args, in_batched, axis_size)
+    outs = jax.lax.map(lambda a: f(*a), tuple(args))
+    return outs, (True,) * len(outs)
+  return f
+
+
+@functools.cache
+def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple
+        ) -> Callable:
+  """The FFI call `target` as a row-sharded, vmappable JAX function.
+
+  Results take the shape of x ('x'), of rs ('r': x's rows and
+  `attrs['rs_width']` columns) or [C] ('s').
+  """
+  attrs = dict(attrs)
+  rs_width = attrs.pop('rs_width', 1)
+
+  def call(*args):
+    x = args[0]
+    shapes = {'x': x.shape, 'r': x.shape[:-1] + (rs_width,),
+              's': x.shape[-1:]}
+    outs = tuple(jax.ShapeDtypeStruct(shapes[k], x.dtype)
+                 for k in result_kinds)
+    return jax.ffi.ffi_call(target, outs, vmap_method='sequential')(
+        *args, **attrs)
+
+  def shardings(mesh, arg_shapes, kinds):
+    rows = cpu_kernel._row_spec(arg_shapes[0])
+    spec = {'x': (*rows, None), 'r': (*rows, None), 'w': rows, 'c': (),
+            's': ()}
+    return tuple(NamedSharding(mesh, PartitionSpec(*spec[k])) for k in kinds)
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    axes = cpu_kernel._mesh_axes(cpu_kernel._row_spec(arg_shapes[0]))
+
+    def lower(*args):
+      outs = call(*args)
+      if axes:  # each shard summed its own rows
+        outs = tuple(jax.lax.psum(o, axes) if k == 's' else o
+                     for o, k in zip(outs, result_kinds))
+      return outs
+    return (mesh, lower, shardings(mesh, arg_shapes, result_kinds),
+            shardings(mesh, arg_shapes, arg_kinds))
+
+  op = custom_partitioning(call)
+  op.def_partition(
+      partition=partition,
+      infer_sharding_from_operands=lambda mesh, args, res: shardings(
+          mesh, args, result_kinds),
+      sharding_rule=(', '.join(_RULE[k] for k in arg_kinds) + ' -> '
+                     + ', '.join(_RULE[k] for k in result_kinds)))
+  return _sequential_vmap(op)
+
+
+def _stats(x, w, groups, gs_eps):
+  """(rs [..., max(G, 1)], sum_rows(w * x_s^2) [C])."""
+  return _op('normjax_power_stats', 'xw', 'rs',
+             (('groups', np.int64(groups)), ('gs_eps', np.float32(gs_eps)),
+              ('rs_width', max(groups, 1))))(x, w)
+
+
+def _apply(x, rs, inv_d, scale, bias):
+  """y = x * rs * inv_d * scale + bias."""
+  return _op('normjax_power_apply', 'xrccc', 'x', ())(x, rs, inv_d, scale,
+                                                       bias)[0]
+
+
+def _backward(x, rs, inv_d, inv_bd, scale, corr, cw, dy, group_scaled):
+  """(dx, sum cw g_hat z, sum dy z, sum dy); see power_kernel.cc."""
+  return _op('normjax_power_bwd', 'xrccccwx', 'xsss',
+             (('group_scaled', bool(group_scaled)),))(
+                 x, rs, inv_d, inv_bd, scale, corr, cw, dy)
+
+
+def _columns(x, inv_d, scale, cw, dy):
+  """(sum cw dy scale z, sum dy z, sum dy) with z = x * inv_d."""
+  rs = jnp.ones(x.shape[:-1] + (1,), x.dtype)
+  return _op('normjax_power_columns', 'xrccwx', 'sss', ())(
+      x, rs, inv_d, scale, cw, dy)
+
+
+def usable(x: Array) -> bool:
+  """Whether the fused kernels may serve `x` (float32, on CPU, auto-sharded)."""
+  return (x.dtype == jnp.float32 and x.size > 0 and cpu_kernel.available()
+          and not cpu_kernel._sharded_type(x))
+
+
+def on_cpu(fused: Callable, fallback: Callable, *args):
+  """`fused(*args)` on CPU, `fallback(*args)` on other platforms."""
+  return jax.lax.platform_dependent(*args, cpu=fused, default=fallback)
+
+
+class PowerNormOptions(NamedTuple):
+  warmup_steps: int
+  alpha_bkw: float
+  eps: float
+  num_groups: int            # 0: no GroupScaling
+  group_scaling_eps: float
+  running_backward: bool     # backward_denominator == 'running'
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def power_norm_train(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
+  """PowerNorm's training forward with its approximate backward, fused.
+
+  The math of `power_norm._pn_core` and its surroundings (see `power_norm`):
+  x [..., C] float32; stat_w [...] 1 for the real tokens of psi2; cw [...]
+  the rows that get the correction and count in u (1 everywhere in the
+  official 'padded' mode); phi_prev, u [C]; t the step. Returns
+  `(y, psi2)`; the cotangent of u is u_t - u_{t-1}, psi2 carries none.
+  """
+  return _pn_forward(x, scale, bias, stat_w, cw, phi_prev, u, t, opts)[0]
+
+
+def _pn_forward(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
+  rs, sq = _stats(x, stat_w, opts.num_groups, opts.group_scaling_eps)
+  count = jnp.sum(stat_w)
+  has_data = count > 0
+  psi2 = jnp.where(has_data, sq / jnp.maximum(count, 1), phi_prev)
+  batch_denom = jnp.sqrt(psi2 + opts.eps)
+  denom = jnp.where(t <= opts.warmup_steps, batch_denom,
+                    jnp.sqrt(phi_prev + opts.eps))
+  inv_d = 1 / denom
+  y = _apply(x, rs, inv_d, scale, bias)
+  inv_bd = inv_d if opts.running_backward else 1 / batch_denom
+  corr = jnp.where(has_data, (1 - opts.alpha_bkw) * u, 0)
+  return (y, psi2), (x, rs, inv_d, inv_bd, scale, corr, cw, has_data)
+
+
+def _pn_backward(opts, res, cotangents):
+  x, rs, inv_d, inv_bd, scale, corr, cw, has_data = res
+  dy, _ = cotangents  # psi2 is a statistic: no gradient flows through it
+  dx, du, dscale, dbias = _backward(x, rs, inv_d, inv_bd, scale, corr, cw,
+                                    dy, opts.num_groups > 0)
+  du = jnp.where(has_data, du / jnp.maximum(jnp.sum(cw), 1), 0)
+  return (dx, dscale, dbias, None, None, jnp.zeros_like(corr), du, None)
+
+
+power_norm_train.defvjp(_pn_forward, _pn_backward)

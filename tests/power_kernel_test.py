@@ -1,0 +1,192 @@
+"""The fused PowerNorm/UN training kernels equal the XLA math they replace.
+
+The NumPy-reference exactness tests (exactness_test.py, power_norm_test.py,
+unified_norm_test.py) already run through the kernels in float32, since they
+are the default on CPU. These tests pin what is particular to the kernels:
+that they run, every option against the jnp path over several steps (warmup
+boundary, padding, the threaded path), vmap, batch groups and sharding.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import normjax
+from normjax import functional as nf
+from normjax._src import cpu_kernel
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(),
+                                reason='the fused CPU kernel is unavailable')
+
+C = 16
+NORMS = {
+    'power_norm': (nf.power_norm,
+                   lambda c, n=1: nf.init_power_norm_state(
+                       c, num_batch_groups=n),
+                   dict(warmup_steps=2, num_groups=4)),
+    'unified_norm': (nf.unified_norm,
+                     lambda c, n=1: nf.init_unified_norm_state(
+                         c, 2, num_batch_groups=n),
+                     dict(warmup_steps=2, window_size=2,
+                          compensation_delay=2)),
+}
+OPTIONS = {
+    'power_norm': {
+        'official': {},
+        'paper': dict(backward_denominator='running', grad_mean_over='valid'),
+        'no_group_scaling': dict(use_group_scaling=False),
+        'no_mask': dict(_mask=False),
+        'no_params': dict(_params=False),
+    },
+    'unified_norm': {
+        'official': {},
+        'valid': dict(mean_over='valid'),
+        'filtration': dict(outlier_filtration=True),
+        'no_params': dict(_params=False),
+    },
+}
+
+
+def data(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape).astype(np.float32) * 2 + 0.3
+  dy = rng.standard_normal(shape).astype(np.float32)
+  mask = rng.uniform(size=shape[:-1]) > 0.25
+  c = shape[-1]
+  params = {'scale': rng.uniform(0.5, 1.5, c).astype(np.float32),
+            'bias': rng.standard_normal(c).astype(np.float32)}
+  return jax.tree.map(jnp.asarray, (x, dy, mask, params))
+
+
+def steps(name, options, shape, kernel, num_steps=4, num_batch_groups=1):
+  """Outputs, gradients and states of `num_steps` training steps."""
+  fn, init, defaults = NORMS[name]
+  options = dict(defaults, **options)
+  use_mask = options.pop('_mask', True)
+  use_params = options.pop('_params', True)
+  state = init(shape[-1], num_batch_groups)
+  fields = type(state).BACKWARD_FIELDS
+
+  def step(x, dy, mask, params, state):
+    def loss(x, params, stats):
+      y, new = fn(x, params, state._replace(**stats),
+                  mask=mask if use_mask else None,
+                  num_batch_groups=num_batch_groups, **options)
+      return jnp.sum(y * dy), (y, new)
+    stats = {f: getattr(state, f) for f in fields}
+    grads, (y, new) = jax.grad(loss, (0, 1, 2), has_aux=True)(
+        x, params if use_params else None, stats)
+    return y, grads, new._replace(
+        **normjax.apply_backward_stats(stats, grads[2]))
+
+  with cpu_kernel.use_cpu_kernel(kernel):
+    step = jax.jit(step)
+    out = []
+    for i in range(num_steps):
+      x, dy, mask, params = data(shape, seed=i)
+      y, grads, state = step(x, dy, mask, params, state)
+      out.append((y, grads, state))
+  return out
+
+
+def assert_close(got, want, rows):
+  chex.assert_trees_all_close(got, want, atol=5e-6 * np.sqrt(rows),
+                              rtol=2e-5)
+
+
+@pytest.mark.parametrize('name', sorted(NORMS))
+def test_kernels_are_what_run(name):
+  fn, init, options = NORMS[name]
+  x, dy, mask, params = data((4, 8, C))
+  state = init(C)
+
+  def train_grad(x, p):
+    return jax.value_and_grad(lambda x, p: jnp.sum(
+        fn(x, p, state, mask=mask, **options)[0] * dy), (0, 1))(x, p)
+  hlo = jax.jit(train_grad).lower(x, params).compile().as_text()
+  assert 'normjax_power_stats' in hlo and 'normjax_power_apply' in hlo
+  assert 'normjax_power_bwd' in hlo
+  if name == 'unified_norm':
+    assert 'normjax_power_columns' in hlo
+  with cpu_kernel.use_cpu_kernel(False):
+    hlo = jax.jit(lambda *a: train_grad(*a)).lower(x, params).compile(
+    ).as_text()
+  assert 'normjax_power' not in hlo
+
+
+def cases():
+  for name in sorted(NORMS):
+    for option in sorted(OPTIONS[name]):
+      yield pytest.param(name, option, id=f'{name}-{option}')
+
+
+@pytest.mark.parametrize('name,option', list(cases()))
+def test_steps_match_xla(name, option):
+  """Four steps across the warmup boundary, with padding."""
+  shape = (3, 5, C)
+  got = steps(name, OPTIONS[name][option], shape, kernel=True)
+  want = steps(name, OPTIONS[name][option], shape, kernel=False)
+  assert_close(got, want, 15)
+
+
+@pytest.mark.parametrize('name', sorted(NORMS))
+def test_threaded_path_matches_xla(name):
+  shape = (16, 32, 512)  # 2^18 elements: more than one thread
+  got = steps(name, {}, shape, kernel=True, num_steps=2)
+  want = steps(name, {}, shape, kernel=False, num_steps=2)
+  assert_close(got, want, 16 * 32)
+
+
+@pytest.mark.parametrize('name', sorted(NORMS))
+def test_batch_groups_match_xla(name):
+  """num_batch_groups vmaps the step: one kernel call per group."""
+  got = steps(name, {}, (4, 5, C), kernel=True, num_steps=3,
+              num_batch_groups=2)
+  want = steps(name, {}, (4, 5, C), kernel=False, num_steps=3,
+               num_batch_groups=2)
+  assert_close(got, want, 10)
+
+
+def test_all_padding_batch_leaves_state_unchanged():
+  fn, init, options = NORMS['power_norm']
+  x, dy, _, params = data((2, 3, C))
+  mask = jnp.zeros((2, 3), bool)
+  state = init(C)._replace(ema_gz=jnp.full((C,), 0.5))
+  with cpu_kernel.use_cpu_kernel(True):
+    def loss(x, u):
+      y, new = fn(x, params, state._replace(ema_gz=u), mask=mask, **options)
+      return jnp.sum(y * dy), new
+    (dx, du), new = jax.jit(jax.grad(loss, (0, 1), has_aux=True))(
+        x, state.ema_gz)
+  chex.assert_trees_all_equal(new, state)
+  np.testing.assert_array_equal(du, 0)
+  assert np.all(np.isfinite(dx))
+
+
+@pytest.mark.parametrize('name', sorted(NORMS))
+def test_row_sharded_step_matches_and_has_no_gather(name):
+  fn, init, options = NORMS[name]
+  mesh = jax.make_mesh((8,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  x, dy, mask, params = data((8, 4, C))
+  state = init(C)
+  fields = type(state).BACKWARD_FIELDS
+
+  def step(x, dy, mask, p):
+    def loss(x, p, stats):
+      y, new = fn(x, p, state._replace(**stats), mask=mask, **options)
+      return jnp.sum(y * dy), new
+    stats = {f: getattr(state, f) for f in fields}
+    return jax.grad(loss, (0, 1, 2), has_aux=True)(x, p, stats)
+
+  want = jax.jit(step)(x, dy, mask, params)
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P('data')))
+  sharded = jax.jit(step).lower(put(x), put(dy), put(mask), params).compile()
+  hlo = sharded.as_text()
+  assert 'all-gather' not in hlo
+  assert 'all-reduce' in hlo  # column statistics summed over the shards
+  got = sharded(put(x), put(dy), put(mask), params)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
