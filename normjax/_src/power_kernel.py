@@ -99,27 +99,27 @@ def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple
   return _sequential_vmap(op)
 
 
-def _stats(x, w, groups, gs_eps):
+def stats(x, w, groups, gs_eps):
   """(rs [..., max(G, 1)], sum_rows(w * x_s^2) [C])."""
   return _op('normjax_power_stats', 'xw', 'rs',
              (('groups', np.int64(groups)), ('gs_eps', np.float32(gs_eps)),
               ('rs_width', max(groups, 1))))(x, w)
 
 
-def _apply(x, rs, inv_d, scale, bias):
+def apply(x, rs, inv_d, scale, bias):
   """y = x * rs * inv_d * scale + bias."""
   return _op('normjax_power_apply', 'xrccc', 'x', ())(x, rs, inv_d, scale,
                                                        bias)[0]
 
 
-def _backward(x, rs, inv_d, inv_bd, scale, corr, cw, dy, group_scaled):
+def backward(x, rs, inv_d, inv_bd, scale, corr, cw, dy, group_scaled):
   """(dx, sum cw g_hat z, sum dy z, sum dy); see power_kernel.cc."""
   return _op('normjax_power_bwd', 'xrccccwx', 'xsss',
              (('group_scaled', bool(group_scaled)),))(
                  x, rs, inv_d, inv_bd, scale, corr, cw, dy)
 
 
-def _columns(x, inv_d, scale, cw, dy):
+def columns(x, inv_d, scale, cw, dy):
   """(sum cw dy scale z, sum dy z, sum dy) with z = x * inv_d."""
   rs = jnp.ones(x.shape[:-1] + (1,), x.dtype)
   return _op('normjax_power_columns', 'xrccwx', 'sss', ())(
@@ -160,7 +160,7 @@ def power_norm_train(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
 
 
 def _pn_forward(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
-  rs, sq = _stats(x, stat_w, opts.num_groups, opts.group_scaling_eps)
+  rs, sq = stats(x, stat_w, opts.num_groups, opts.group_scaling_eps)
   count = jnp.sum(stat_w)
   has_data = count > 0
   psi2 = jnp.where(has_data, sq / jnp.maximum(count, 1), phi_prev)
@@ -168,7 +168,7 @@ def _pn_forward(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
   denom = jnp.where(t <= opts.warmup_steps, batch_denom,
                     jnp.sqrt(phi_prev + opts.eps))
   inv_d = 1 / denom
-  y = _apply(x, rs, inv_d, scale, bias)
+  y = apply(x, rs, inv_d, scale, bias)
   inv_bd = inv_d if opts.running_backward else 1 / batch_denom
   corr = jnp.where(has_data, (1 - opts.alpha_bkw) * u, 0)
   return (y, psi2), (x, rs, inv_d, inv_bd, scale, corr, cw, has_data)
@@ -177,7 +177,7 @@ def _pn_forward(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
 def _pn_backward(opts, res, cotangents):
   x, rs, inv_d, inv_bd, scale, corr, cw, has_data = res
   dy, _ = cotangents  # psi2 is a statistic: no gradient flows through it
-  dx, du, dscale, dbias = _backward(x, rs, inv_d, inv_bd, scale, corr, cw,
+  dx, du, dscale, dbias = backward(x, rs, inv_d, inv_bd, scale, corr, cw,
                                     dy, opts.num_groups > 0)
   du = jnp.where(has_data, du / jnp.maximum(jnp.sum(cw), 1), 0)
   return (dx, dscale, dbias, None, None, jnp.zeros_like(corr), du, None)

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax._src import common
+from normjax._src import common, power_kernel
 
 Array = jax.Array
 
@@ -86,16 +86,24 @@ def _un_core_fwd(x, var, r, skip, step, row_weight, has_data, ema_gz,
   return z, (z, var, r, skip, step, row_weight, has_data, ema_gz, bwd_window)
 
 
-def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
-  z, var, r, skip, t, row_weight, has_data, nu_prev, window_prev = res
-  g = common.feat(r, dz.ndim) * dz
-  q, _ = common.masked_row_mean(g * z, row_weight, axis_name)
+def _gradient_statistics(q, t, skip, nu_prev, window_prev, momentum,
+                         warmup_steps):
+  """UN's backward statistics from q = mean_rows(g z): (coef, nu, H)."""
   m_b = window_prev.shape[0]
   window = window_prev.at[t % m_b].set(jnp.where(skip, nu_prev, q))
   use_batch = (t <= m_b) | (t < warmup_steps) | skip
   mu = jnp.where(use_batch, q, jnp.mean(window, axis=0))
   nu = momentum * nu_prev + (1 - momentum) * mu
-  correction = common.feat(jnp.where(skip, mu, nu), z.ndim) * z
+  return jnp.where(skip, mu, nu), nu, window
+
+
+def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
+  z, var, r, skip, t, row_weight, has_data, nu_prev, window_prev = res
+  g = common.feat(r, dz.ndim) * dz
+  q, _ = common.masked_row_mean(g * z, row_weight, axis_name)
+  coef, nu, window = _gradient_statistics(q, t, skip, nu_prev, window_prev,
+                                          momentum, warmup_steps)
+  correction = common.feat(coef, z.ndim) * z
   if row_weight is not None:
     correction = correction * row_weight[..., None]
   dx = (g - correction) * common.feat(jax.lax.rsqrt(var), z.ndim)
@@ -105,6 +113,63 @@ def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
 
 
 _un_core.defvjp(_un_core_fwd, _un_core_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12))
+def _un_fused(x, scale, bias, var, r, skip, step, cw, has_data, ema_gz,
+              bwd_window, momentum, warmup_steps):
+  """`_un_core` and the affine map, through the fused CPU kernels.
+
+  y = scale * x / sqrt(var) + bias; the backward is `_un_core_bwd`'s in two
+  passes (q, dscale and dbias first: the correction needs q), with
+  dscale = r * sum(dy z). cw [...] is 1 for the rows of q and the correction.
+  """
+  return _un_fused_fwd(x, scale, bias, var, r, skip, step, cw, has_data,
+                       ema_gz, bwd_window, momentum, warmup_steps)[0]
+
+
+def _un_fused_fwd(x, scale, bias, var, r, skip, step, cw, has_data, ema_gz,
+                  bwd_window, momentum, warmup_steps):
+  inv = jax.lax.rsqrt(var)
+  y = power_kernel.apply(x, jnp.ones(x.shape[:-1] + (1,), x.dtype), inv,
+                         scale, bias)
+  return y, (x, scale, inv, r, skip, step, cw, has_data, ema_gz, bwd_window)
+
+
+def _un_fused_bwd(momentum, warmup_steps, res, dy):
+  x, scale, inv, r, skip, t, cw, has_data, nu_prev, window_prev = res
+  g_scale = r * scale
+  q, dscale, dbias = power_kernel.columns(x, inv, g_scale, cw, dy)
+  q = q / jnp.maximum(jnp.sum(cw), 1)
+  coef, nu, window = _gradient_statistics(q, t, skip, nu_prev, window_prev,
+                                          momentum, warmup_steps)
+  dx, _, _, _ = power_kernel.backward(
+      x, jnp.ones(x.shape[:-1] + (1,), x.dtype), inv, inv, g_scale, coef, cw,
+      dy, False)
+  d_nu = jnp.where(has_data, nu - nu_prev, 0)
+  d_window = jnp.where(has_data, window - window_prev, 0)
+  return (dx, r * dscale, dbias, None, None, None, None, None, None, d_nu,
+          d_window)
+
+
+_un_fused.defvjp(_un_fused_fwd, _un_fused_bwd)
+
+
+def _batch_second_moment(x: Array, mask: Array | None, axis_name: Any
+                         ) -> tuple[Array, Array]:
+  """(mean over real rows of x^2 [C], count); x carries no gradient."""
+  if not power_kernel.usable(x) or axis_name is not None:
+    return common.masked_row_mean(jnp.square(x), mask, axis_name)
+  w = (jnp.ones(x.shape[:-1], x.dtype) if mask is None
+       else mask.astype(x.dtype))
+  count = jnp.sum(w)
+
+  def fused(x, w):
+    return power_kernel.stats(x, w, 0, 0.0)[1] / jnp.maximum(count, 1)
+
+  def xla(x, w):
+    return common.masked_row_mean(jnp.square(x), mask)[0]
+  return power_kernel.on_cpu(fused, xla, x, w), count
 
 
 def _scale_grad(scale: Array, r: Array) -> Array:
@@ -213,8 +278,8 @@ def unified_norm(
     xf = xg.astype(dtype)
     t = st.step + 1
     r_prev = st.running_var.astype(dtype)
-    s, count = common.masked_row_mean(
-        jnp.square(jax.lax.stop_gradient(xf)), maskg, axis_name)
+    s, count = _batch_second_moment(jax.lax.stop_gradient(xf), maskg,
+                                    axis_name)
     has_data = count > 0
     s = jnp.where(has_data, s, r_prev)
     window_prev = st.fwd_window.astype(dtype)
@@ -237,13 +302,30 @@ def unified_norm(
     r = jnp.where((t <= max(compensation_delay, warmup_steps)) | skip, 1.0,
                   jnp.clip(r, 1 / compensation_clamp, compensation_clamp))
     row_weight = None if maskg is None else maskg.astype(dtype)
-    z = _un_core(xf, sigma2 + eps, r, skip, t, row_weight, has_data,
-                 st.ema_gz.astype(dtype), st.bwd_window.astype(dtype),
-                 momentum, warmup_steps, axis_name)
-    p = dict(params)
-    if 'scale' in p:
-      p['scale'] = _scale_grad(p['scale'], r.astype(p['scale'].dtype))
-    y = common.affine(z, p, dtype)
+    c = xf.shape[-1]
+    scale = params.get('scale', jnp.ones((c,), dtype)).astype(dtype)
+    bias = params.get('bias', jnp.zeros((c,), dtype)).astype(dtype)
+    stats = (sigma2 + eps, r, skip, t)
+    grad_stats = (has_data, st.ema_gz.astype(dtype),
+                  st.bwd_window.astype(dtype))
+
+    def xla_path(xf, scale, bias, *_):
+      z = _un_core(xf, *stats, row_weight, *grad_stats, momentum,
+                   warmup_steps, axis_name)
+      p = {k: v for k, v in (('scale', scale), ('bias', bias)) if k in params}
+      if 'scale' in p:
+        p['scale'] = _scale_grad(p['scale'], r)
+      return common.affine(z, p, dtype)
+
+    if power_kernel.usable(xf) and axis_name is None:
+      cw = (jnp.ones(xf.shape[:-1], dtype) if row_weight is None
+            else row_weight)
+      y = power_kernel.on_cpu(
+          lambda *a: _un_fused(*a, *stats, cw, *grad_stats, momentum,
+                               warmup_steps),
+          xla_path, xf, scale, bias)
+    else:
+      y = xla_path(xf, scale, bias)
     new = st._replace(
         running_var=momentum * r_prev + (1 - momentum) * sigma2,
         fwd_window=window, step=t,
