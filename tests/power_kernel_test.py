@@ -16,12 +16,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import normjax
 from normjax import functional as nf
-from normjax._src import cpu_kernel
+from normjax._src import cpu_kernel, power_kernel
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(),
                                 reason='the fused CPU kernel is unavailable')
 
 C = 16
+
+
+@pytest.fixture(autouse=True)
+def kernels_at_every_size(monkeypatch):
+  for norm in power_kernel.MIN_ELEMENTS:
+    monkeypatch.setitem(power_kernel.MIN_ELEMENTS, norm, 0)
 NORMS = {
     'power_norm': (nf.power_norm,
                    lambda c, n=1: nf.init_power_norm_state(
@@ -95,6 +101,14 @@ def steps(name, options, shape, kernel, num_steps=4, num_batch_groups=1):
 def assert_close(got, want, rows):
   chex.assert_trees_all_close(got, want, atol=5e-6 * np.sqrt(rows),
                               rtol=2e-5)
+
+
+def test_small_inputs_take_the_jnp_path_where_it_is_faster(monkeypatch):
+  monkeypatch.setitem(power_kernel.MIN_ELEMENTS, 'unified_norm', 1 << 19)
+  x = jnp.ones((2, 8, C))
+  assert not power_kernel.usable(x, 'unified_norm')
+  assert power_kernel.usable(x, 'power_norm')
+  assert power_kernel.usable(jnp.ones((32, 64, 256)), 'unified_norm')
 
 
 @pytest.mark.parametrize('name', sorted(NORMS))

@@ -31,7 +31,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMinElementsPerThread = 1 << 16;
+constexpr int64_t kMinElementsPerThread = 1 << 18;
 
 template <typename Dims>
 int64_t LastDim(const Dims& dims) {

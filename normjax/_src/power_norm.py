@@ -258,7 +258,7 @@ def power_norm(
     scale = params.get('scale', jnp.ones((c,), dtype)).astype(dtype)
     bias = params.get('bias', jnp.zeros((c,), dtype)).astype(dtype)
     xf = xg.astype(dtype)
-    if not power_kernel.usable(xf) or axis_name is not None:
+    if not power_kernel.usable(xf, 'power_norm') or axis_name is not None:
       return xla_train(xf, maskg, st, t, scale, bias)
     ones = jnp.ones(xf.shape[:-1], dtype)
     stat_w = ones if maskg is None else maskg.astype(dtype)

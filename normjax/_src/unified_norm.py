@@ -158,7 +158,7 @@ _un_fused.defvjp(_un_fused_fwd, _un_fused_bwd)
 def _batch_second_moment(x: Array, mask: Array | None, axis_name: Any
                          ) -> tuple[Array, Array]:
   """(mean over real rows of x^2 [C], count); x carries no gradient."""
-  if not power_kernel.usable(x) or axis_name is not None:
+  if not power_kernel.usable(x, 'unified_norm') or axis_name is not None:
     return common.masked_row_mean(jnp.square(x), mask, axis_name)
   w = (jnp.ones(x.shape[:-1], x.dtype) if mask is None
        else mask.astype(x.dtype))
@@ -317,7 +317,7 @@ def unified_norm(
         p['scale'] = _scale_grad(p['scale'], r)
       return common.affine(z, p, dtype)
 
-    if power_kernel.usable(xf) and axis_name is None:
+    if power_kernel.usable(xf, 'unified_norm') and axis_name is None:
       cw = (jnp.ones(xf.shape[:-1], dtype) if row_weight is None
             else row_weight)
       y = power_kernel.on_cpu(
