@@ -81,6 +81,7 @@ def test_a_foreign_file_is_not_overwritten(tmp_path):
   assert (tmp_path / 'probes.csv').read_text() == 'a,b\n1,2\n'
 
 
+@pytest.mark.slow  # 23 s; CI's notebook step runs probed_lm_run as well
 def test_dynamics_run_records_every_probe_step():
   run = dynamics.probed_lm_run('ptb_batchnorm,smoke', steps=4, probe_every=2)
   assert run.losses.shape == (4,)
