@@ -22,8 +22,10 @@ are paired: the median over rounds of the two times of the same round.
 
 PyTorch (optional: `pip install torch`, CPU): torch.nn.LayerNorm and RMSNorm
 are timed in the same rounds, forward under no_grad and forward + backward
-of (y * dy).sum(), with torch's threads set to the core count. Without torch
-those rows and targets read "not measured".
+of (y * dy).sum(), with torch's threads set to the core count, and so is
+the official PowerNorm algorithm written in torch (`benchmarks.torch_powernorm`,
+the peer the performance issue names). Without torch those rows and targets
+read "not measured".
 
 Allocator: XLA:CPU mallocs each call's temp buffer (48-64 MiB for fwd+bwd
 here) and glibc maps blocks >= 32 MiB afresh: a page fault per 4 KiB per
@@ -50,10 +52,12 @@ from normjax import functional as nf
 FLAX_LN = 'flax LayerNorm'
 XLA_LN = 'normjax LayerNorm (XLA path)'
 TORCH_LN, TORCH_RMS = 'torch LayerNorm', 'torch RMSNorm'
+TORCH_PN = 'torch PowerNorm train (official algorithm)'
 
 
-def _torch_cases(x: np.ndarray, dy: np.ndarray):
-  """{name: (fwd, fwd+bwd)} for torch.nn.LayerNorm/RMSNorm, if installed."""
+def _torch_cases(x: np.ndarray, dy: np.ndarray, mask: np.ndarray):
+  """{name: (fwd, fwd+bwd)} for torch.nn.LayerNorm/RMSNorm and the official
+  PowerNorm algorithm (`benchmarks.torch_powernorm`), if torch is installed."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -62,17 +66,22 @@ def _torch_cases(x: np.ndarray, dy: np.ndarray):
   xt = torch.from_numpy(np.array(x)).requires_grad_(True)
   dyt = torch.from_numpy(np.array(dy))
   c = x.shape[-1]
+  from benchmarks import torch_powernorm  # pylint: disable=g-import-not-at-top
+  masked = (torch.from_numpy(np.array(mask)),)
   out = {}
-  for name, layer in ((TORCH_LN, torch.nn.LayerNorm(c, eps=1e-6)),
-                      (TORCH_RMS, torch.nn.RMSNorm(c, eps=1e-6))):
-    def fwd(layer=layer):
+  for name, layer, args in (
+      (TORCH_LN, torch.nn.LayerNorm(c, eps=1e-6), ()),
+      (TORCH_RMS, torch.nn.RMSNorm(c, eps=1e-6), ()),
+      (TORCH_PN, torch_powernorm.MaskPowerNorm(c, num_groups=4,
+                                               warmup_steps=4000), masked)):
+    def fwd(layer=layer, args=args):
       with torch.no_grad():
-        layer(xt)
+        layer(xt, *args)
 
-    def fwd_bwd(layer=layer):
+    def fwd_bwd(layer=layer, args=args):
       xt.grad = None
       layer.zero_grad(set_to_none=True)
-      layer(xt).backward(dyt)
+      layer(xt, *args).backward(dyt)
     out[name] = (fwd, fwd_bwd)
   return out
 
@@ -189,7 +198,8 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
     fns[name, 'fwd'] = (jax.jit(apply), (x, mask, p, s))
     if fields is not None:
       fns[name, 'bwd'] = (_train_step(apply, fields), (x, dy, mask, p, s))
-  torch_cases = _torch_cases(np.asarray(x), np.asarray(dy)) if torch else {}
+  torch_cases = (_torch_cases(np.asarray(x), np.asarray(dy), np.asarray(mask))
+                 if torch else {})
   for name, (fwd, fwd_bwd) in torch_cases.items():
     fns[name, 'fwd'], fns[name, 'bwd'] = (fwd, ()), (fwd_bwd, ())
   samples = _timed(fns, warmup, reps)
@@ -221,7 +231,9 @@ TARGETS = (  # label, norm, reference, bound, compared modes (0 fwd, 1 fwd+bwd)
     ('PowerNorm train fwd+bwd vs normjax LayerNorm',
      'normjax PowerNorm train (mask)', 'normjax LayerNorm', 1.3, (1,)),
     ('UnifiedNorm train fwd+bwd vs normjax LayerNorm',
-     'normjax UnifiedNorm train (mask)', 'normjax LayerNorm', 1.3, (1,)))
+     'normjax UnifiedNorm train (mask)', 'normjax LayerNorm', 1.3, (1,)),
+    ('PowerNorm train fwd+bwd vs the official algorithm in torch',
+     'normjax PowerNorm train (mask)', TORCH_PN, 1 / 25, (1,)))
 BEFORE_AFTER = (  # label, after, before: the fused CPU kernel's effect
     ('LayerNorm', 'normjax LayerNorm', XLA_LN),
     ('RMSNorm', 'normjax RMSNorm', 'normjax RMSNorm (XLA path)'),

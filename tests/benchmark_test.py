@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from benchmarks import norms
 
 
@@ -34,3 +36,42 @@ def test_report_goes_between_the_readme_markers(tmp_path):
   suite.write_readme('newer table', str(path))  # idempotent
   assert path.read_text() == (f'intro\n{suite.BEGIN}\nnewer table\n'
                               f'{suite.END}\nrest\n')
+
+
+def test_torch_powernorm_peer_computes_what_normjax_does():
+  """The torch peer timed by benchmarks.norms is the same algorithm."""
+  torch = pytest.importorskip('torch')
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_powernorm  # pylint: disable=g-import-not-at-top
+  from normjax import functional as nf  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  c, options = 16, dict(num_groups=4, warmup_steps=2)
+  peer = torch_powernorm.MaskPowerNorm(c, **options)
+  state = nf.init_power_norm_state(c)
+  params = {'scale': jnp.ones(c), 'bias': jnp.zeros(c)}
+
+  def loss(x, p, u, mask, dy, state):
+    y, new = nf.power_norm(x, p, state._replace(ema_gz=u), mask=mask,
+                           **options)
+    return jnp.sum(y * dy), (y, new)
+  step = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))
+  for _ in range(4):  # across the warmup boundary
+    x = rng.standard_normal((3, 5, c)).astype(np.float32) + 0.3
+    dy = rng.standard_normal((3, 5, c)).astype(np.float32)
+    mask = rng.uniform(size=(3, 5)) > 0.3
+    xt = torch.from_numpy(x).requires_grad_(True)
+    peer.zero_grad(set_to_none=True)
+    yt = peer(xt, torch.from_numpy(mask))
+    yt.backward(torch.from_numpy(dy))
+    (dx, dp, du), (y, new) = step(jnp.asarray(x), params, state.ema_gz,
+                                  jnp.asarray(mask), jnp.asarray(dy), state)
+    state = new._replace(ema_gz=state.ema_gz + du)
+    for got, want in ((y, yt), (dx, xt.grad), (dp['scale'], peer.weight.grad),
+                      (dp['bias'], peer.bias.grad),
+                      (state.running_phi, peer.running_phi),
+                      (state.ema_gz, peer.ema_gz)):
+      np.testing.assert_allclose(np.asarray(got), want.detach().numpy(),
+                                 rtol=2e-5, atol=2e-5)

@@ -19,48 +19,22 @@
 #include <thread>
 #include <vector>
 
+#include "kernel_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMinElementsPerThread = 1 << 18;
-
-template <typename Dims>
-int64_t Features(const Dims& dims) {
-  return dims.size() == 0 ? 1 : dims[dims.size() - 1];
-}
-
-int NumThreads(int64_t elements) {
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min(hw, elements / kMinElementsPerThread)));
-}
-
-// Calls body(thread, first_row, end_row) on `threads` contiguous row ranges.
-template <typename Body>
-void ParallelRows(int64_t rows, int threads, Body body) {
-  if (threads == 1) {
-    body(0, 0, rows);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t chunk = (rows + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t lo = std::min(rows, t * chunk);
-    const int64_t hi = std::min(rows, lo + chunk);
-    pool.emplace_back(body, t, lo, hi);
-  }
-  body(0, 0, std::min(rows, chunk));
-  for (auto& th : pool) th.join();
-}
+using normjax::LastDim;
+using normjax::NumThreads;
+using normjax::ParallelRows;
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                    ffi::ResultBuffer<ffi::F32> mean,
                    ffi::ResultBuffer<ffi::F32> rstd, float eps, bool center) {
-  const int64_t c = Features(x.dimensions());
+  const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   const float* xp = x.typed_data();
   const float* sp = scale.typed_data();
@@ -104,7 +78,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> dscale,
                     ffi::ResultBuffer<ffi::F32> dbias, bool center) {
-  const int64_t c = Features(x.dimensions());
+  const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   const float* xp = x.typed_data();
   const float* sp = scale.typed_data();

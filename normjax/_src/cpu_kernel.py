@@ -44,6 +44,7 @@ Array = jax.Array
 
 _SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
                  for name in ('cpu_kernel.cc', 'power_kernel.cc'))
+_HEADERS = (os.path.join(os.path.dirname(__file__), 'kernel_rows.h'),)
 _FLAGS = ('-O3', '-march=native', '-fopenmp-simd', '-fno-math-errno',
           '-std=c++17', '-shared', '-fPIC', '-w')
 _FORWARD, _BACKWARD = 'normjax_per_token_norm_fwd', 'normjax_per_token_norm_bwd'
@@ -84,7 +85,7 @@ def _build() -> str:
   if compiler is None:
     raise RuntimeError('no C++ compiler (set CXX or install g++)')
   sources = []
-  for name in _SOURCES:
+  for name in _SOURCES + _HEADERS:
     with open(name, 'rb') as fh:
       sources.append(fh.read())
   key = hashlib.sha256(b'\0'.join([

@@ -25,41 +25,16 @@
 #include <thread>
 #include <vector>
 
+#include "kernel_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMinElementsPerThread = 1 << 18;
-
-template <typename Dims>
-int64_t LastDim(const Dims& dims) {
-  return dims.size() == 0 ? 1 : dims[dims.size() - 1];
-}
-
-int NumThreads(int64_t elements) {
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min(hw, elements / kMinElementsPerThread)));
-}
-
-template <typename Body>
-void ParallelRows(int64_t rows, int threads, Body body) {
-  if (threads == 1) {
-    body(0, 0, rows);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t chunk = (rows + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t lo = std::min(rows, t * chunk);
-    const int64_t hi = std::min(rows, lo + chunk);
-    pool.emplace_back(body, t, lo, hi);
-  }
-  body(0, 0, std::min(rows, chunk));
-  for (auto& th : pool) th.join();
-}
+using normjax::LastDim;
+using normjax::NumThreads;
+using normjax::ParallelRows;
 
 // Per-thread column partial sums lie Stride(c) floats apart: not a multiple
 // of 4 KiB, so that their stores do not alias (in the low 12 address bits)
