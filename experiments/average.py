@@ -9,13 +9,11 @@ default. Training runs this itself at the end (config.decode.average_last).
 """
 
 import os
-import sys
 
-import orbax.checkpoint as ocp
-from absl import app
 from absl import flags
 
 from experiments import checkpointing
+from experiments import cli
 from experiments import translation
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.',
@@ -24,37 +22,28 @@ _LAST = flags.DEFINE_integer('last', 5, 'How many of the newest checkpoints.')
 
 
 def average_last(workdir: str, last: int) -> list[int]:
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'--workdir={workdir}: no checkpoints/ directory; '
-                            'train the run first.')
-  with ocp.CheckpointManager(directory) as mngr:
-    steps = sorted(mngr.all_steps())[-last:]
-    if not steps:
-      raise FileNotFoundError(f'--workdir={workdir}: no complete checkpoint.')
-    restored = [mngr.restore(s, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-                for s in steps]
-  fingerprints = {r['meta'].get('vocab_fingerprint') for r in restored}
+  """Averages the newest `last` checkpoints of <workdir>/checkpoints into
+  <workdir>/averaged; returns their steps."""
+  if last < 1:
+    raise ValueError(f'--last={last}: average 1 or more checkpoints.')
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = checkpointing.steps(directory)[-last:]
+  restored = [checkpointing.read(directory, s)[:2] for s in steps]
+  fingerprints = {meta.get('vocab_fingerprint') for _, meta in restored}
   if len(fingerprints) > 1:
     raise ValueError(f'checkpoints {steps} disagree on the vocabulary; they '
                      'are not from one run.')
-  averaged = checkpointing.average([r['state'] for r in restored])
-  translation.save_averaged(workdir, averaged, dict(
-      restored[-1]['meta'], steps=steps))
+  averaged = checkpointing.average([state for state, _ in restored])
+  translation.save_averaged(workdir, averaged, dict(restored[-1][1],
+                                                    steps=steps))
   return steps
 
 
-def main(argv):
-  del argv
-  try:
-    steps = average_last(_WORKDIR.value, _LAST.value)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+def main() -> None:
+  steps = average_last(_WORKDIR.value, _LAST.value)
   print(f'averaged steps {steps} into '
         f'{os.path.join(_WORKDIR.value, translation.AVERAGED)}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

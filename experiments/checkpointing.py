@@ -110,15 +110,58 @@ def check_meta(where: str, meta: dict, expect: dict) -> None:
           'checkpoint was written with.')
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
-            expect: dict) -> tuple[Any, dict]:
-  """Restores `step`; checks `expect` (key -> value) against the metadata."""
+def restore(mngr: ocp.CheckpointManager, step: int,
+            abstract_state: Any = None, expect: dict | None = None
+            ) -> tuple[Any, dict]:
+  """(state, meta) of `step`; checks `expect` (key -> value) against the
+  metadata first. The state takes the structure, dtypes and shardings of
+  `abstract_state` (`abstract_like`), or without it comes as saved: nested
+  dicts of arrays."""
   meta = mngr.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta']
-  check_meta(f'{mngr.directory}/{step}', meta, expect)
+  meta = dict(meta or {})
+  check_meta(f'{mngr.directory}/{step}', meta, expect or {})
   state = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))['state']
   return state, meta
+
+
+def steps(directory: str) -> list[int]:
+  """The steps of the complete checkpoints in `directory`, oldest first.
+
+  Raises FileNotFoundError if there is no such directory or it holds none.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoint directory {directory}; train the '
+                            'run first (same --workdir).')
+  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
+    found = sorted(mngr.all_steps())
+  if not found:
+    raise FileNotFoundError(f'{directory} holds no complete checkpoint; '
+                            'train the run first.')
+  return found
+
+
+def read(directory: str, step: int | None = None, *,
+         abstract_state: Any = None, expect: dict | None = None
+         ) -> tuple[Any, dict, int]:
+  """(state, meta, step) of checkpoint `step` of `directory` (None: the newest).
+
+  The one way to read a checkpoint outside a training run (evaluation,
+  averaging, folding, tests). Without `abstract_state` the state comes as
+  saved (nested dicts of arrays: 'step', 'params', 'opt_state',
+  'batch_stats', 'grad_stats', 'rng'); `expect` is checked as in `restore`.
+  Raises FileNotFoundError if there is no such directory or step.
+  """
+  available = steps(directory)
+  if step is None:
+    step = available[-1]
+  elif step not in available:
+    raise FileNotFoundError(f'{directory} has no step {step}; it has '
+                            f'{available}.')
+  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
+    state, meta = restore(mngr, step, abstract_state, expect)
+  return state, meta, step
 
 
 def problem(directory: str, step: int) -> str | None:

@@ -72,10 +72,11 @@ def expand_argv(experiment: str, argv: list[str]) -> list[str]:
   return out
 
 
-def parse_flags(experiment: str, argv: list[str]) -> list[str]:
-  """absl flag parsing with preset expansion and one-line errors."""
+def parse_flags(experiment: str | None, argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors, and `experiment`'s presets
+  expanded (`expand_argv`) unless it is None."""
   try:
-    return flags.FLAGS(expand_argv(experiment, argv))
+    return flags.FLAGS(expand_argv(experiment, argv) if experiment else argv)
   except (flags.Error, ConfigError, AttributeError, KeyError, TypeError,
           ValueError) as e:
     print(f'error: {one_line(str(e), argv)}', file=sys.stderr)

@@ -51,23 +51,37 @@ CASES = {  # name: (module, args, words the line must contain)
 }
 
 
+# experiments.average: (args, words the line must contain); {tmp}/empty has an
+# empty checkpoints/ directory.
+AVERAGE_CASES = {
+    'no --workdir': ([], ['--workdir']),
+    'no checkpoint directory': (['--workdir={tmp}/none'],
+                                ['{tmp}/none/checkpoints']),
+    'no complete checkpoint': (['--workdir={tmp}/empty'],
+                               ['{tmp}/empty/checkpoints', 'no complete']),
+    'last=0': (['--workdir={tmp}/empty', '--last=0'], ['--last=0']),
+}
+
 DEFAULT = ('unknown preset', 'missing data directory',
-           'mesh not dividing the devices')  # the rest in the slow step
+           'mesh not dividing the devices',
+           'no checkpoint directory', 'last=0')  # the rest in the slow step
 
 
-@pytest.mark.parametrize('name', [
-    n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
-    for n in sorted(CASES)])
-def test_user_error_is_one_line(name, tmp_path):
-  module, args, words = CASES[name]
-  corpus(str(tmp_path / 'mismatch'), test_en=['only one line'])
+def cases(table):
+  """The names of `table`, those not in DEFAULT marked slow."""
+  return [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+          for n in sorted(table)]
+
+
+def assert_one_line_error(module, args, words, tmp_path):
+  """`python -m experiments.<module> <args>` exits with code 2 and one error
+  line holding `words` ({tmp} stands for `tmp_path`), no traceback."""
   fill = lambda s: s.replace('{tmp}', str(tmp_path))
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
   env.pop('NORMJAX_TRACEBACK', None)
   done = subprocess.run(
-      [sys.executable, '-m', f'experiments.{module}',
-       f'--workdir={tmp_path / "run"}', *map(fill, args)],
+      [sys.executable, '-m', f'experiments.{module}', *map(fill, args)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   lines = [l for l in done.stderr.splitlines()
            if l.strip() and not l.startswith(('W', 'I')) or 'rror' in l]
@@ -77,3 +91,18 @@ def test_user_error_is_one_line(name, tmp_path):
   assert len(errors) == 1, done.stderr[-2000:]
   for word in map(fill, words):
     assert word in errors[0], (word, errors[0])
+
+
+@pytest.mark.parametrize('name', cases(CASES))
+def test_user_error_is_one_line(name, tmp_path):
+  module, args, words = CASES[name]
+  corpus(str(tmp_path / 'mismatch'), test_en=['only one line'])
+  assert_one_line_error(module, ['--workdir={tmp}/run', *args], words,
+                        tmp_path)
+
+
+@pytest.mark.parametrize('name', cases(AVERAGE_CASES))
+def test_average_user_error_is_one_line(name, tmp_path):
+  args, words = AVERAGE_CASES[name]
+  os.makedirs(tmp_path / 'empty' / 'checkpoints')
+  assert_one_line_error('average', args, words, tmp_path)

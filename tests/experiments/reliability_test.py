@@ -17,7 +17,6 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments import checkpointing
@@ -63,15 +62,15 @@ def run(workdir, c=None, poison=None):
 
 
 def checkpoint(workdir, step):
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as m:
-    return m.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  """(state, meta) of checkpoint `step` of the run, as saved."""
+  return checkpointing.read(os.path.join(workdir, 'checkpoints'), step)[:2]
 
 
 def assert_same_state(a, b):
-  same = jax.tree.map(np.array_equal, a['state'], b['state'])
+  (state_a, meta_a), (state_b, meta_b) = a, b
+  same = jax.tree.map(np.array_equal, state_a, state_b)
   assert all(jax.tree.leaves(same))
-  assert a['meta']['data'] == b['meta']['data']
+  assert meta_a['data'] == meta_b['data']
 
 
 @pytest.fixture(scope='module')

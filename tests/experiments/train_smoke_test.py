@@ -6,10 +6,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments import average
+from experiments import checkpointing
 from experiments import train_lib
 from experiments import translation
 from experiments.configs import wmt
@@ -27,10 +27,8 @@ def smoke_config(num_steps, preset='powernorm,smoke'):
 
 
 def final_state(workdir, step):
-  path = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  with ocp.CheckpointManager(path) as m:
-    return m.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  """(state, meta) of checkpoint `step` of the run, as saved."""
+  return checkpointing.read(os.path.join(workdir, 'checkpoints'), step)[:2]
 
 
 @pytest.fixture(scope='module')
@@ -45,15 +43,14 @@ def runs(tmp_path_factory):
 
 def test_resume_is_exact(runs):
   straight, resumed, _ = runs
-  a, b = final_state(straight, 6), final_state(resumed, 6)
-  assert a['meta']['data'] == b['meta']['data']
-  chex_equal = jax.tree.map(lambda x, y: np.array_equal(x, y), a['state'],
-                            b['state'])
+  (a, meta_a), (b, meta_b) = final_state(straight, 6), final_state(resumed, 6)
+  assert meta_a['data'] == meta_b['data']
+  chex_equal = jax.tree.map(lambda x, y: np.array_equal(x, y), a, b)
   assert all(jax.tree.leaves(chex_equal)), 'resumed run diverged'
   # The PowerNorm states moved and were checkpointed.
-  enc = a['state']['batch_stats']['encoder']['layer_0']['attention_norm']
+  enc = a['batch_stats']['encoder']['layer_0']['attention_norm']
   assert int(enc['step']) == 6
-  gz = a['state']['grad_stats']['encoder']['layer_0']['attention_norm']
+  gz = a['grad_stats']['encoder']['layer_0']['attention_norm']
   assert float(np.abs(gz['ema_gz']).max()) > 0
 
 
@@ -70,15 +67,12 @@ def test_outputs_and_averaging(runs):
   assert os.listdir(os.path.join(straight, 'tensorboard'))
   steps = average.average_last(straight, 2)
   assert steps == [3, 6]
-  a, b = final_state(straight, 3), final_state(straight, 6)
-  path = os.path.abspath(os.path.join(straight, translation.AVERAGED))
-  with ocp.CheckpointManager(path) as m:
-    avg = m.restore(0, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
+  (a, _), (b, _) = final_state(straight, 3), final_state(straight, 6)
+  avg, _, _ = checkpointing.read(os.path.join(straight, translation.AVERAGED))
   np.testing.assert_allclose(
       avg['params']['shared_embedding']['embedding'],
-      (a['state']['params']['shared_embedding']['embedding']
-       + b['state']['params']['shared_embedding']['embedding']) / 2,
+      (a['params']['shared_embedding']['embedding']
+       + b['params']['shared_embedding']['embedding']) / 2,
       rtol=1e-6)
 
 

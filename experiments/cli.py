@@ -1,0 +1,61 @@
+"""What every command-line tool of the experiments shares: absl start-up,
+flag errors and user errors in one line, and the exit codes.
+
+    from experiments import cli
+
+    _OUT = flags.DEFINE_string('out', None, 'Output directory.', required=True)
+
+    def main():
+      ...  # raise ValueError / FileNotFoundError for what the user got wrong
+
+    if __name__ == '__main__':
+      cli.run(main)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app
+from absl import logging
+
+from experiments import configs
+from experiments import faults
+
+# What a user can fix: a flag, config, data, or a checkpoint of another run.
+USER_ERRORS = (faults.NonFiniteError, ValueError, FileNotFoundError, KeyError)
+
+
+def run(work: Callable[[], object], experiment: str | None = None) -> None:
+  """Parses the flags and calls `work()`; a user error ends in one line.
+
+  `experiment` names experiments/configs/<experiment>.py, whose presets
+  `--config=<preset>` stands for (None: no such flag). A flag error, or a
+  ValueError, FileNotFoundError or KeyError from `work`, prints one
+  `error: ...` line and exits with code 2; a non-finite step
+  (faults.NonFiniteError) exits with 3, a SIGTERM stop after its final
+  checkpoint (faults.Preempted) with 143. NORMJAX_TRACEBACK=1 shows the
+  traceback instead.
+  """
+
+  def main(argv):
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    try:
+      work()
+    except faults.Preempted as e:
+      print(f'preempted: {e}', file=sys.stderr, flush=True)
+      sys.exit(143)
+    except USER_ERRORS as e:
+      if os.environ.get('NORMJAX_TRACEBACK'):
+        raise
+      message = e.args[0] if isinstance(e, KeyError) and e.args else e
+      print(f'error: {message}  (set NORMJAX_TRACEBACK=1 for the traceback)',
+            file=sys.stderr, flush=True)
+      sys.exit(3 if isinstance(e, faults.NonFiniteError) else 2)
+
+  app.run(main, flags_parser=lambda argv: configs.parse_flags(experiment,
+                                                               argv))
