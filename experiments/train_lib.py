@@ -60,26 +60,24 @@ def make_schedule(cfg: Any) -> optax.Schedule:
   """
   peak, warmup = cfg.peak_lr, max(int(cfg.warmup_steps), 1)
   if cfg.kind == 'inverse_sqrt':
-    init = cfg.warmup_init_lr
-
-    def schedule(count):
-      count = jnp.asarray(count, jnp.float32)
-      warm = init + count * (peak - init) / warmup
-      decay = peak * jnp.sqrt(warmup / jnp.maximum(count, 1.0))
-      return jnp.where(count < warmup, warm, decay)
-    return schedule
+    def decay(count):  # count: updates since the end of the warmup
+      return peak * jnp.sqrt(warmup / (jnp.asarray(count, jnp.float32)
+                                       + warmup))
+    return optax.join_schedules(
+        [optax.linear_schedule(cfg.warmup_init_lr, peak, warmup), decay],
+        [warmup])
   if cfg.kind == 'cosine':
-    floor, total = cfg.min_lr, max(int(cfg.decay_steps), 1)
-    has_warmup = int(cfg.warmup_steps) > 0
+    floor = cfg.min_lr
+    cosine = optax.cosine_decay_schedule(peak - floor,
+                                         max(int(cfg.decay_steps), 1))
 
-    def schedule(count):
-      count = jnp.asarray(count, jnp.float32)
-      cosine = floor + (peak - floor) * 0.5 * (
-          1 + jnp.cos(jnp.pi * jnp.minimum(count, total) / total))
-      if not has_warmup:
-        return cosine
-      return jnp.where(count < warmup, peak * count / warmup, cosine)
-    return schedule
+    def annealed(count):  # the cosine counts from 0, through the warmup
+      return floor + cosine(count)
+    if int(cfg.warmup_steps) <= 0:
+      return annealed
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup),
+         lambda count: annealed(count + warmup)], [warmup])
   raise ValueError(f"config.schedule.kind={cfg.kind!r}: choose 'inverse_sqrt' "
                    "or 'cosine'.")
 
