@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import train_lib
+from experiments.configs import wmt
 
 
 def inverse_sqrt(count, peak, warmup, init):
@@ -64,6 +65,15 @@ def test_cosine_equals_the_formula(warmup, floor, total):
   assert_equal_everywhere(
       lr, lambda c: cosine(c, 2.5e-4, warmup, floor, total),
       max(total, warmup) + 20, 2.5e-4)
+
+
+def test_inverse_sqrt_schedule_matches_fairseq():
+  lr = train_lib.make_schedule(wmt.get_config('layernorm').schedule)
+  near = lambda x: pytest.approx(x, rel=1e-6, abs=1e-7 * 3e-3)
+  assert float(lr(0)) == near(1e-7)
+  assert float(lr(4000)) == near(1e-7 + 4000 * (3e-3 - 1e-7) / 8000)
+  assert float(lr(8000)) == near(3e-3)
+  assert float(lr(32000)) == near(3e-3 * 0.5)
 
 
 def test_unknown_kind_is_an_error():

@@ -92,15 +92,6 @@ def test_vocabulary_mismatch_on_resume_is_reported(runs, tmp_path):
     translation.train_and_evaluate(c, straight)
 
 
-def test_inverse_sqrt_schedule_matches_fairseq():
-  cfg = wmt.get_config('layernorm').schedule
-  lr = train_lib.make_schedule(cfg)
-  assert float(lr(0)) == pytest.approx(1e-7)
-  assert float(lr(4000)) == pytest.approx(1e-7 + 4000 * (3e-3 - 1e-7) / 8000)
-  assert float(lr(8000)) == pytest.approx(3e-3)
-  assert float(lr(32000)) == pytest.approx(3e-3 * 0.5)
-
-
 def test_label_smoothed_loss_by_hand():
   logits = jnp.log(jnp.asarray([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
   targets = jnp.asarray([[0, 2]])
