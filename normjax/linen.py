@@ -1,33 +1,33 @@
-"""Flax linen modules wrapping `normjax.functional`, and `make_norm`."""
+"""Flax linen modules of every norm, derived from the norm definitions.
 
+`LayerNorm`, `RMSNorm`, `BatchNorm`, `PowerNorm`, `PNV`, `UnifiedNorm`,
+`GroupScaling`, `DyT`, `CRMSNorm`, `GroupNorm`, `EvoNormS0`,
+`LayerNormScaling` (one per registered norm, `MODULES[kind]`), `Identity`,
+the conditional `AdaLNZero`, `TDLayerNorm`, `TDRMSNorm`, `QKNorm`, and
+`make_norm`.
+"""
+
+from normjax._src.conditional_modules import CONDITIONAL_MODULES
+from normjax._src.conditional_modules import AdaLNZero
+from normjax._src.conditional_modules import QKNorm
+from normjax._src.conditional_modules import TDLayerNorm
+from normjax._src.conditional_modules import TDRMSNorm
+from normjax._src.conditional_modules import TimeDependentParameter
+from normjax._src.definition import REGISTRY as _REGISTRY
 from normjax._src.modules import BATCH_STATS
-from normjax._src.modules import CONDITIONAL_MODULES
 from normjax._src.modules import GRAD_STATS
 from normjax._src.modules import MODULES
-from normjax._src.modules import PNV
-from normjax._src.modules import AdaLNZero
-from normjax._src.modules import BatchNorm
-from normjax._src.modules import CRMSNorm
-from normjax._src.modules import DyT
-from normjax._src.modules import EvoNormS0
-from normjax._src.modules import GroupNorm
-from normjax._src.modules import GroupScaling
 from normjax._src.modules import Identity
-from normjax._src.modules import LayerNorm
-from normjax._src.modules import LayerNormScaling
-from normjax._src.modules import PowerNorm
-from normjax._src.modules import QKNorm
-from normjax._src.modules import RMSNorm
-from normjax._src.modules import TDLayerNorm
-from normjax._src.modules import TDRMSNorm
-from normjax._src.modules import TimeDependentParameter
-from normjax._src.modules import UnifiedNorm
 from normjax._src.modules import make_norm
+from normjax._src.modules import module_fields
+from normjax._src.modules import module_for
+
+# One class per registered norm, under its module name (PowerNorm, ...).
+globals().update({d.module: module_for(d) for d in _REGISTRY.values()})
 
 __all__ = [
-    'BATCH_STATS', 'CONDITIONAL_MODULES', 'GRAD_STATS', 'MODULES', 'PNV',
-    'AdaLNZero', 'BatchNorm', 'CRMSNorm', 'DyT', 'EvoNormS0', 'GroupNorm',
-    'GroupScaling', 'Identity', 'LayerNorm', 'LayerNormScaling', 'PowerNorm',
-    'QKNorm', 'RMSNorm', 'TDLayerNorm', 'TDRMSNorm', 'TimeDependentParameter',
-    'UnifiedNorm', 'make_norm',
+    'BATCH_STATS', 'CONDITIONAL_MODULES', 'GRAD_STATS', 'MODULES',
+    'AdaLNZero', 'Identity', 'QKNorm', 'TDLayerNorm', 'TDRMSNorm',
+    'TimeDependentParameter', 'make_norm', 'module_fields', 'module_for',
+    *sorted(d.module for d in _REGISTRY.values()),
 ]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import common
+from normjax._src import definition as nd
 
 Array = jax.Array
 
@@ -25,19 +26,7 @@ def init_batch_norm_state(features: int, dtype=jnp.float32,
   return common.group_state(state, num_batch_groups)
 
 
-def batch_norm(
-    x: Array,
-    params: common.Params,
-    state: BatchNormState,
-    *,
-    mask: Array | None = None,
-    use_running_average: bool = False,
-    axis_name: Any = None,
-    momentum: float = 0.99,
-    eps: float = 1e-5,
-    num_batch_groups: int = 1,
-) -> tuple[Array, BatchNormState]:
-  """Masked BatchNorm (Ioffe & Szegedy, 2015, https://arxiv.org/abs/1502.03167).
+DOC = """Masked BatchNorm (Ioffe & Szegedy, 2015, https://arxiv.org/abs/1502.03167).
 
       mu = mean_V(x),  var = mean_V((x - mu)^2)      over real tokens V
       y  = (x - mu) / sqrt(var + eps) * scale + bias  at every token
@@ -59,48 +48,57 @@ def batch_norm(
       `shard_map`/`pmap` (sums of x, x^2 and counts, so uneven padding across
       devices stays exact). Not needed under `jax.jit`, which computes global
       statistics of a sharded batch by itself.
-    momentum: decay of the running averages.
-    eps: added to the variance.
-    num_batch_groups: split the batch axis into this many groups with their
-      own statistics and running state (a virtual per-device batch).
 
   Returns:
     `(y, new_state)`. A batch without real tokens is normalised with the
     running statistics and leaves the state unchanged.
   """
-  fn = 'batch_norm'
-  x = common.check_input(x, fn, min_rank=2)
-  params = common.check_params(params, x.shape[-1], fn)
-  mask = common.check_mask(mask, x, fn)
+
+
+def _train(x, mask, state, params, options, axis_name):
+  """One batch group's training step: batch statistics, EMA update."""
   dtype = common.stats_dtype(x)
-  if use_running_average:
-    state0 = common.first_group(state, num_batch_groups)
-    common.check_state(state0, init_batch_norm_state(x.shape[-1]), fn,
-                       'init_batch_norm_state')
-    xf = x.astype(dtype)
-    z = (xf - common.feat(state0.mean.astype(dtype), xf.ndim)) * (
-        common.feat(jax.lax.rsqrt(state0.var.astype(dtype) + eps), xf.ndim))
-    return common.affine(z, params, dtype).astype(x.dtype), state
-  common.check_state(
-      state, init_batch_norm_state(x.shape[-1], num_batch_groups=
-                                   num_batch_groups), fn,
-      'init_batch_norm_state')
+  xf = x.astype(dtype)
+  mu, count = common.masked_row_mean(xf, mask, axis_name)
+  var, _ = common.masked_row_mean(
+      jnp.square(xf - common.feat(mu, xf.ndim)), mask, axis_name)
+  has_data = count > 0
+  mu = jnp.where(has_data, mu, state.mean.astype(dtype))
+  var = jnp.where(has_data, var, state.var.astype(dtype))
+  z = (xf - common.feat(mu, xf.ndim)) * common.feat(
+      jax.lax.rsqrt(var + options['eps']), xf.ndim)
+  y = common.affine(z, params, dtype)
+  mu, var = jax.lax.stop_gradient((mu, var))
+  m = options['momentum']
+  new = BatchNormState(mean=m * state.mean + (1 - m) * mu,
+                       var=m * state.var + (1 - m) * var)
+  return y, common.keep_if(has_data, new, state)
 
-  def train(xg, maskg, st):
-    xf = xg.astype(dtype)
-    mu, count = common.masked_row_mean(xf, maskg, axis_name)
-    var, _ = common.masked_row_mean(
-        jnp.square(xf - common.feat(mu, xf.ndim)), maskg, axis_name)
-    has_data = count > 0
-    mu = jnp.where(has_data, mu, st.mean.astype(dtype))
-    var = jnp.where(has_data, var, st.var.astype(dtype))
-    z = (xf - common.feat(mu, xf.ndim)) * common.feat(
-        jax.lax.rsqrt(var + eps), xf.ndim)
-    y = common.affine(z, params, dtype)
-    mu, var = jax.lax.stop_gradient((mu, var))
-    new = BatchNormState(mean=momentum * st.mean + (1 - momentum) * mu,
-                         var=momentum * st.var + (1 - momentum) * var)
-    return y.astype(x.dtype), common.keep_if(has_data, new, st)
 
-  return common.apply_grouped(train, num_batch_groups, x, mask, state,
-                              name=fn)
+def _eval_affine(params, state, options, xp):
+  """(x - mean) * scale / sqrt(var + eps) + bias."""
+  return nd.EvalAffine(
+      scale=params['scale'] / xp.sqrt(state.var + options['eps']),
+      center=state.mean, bias=params['bias'], core=('none', {}))
+
+
+BATCH_NORM = nd.register(nd.NormDefinition(
+    kind='batchnorm', name='batch_norm', module='BatchNorm',
+    options=(
+        nd.Option('momentum', 0.99, 'decay of the running averages (flax).'),
+        nd.Option('eps', 1e-5, 'added to the variance.', field='epsilon'),
+        nd.Option('num_batch_groups', 1,
+                  'split the batch axis into this many groups with their own '
+                  'statistics and running state (a virtual per-device '
+                  'batch).'),
+    ),
+    doc=DOC,
+    train=_train,
+    init_state=lambda features, dtype, o: init_batch_norm_state(
+        features, dtype, o['num_batch_groups']),
+    eval_affine=_eval_affine,
+    probe=lambda x, state, options: (x, {'mean': state.mean,
+                                         'var': state.var}),
+    state_maker='init_batch_norm_state',
+))
+batch_norm = BATCH_NORM.function

@@ -273,3 +273,70 @@ def keep_if(pred: Array, new: NamedTuple, old: NamedTuple) -> NamedTuple:
   """Leafwise `where(pred, new, old)`, keeping the old dtypes."""
   return jax.tree.map(
       lambda n, o: jnp.where(pred, n.astype(o.dtype), o), new, old)
+
+
+# ---------------------------------------------------------------------------
+# The skeleton of the stateful norms (BatchNorm, PN-V, PowerNorm, UN): each
+# supplies its training step and its evaluation-mode affine map (see
+# `normjax._src.definition.NormDefinition`); validation, evaluation and
+# virtual batch groups are here, once.
+
+
+def stateful_apply(definition: Any, x: Array, params: Params, state: Any, *,
+                   mask: Array | None, use_running_average: bool,
+                   axis_name: Any, num_batch_groups: int, **options: Any
+                   ) -> tuple[Array, Any]:
+  """`definition`'s norm: checks, then evaluation or grouped training."""
+  fn = definition.name
+  x = check_input(x, fn, min_rank=2)
+  features = x.shape[-1]
+  params = check_params(params, features, fn)
+  mask = check_mask(mask, x, fn)
+  if definition.check is not None:
+    definition.check(options, features, fn)
+  fresh = definition.init_state(features, jnp.float32,
+                                {**options, 'num_batch_groups': 1})
+  if use_running_average:
+    evaluation_state = first_group(state, num_batch_groups)
+    check_state(evaluation_state, fresh, fn, definition.state_maker)
+    return evaluate(definition, x, params, evaluation_state, options), state
+  check_state(state, group_state(fresh, num_batch_groups), fn,
+              definition.state_maker)
+
+  def train(xg, maskg, st):
+    y, new_state = definition.train(xg, maskg, st, params, options, axis_name)
+    return y.astype(x.dtype), new_state
+
+  return apply_grouped(train, num_batch_groups, x, mask, state, name=fn)
+
+
+def filled_params(params: Mapping[str, Array], features: int, dtype
+                  ) -> dict[str, Array]:
+  """`scale` and `bias` [C] in `dtype`: the given ones, else ones and zeros."""
+  return {'scale': params.get('scale', jnp.ones((features,), dtype)
+                              ).astype(dtype),
+          'bias': params.get('bias', jnp.zeros((features,), dtype)
+                             ).astype(dtype)}
+
+
+def evaluate(definition: Any, x: Array, params: Mapping[str, Array],
+             state: Any, options: Mapping[str, Any]) -> Array:
+  """y = scale * (core(x) - center) + bias from `definition.eval_affine`."""
+  # pylint: disable-next=g-import-not-at-top (definition imports common)
+  from normjax._src.definition import REGISTRY
+  dtype = stats_dtype(x)
+  state = jax.tree.map(
+      lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating)
+      else v, state)
+  aff = definition.eval_affine(filled_params(params, x.shape[-1], dtype),
+                               state, options, jnp)
+  kind, core_options = aff.core
+  z = x.astype(dtype)
+  if kind != 'none':
+    core = REGISTRY[kind]
+    z, _ = core.apply(z, None, None, mask=None, use_running_average=False,
+                      axis_name=None, **core.resolve(core_options))
+  if aff.center is not None:
+    z = z - feat(aff.center, z.ndim)
+  return (z * feat(aff.scale, z.ndim) + feat(aff.bias, z.ndim)).astype(
+      x.dtype)

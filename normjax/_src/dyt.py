@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import common
+from normjax._src import definition as nd
 
 Array = jax.Array
 
@@ -31,6 +32,29 @@ LLAMA_ALPHA = (
     ('70B', 8192, 0.2, 0.05, 0.05),
 )
 SITES = ('default', 'attention', 'ffn', 'final')
+
+DYT_DOC = """Dynamic Tanh, a statistics-free drop-in for LayerNorm/RMSNorm.
+
+      y = scale * tanh(alpha * x) + bias
+
+  elementwise, with one learnable scalar `alpha` per layer (shape (1,) as
+  in the official code) and per-feature `scale` (init 1) and `bias` (init
+  0). The LLaMA variant has no bias; the DiT variant without affine is
+  tanh(alpha x). Backward is plain autodiff.
+
+  Args:
+    x: [..., features] activations.
+    params: optional `{'alpha': (1,) or (), 'scale': [features],
+      'bias': [features]}`.
+    state: returned unchanged.
+    mask: validated only. DyT uses no statistics: pad tokens are transformed
+      like any other token and cannot affect real ones.
+    use_running_average, axis_name: ignored (uniform signature).
+
+  Returns:
+    `(y, state)` with `y` in the dtype of `x`, computed in float32 (float64
+    for float64 input).
+  """
 
 
 def dyt_alpha_init(site: str = 'default', width: int | None = None, *,
@@ -65,40 +89,7 @@ def dyt_alpha_init(site: str = 'default', width: int | None = None, *,
   return {'attention': row[2], 'ffn': row[3], 'final': row[4]}[site]
 
 
-def dyt(
-    x: Array,
-    params: Any = None,
-    state: Any = None,
-    *,
-    mask: Array | None = None,
-    alpha: float = DEFAULT_ALPHA,
-    use_running_average: bool = False,
-    axis_name: Any = None,
-) -> tuple[Array, Any]:
-  """Dynamic Tanh, a statistics-free drop-in for LayerNorm/RMSNorm.
-
-      y = scale * tanh(alpha * x) + bias
-
-  elementwise, with one learnable scalar `alpha` per layer (shape (1,) as
-  in the official code) and per-feature `scale` (init 1) and `bias` (init
-  0). The LLaMA variant has no bias; the DiT variant without affine is
-  tanh(alpha x). Backward is plain autodiff.
-
-  Args:
-    x: [..., features] activations.
-    params: optional `{'alpha': (1,) or (), 'scale': [features],
-      'bias': [features]}`.
-    state: returned unchanged.
-    mask: validated only. DyT uses no statistics: pad tokens are transformed
-      like any other token and cannot affect real ones.
-    alpha: the value of alpha when `params` holds none (a fixed alpha);
-      see `dyt_alpha_init` for the recipes' alpha_0.
-    use_running_average, axis_name: ignored (uniform signature).
-
-  Returns:
-    `(y, state)` with `y` in the dtype of `x`, computed in float32 (float64
-    for float64 input).
-  """
+def _dyt(x, params, state, *, mask, use_running_average, axis_name, alpha):
   del use_running_average, axis_name
   fn = 'dyt'
   x = common.check_input(x, fn)
@@ -108,7 +99,29 @@ def dyt(
                    'bias': (features,)}, features)
   common.check_mask(mask, x, fn)
   dtype = common.stats_dtype(x)
-  a = params.pop('alpha', alpha)
+  a = params.pop('alpha', _alpha_value(alpha, features))
   a = jnp.reshape(jnp.asarray(a, dtype), (1,) * x.ndim)
   y = common.affine(jnp.tanh(a * x.astype(dtype)), params, dtype)
   return y.astype(x.dtype), state
+
+
+def _alpha_value(alpha_init: float | str, features: int) -> float:
+  """alpha_0: a float, or a site name of `dyt_alpha_init` with the width."""
+  if isinstance(alpha_init, str):
+    return dyt_alpha_init(alpha_init, features)
+  return alpha_init
+
+
+DYT = nd.register(nd.NormDefinition(
+    kind='dyt', name='dyt', module='DyT',
+    options=(nd.Option(
+        'alpha', DEFAULT_ALPHA,
+        "alpha_0: the fixed alpha when `params` holds none, and the module's "
+        "initial alpha; a float or a site name of `dyt_alpha_init` "
+        "('default', 'attention', 'ffn', 'final', resolved with the width of "
+        '`x`, the LLaMA recipe). The LLaMA variant has no bias: '
+        '`use_bias=False`.', field='alpha_init'),),
+    doc=DYT_DOC, apply=_dyt,
+    extra_params=(nd.ParamSpec('alpha', 'alpha_init', DEFAULT_ALPHA,
+                               shape='one', to_value=_alpha_value),)))
+dyt = DYT.function

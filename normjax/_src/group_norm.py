@@ -13,47 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import common
+from normjax._src import definition as nd
 from normjax._src import layer_norm as ln_lib
 
 Array = jax.Array
 
 
-def check_group_count(num_groups: Any, features: int, fn: str) -> None:
-  if isinstance(num_groups, bool) or not isinstance(num_groups, int) or (
-      num_groups < 1):
-    raise ValueError(f'{fn}: `num_groups` must be a positive int, got '
-                     f'{num_groups!r}.')
-  if features % num_groups:
-    divisors = [g for g in range(1, features + 1) if features % g == 0]
-    raise ValueError(
-        f'{fn}: `num_groups`={num_groups} must divide the number of features '
-        f'{features} of `x`; choose one of {divisors}.')
-
-
-def grouped_centered_var(x: Array, num_groups: int) -> tuple[Array, Array]:
-  """(x - group mean [..., G, C // G], group variance [..., G, 1]).
-
-  Two passes over pivot-shifted values per (token, group), like `layer_norm`,
-  so a large mean does not cost precision. `x` is in the statistics dtype.
-  """
-  c = x.shape[-1]
-  xg = x.reshape(x.shape[:-1] + (num_groups, c // num_groups))
-  # pylint: disable-next=protected-access
-  return ln_lib._centered_and_var(xg, (xg.ndim - 1,), None, None, True)
-
-
-def group_norm(
-    x: Array,
-    params: common.Params = None,
-    state: Any = None,
-    *,
-    num_groups: int = 32,
-    mask: Array | None = None,
-    eps: float = 1e-6,
-    use_running_average: bool = False,
-    axis_name: Any = None,
-) -> tuple[Array, Any]:
-  """GroupNorm over the features of each token.
+GROUP_NORM_DOC = """GroupNorm over the features of each token.
 
   Wu & He, ECCV 2018, https://arxiv.org/abs/1803.08494:
 
@@ -73,44 +39,11 @@ def group_norm(
     x: [..., features] activations.
     params: optional `{'scale', 'bias'}` of shape [features].
     state: returned unchanged.
-    num_groups: G, must divide the features (flax's default 32).
     mask: validated only; pads are normalised like any other token.
-    eps: added to the variance (flax's GroupNorm default 1e-6).
     use_running_average, axis_name: ignored (uniform signature).
   """
-  del use_running_average, axis_name
-  fn = 'group_norm'
-  x = common.check_input(x, fn)
-  params = common.check_params(params, x.shape[-1], fn)
-  common.check_mask(mask, x, fn)
-  check_group_count(num_groups, x.shape[-1], fn)
-  dtype = common.stats_dtype(x)
-  centered, var = grouped_centered_var(x.astype(dtype), num_groups)
-  z = (centered * jax.lax.rsqrt(var + eps)).reshape(x.shape)
-  return common.affine(z, params, dtype).astype(x.dtype), state
 
-
-def evonorm_num_groups(features: int, num_groups: int) -> int:
-  """The official rule: decrement G from `num_groups` until it divides C."""
-  g = num_groups
-  while g > 1 and features % g:
-    g -= 1
-  return g
-
-
-def evonorm_s0(
-    x: Array,
-    params: Any = None,
-    state: Any = None,
-    *,
-    num_groups: int = 32,
-    nonlinearity: bool = True,
-    mask: Array | None = None,
-    eps: float = 1e-5,
-    use_running_average: bool = False,
-    axis_name: Any = None,
-) -> tuple[Array, Any]:
-  """EvoNorm-S0, per token.
+EVONORM_S0_DOC = """EvoNorm-S0, per token.
 
   Liu, Brock, Simonyan, Le, "Evolving Normalization-Activation Layers",
   NeurIPS 2020, https://arxiv.org/abs/2004.02967:
@@ -137,12 +70,71 @@ def evonorm_s0(
     params: optional `{'v', 'scale', 'bias'}` of shape [features]; without
       `v` the norm uses v = 1 (its init).
     state: returned unchanged.
-    num_groups: starting G (official 32).
-    nonlinearity: False for the official affine-only variant.
     mask: validated only; pads are normalised like any other token.
-    eps: added to the group variance (official 1e-5).
     use_running_average, axis_name: ignored (uniform signature).
   """
+
+
+def check_group_count(num_groups: Any, features: int, fn: str) -> None:
+  if isinstance(num_groups, bool) or not isinstance(num_groups, int) or (
+      num_groups < 1):
+    raise ValueError(f'{fn}: `num_groups` must be a positive int, got '
+                     f'{num_groups!r}.')
+  if features % num_groups:
+    divisors = [g for g in range(1, features + 1) if features % g == 0]
+    raise ValueError(
+        f'{fn}: `num_groups`={num_groups} must divide the number of features '
+        f'{features} of `x`; choose one of {divisors}.')
+
+
+def grouped_centered_var(x: Array, num_groups: int) -> tuple[Array, Array]:
+  """(x - group mean [..., G, C // G], group variance [..., G, 1]).
+
+  Two passes over pivot-shifted values per (token, group), like `layer_norm`,
+  so a large mean does not cost precision. `x` is in the statistics dtype.
+  """
+  c = x.shape[-1]
+  xg = x.reshape(x.shape[:-1] + (num_groups, c // num_groups))
+  # pylint: disable-next=protected-access
+  return ln_lib._centered_and_var(xg, (xg.ndim - 1,), None, None, True)
+
+
+def _group_norm(x, params, state, *, mask, use_running_average, axis_name,
+                num_groups, eps):
+  del use_running_average, axis_name
+  fn = 'group_norm'
+  x = common.check_input(x, fn)
+  params = common.check_params(params, x.shape[-1], fn)
+  common.check_mask(mask, x, fn)
+  check_group_count(num_groups, x.shape[-1], fn)
+  dtype = common.stats_dtype(x)
+  centered, var = grouped_centered_var(x.astype(dtype), num_groups)
+  z = (centered * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+  return common.affine(z, params, dtype).astype(x.dtype), state
+
+
+
+
+GROUP_NORM = nd.register(nd.NormDefinition(
+    kind='groupnorm', name='group_norm', module='GroupNorm',
+    options=(nd.Option('num_groups', 32, 'G, must divide the features '
+                       "(flax's default 32)."),
+             nd.Option('eps', 1e-6, "added to the variance (flax's GroupNorm "
+                       'default 1e-6).', field='epsilon')),
+    doc=GROUP_NORM_DOC, apply=_group_norm))
+group_norm = GROUP_NORM.function
+
+
+def evonorm_num_groups(features: int, num_groups: int) -> int:
+  """The official rule: decrement G from `num_groups` until it divides C."""
+  g = num_groups
+  while g > 1 and features % g:
+    g -= 1
+  return g
+
+
+def _evonorm_s0(x, params, state, *, mask, use_running_average, axis_name,
+                num_groups, nonlinearity, eps):
   del use_running_average, axis_name
   fn = 'evonorm_s0'
   x = common.check_input(x, fn)
@@ -168,3 +160,16 @@ def evonorm_s0(
   vx = xs if v is None else xs * common.feat(v.astype(dtype), x.ndim)
   z = xs * jax.nn.sigmoid(vx) * inv_std
   return common.affine(z, params, dtype).astype(x.dtype), state
+
+
+EVONORM_S0 = nd.register(nd.NormDefinition(
+    kind='evonorm_s0', name='evonorm_s0', module='EvoNormS0',
+    options=(nd.Option('num_groups', 32, 'starting G (official 32).'),
+             nd.Option('nonlinearity', True, 'False for the official '
+                       'affine-only variant.'),
+             nd.Option('eps', 1e-5, 'added to the group variance (official '
+                       '1e-5).', field='epsilon')),
+    doc=EVONORM_S0_DOC, apply=_evonorm_s0,
+    extra_params=(nd.ParamSpec('v', 'v_init', 1.0,
+                               enabled_by='nonlinearity'),)))
+evonorm_s0 = EVONORM_S0.function

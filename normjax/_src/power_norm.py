@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import common, power_kernel
+from normjax._src import definition as nd
 from normjax._src.layer_norm import check_num_groups, group_scale
 
 Array = jax.Array
@@ -109,45 +110,7 @@ def _pn_core_bwd(alpha_bkw, axis_name, res, g):
 _pn_core.defvjp(_pn_core_fwd, _pn_core_bwd)
 
 
-def _prescale(x: Array, dtype, use_group_scaling: bool, num_groups: int,
-              group_scaling_eps: float) -> Array:
-  """x in the statistics dtype, GroupScaled unless disabled."""
-  x = x.astype(dtype)
-  if use_group_scaling:
-    return group_scale(x, num_groups, group_scaling_eps)
-  return x
-
-
-def _eval(x: Array, params: dict[str, Array], running_phi: Array, eps: float,
-          prescale) -> Array:
-  """scale * prescale(x) / sqrt(phi + eps) + bias: PowerNorm/PN-V evaluation."""
-  dtype = common.stats_dtype(x)
-  z = prescale(x) * common.feat(
-      jax.lax.rsqrt(running_phi.astype(dtype) + eps), x.ndim)
-  return common.affine(z, params, dtype).astype(x.dtype)
-
-
-def power_norm(
-    x: Array,
-    params: common.Params,
-    state: PowerNormState,
-    *,
-    mask: Array | None = None,
-    use_running_average: bool = False,
-    axis_name: Any = None,
-    warmup_steps: int = 10000,
-    alpha_fwd: float = 0.9,
-    alpha_bkw: float = 0.9,
-    eps: float = 1e-5,
-    num_groups: int = 1,
-    use_group_scaling: bool = True,
-    group_scaling_eps: float = 1e-5,
-    backward_denominator: str = 'batch',
-    grad_mean_over: str = 'padded',
-    num_batch_groups: int = 1,
-    backward: str | None = None,
-) -> tuple[Array, PowerNormState]:
-  """PowerNorm (Shen et al., 2020, https://arxiv.org/abs/2003.07845).
+POWER_NORM_DOC = """PowerNorm (Shen et al., 2020, https://arxiv.org/abs/2003.07845).
 
   Training step t (t counts training calls, starting at 1):
 
@@ -184,23 +147,6 @@ def power_norm(
     axis_name: mesh axis name(s) for `shard_map`/`pmap`, over which the
       forward statistic and the gradient statistic are summed. Not needed
       under `jax.jit`, where a sharded batch already gives global statistics.
-    warmup_steps: W; official class default 10000, the fairseq layers use the
-      learning-rate warmup (8000), the final stack norm 1000.
-    alpha_fwd, alpha_bkw: decays of phi and u (official 0.9, 0.9).
-    eps: added to the quadratic mean (1e-5).
-    num_groups: GroupScaling groups (the official runs use the head count).
-    use_group_scaling: False drops GroupScaling (an ablation).
-    group_scaling_eps: GroupScaling's eps (hard-wired to 1e-5 officially).
-    backward_denominator: 'batch' (official) or 'running' (paper).
-    grad_mean_over: 'padded' (official) or 'valid' (paper).
-    backward: 'approximate' (the rule above) or 'autodiff': exact autodiff
-      of the same forward pass (through psi2 in warmup; after it phi_{t-1}
-      is a constant), leaving u unchanged. None: 'approximate', or
-      'autodiff' inside `normjax.functional.power_norm_autodiff()`.
-    num_batch_groups: split the batch axis into this many groups, each with
-      its own statistics and state, to reproduce the official per-GPU
-      behaviour whatever the device count. Evaluation uses group 0's state,
-      as the official checkpoints held rank 0's buffers.
 
   Returns:
     `(y, new_state)`, `y` in the dtype of `x`. `new_state.ema_gz` is
@@ -208,126 +154,8 @@ def power_norm(
     module docstring). A batch without real tokens is normalised with phi and
     leaves the whole state unchanged.
   """
-  fn = 'power_norm'
-  x = common.check_input(x, fn, min_rank=2)
-  features = x.shape[-1]
-  params = common.check_params(params, features, fn)
-  mask = common.check_mask(mask, x, fn)
-  if use_group_scaling:
-    check_num_groups(num_groups, features, fn)
-  common.check_choice(backward_denominator, 'backward_denominator',
-                      ('batch', 'running'), fn)
-  common.check_choice(grad_mean_over, 'grad_mean_over', ('padded', 'valid'), fn)
-  backward = _BACKWARD.get() if backward is None else backward
-  common.check_choice(backward, 'backward', ('approximate', 'autodiff'), fn)
-  dtype = common.stats_dtype(x)
-  scaled = functools.partial(_prescale, dtype=dtype,
-                             use_group_scaling=use_group_scaling,
-                             num_groups=num_groups,
-                             group_scaling_eps=group_scaling_eps)
-  if use_running_average:
-    st = common.first_group(state, num_batch_groups)
-    common.check_state(st, init_power_norm_state(features), fn,
-                       'init_power_norm_state')
-    return _eval(x, params, st.running_phi, eps, scaled), state
-  common.check_state(
-      state, init_power_norm_state(features, num_batch_groups=num_batch_groups),
-      fn, 'init_power_norm_state')
 
-  def xla_train(xg, maskg, st, t, scale, bias):
-    """(y, psi2) of the approximate rule, in jnp."""
-    xs = scaled(xg)
-    phi_prev = st.running_phi.astype(dtype)
-    psi2, count = common.masked_row_mean(
-        jnp.square(jax.lax.stop_gradient(xs)), maskg, axis_name)
-    has_data = count > 0
-    psi2 = jnp.where(has_data, psi2, phi_prev)
-    batch_denom = jnp.sqrt(psi2 + eps)
-    denom = jnp.where(t <= warmup_steps, batch_denom, jnp.sqrt(phi_prev + eps))
-    bwd_denom = batch_denom if backward_denominator == 'batch' else denom
-    row_weight = None
-    if grad_mean_over == 'valid' and maskg is not None:
-      row_weight = maskg.astype(dtype)
-    z = _pn_core(xs, denom, bwd_denom, row_weight, has_data,
-                 st.ema_gz.astype(dtype), alpha_bkw, axis_name)
-    p = {k: v for k, v in (('scale', scale), ('bias', bias)) if k in params}
-    return common.affine(z, p, dtype), psi2
-
-  def approximate(xg, maskg, st, t):
-    c = xg.shape[-1]
-    scale = params.get('scale', jnp.ones((c,), dtype)).astype(dtype)
-    bias = params.get('bias', jnp.zeros((c,), dtype)).astype(dtype)
-    xf = xg.astype(dtype)
-    if not power_kernel.usable(xf, 'power_norm') or axis_name is not None:
-      return xla_train(xf, maskg, st, t, scale, bias)
-    ones = jnp.ones(xf.shape[:-1], dtype)
-    stat_w = ones if maskg is None else maskg.astype(dtype)
-    cw = stat_w if grad_mean_over == 'valid' else ones
-    opts = power_kernel.PowerNormOptions(
-        warmup_steps, alpha_bkw, eps, num_groups if use_group_scaling else 0,
-        group_scaling_eps, backward_denominator == 'running')
-    return power_kernel.on_cpu(
-        lambda *a: power_kernel.power_norm_train(*a, opts),
-        lambda x_, s_, b_, *_: xla_train(x_, maskg, st, t, s_, b_),
-        xf, scale, bias, stat_w, cw, st.running_phi.astype(dtype),
-        st.ema_gz.astype(dtype), t)
-
-  def train(xg, maskg, st):
-    t = st.step + 1
-    phi_prev = st.running_phi.astype(dtype)
-    if backward == 'autodiff':
-      xs = scaled(xg)
-      psi2, count = common.masked_row_mean(jnp.square(xs), maskg, axis_name)
-      psi2 = jnp.where(count > 0, psi2, phi_prev)
-      denom = jnp.where(t <= warmup_steps, jnp.sqrt(psi2 + eps),
-                        jnp.sqrt(phi_prev + eps))
-      y = common.affine(xs / common.feat(denom, xs.ndim), params, dtype)
-      psi2 = jax.lax.stop_gradient(psi2)
-    else:
-      y, psi2 = approximate(xg, maskg, st, t)
-    count = (jnp.asarray(xg.size // xg.shape[-1]) if maskg is None
-             else jnp.sum(maskg))
-    if axis_name is not None:
-      count = jax.lax.psum(count, axis_name)
-    has_data = count > 0
-    tf = t.astype(dtype)
-    phi = jnp.where(t < warmup_steps, phi_prev * (tf - 1) / tf + psi2 / tf,
-                    phi_prev)
-    phi = alpha_fwd * phi + (1 - alpha_fwd) * psi2
-    new = st._replace(running_phi=phi, step=t)
-    return y.astype(x.dtype), common.keep_if(has_data, new, st)
-
-  return common.apply_grouped(train, num_batch_groups, x, mask, state,
-                              name=fn)
-
-
-class PNVState(NamedTuple):
-  """State of PN-V: the running quadratic mean used only for evaluation."""
-  running_phi: Array  # [features] EMA of the batch quadratic mean, init 1.
-
-
-def init_pn_v_state(features: int, dtype=jnp.float32,
-                    num_batch_groups: int = 1) -> PNVState:
-  return common.group_state(PNVState(running_phi=jnp.ones((features,), dtype)),
-                            num_batch_groups)
-
-
-def pn_v(
-    x: Array,
-    params: common.Params,
-    state: PNVState,
-    *,
-    mask: Array | None = None,
-    use_running_average: bool = False,
-    axis_name: Any = None,
-    momentum: float = 0.9,
-    eps: float = 1e-5,
-    num_groups: int = 1,
-    use_group_scaling: bool = True,
-    group_scaling_eps: float = 1e-5,
-    num_batch_groups: int = 1,
-) -> tuple[Array, PNVState]:
-  """PN-V: batch quadratic-mean normalisation (Shen et al., 2020, §4.1, https://arxiv.org/abs/2003.07845).
+PN_V_DOC = """PN-V: batch quadratic-mean normalisation (Shen et al., 2020, §4.1, https://arxiv.org/abs/2003.07845).
 
   The paper's first step from BatchNorm to PowerNorm: no mean-centring, the
   current batch's quadratic mean in training and ordinary (exact) autodiff
@@ -342,37 +170,239 @@ def pn_v(
   The official repository ships no PN-V; GroupScaling and momentum 0.9 are
   kept from PowerNorm for parity. Arguments as in `power_norm`.
   """
-  fn = 'pn_v'
-  x = common.check_input(x, fn, min_rank=2)
-  features = x.shape[-1]
-  params = common.check_params(params, features, fn)
-  mask = common.check_mask(mask, x, fn)
-  if use_group_scaling:
-    check_num_groups(num_groups, features, fn)
+
+
+class PNVState(NamedTuple):
+  """State of PN-V: the running quadratic mean used only for evaluation."""
+  running_phi: Array  # [features] EMA of the batch quadratic mean, init 1.
+
+
+def init_pn_v_state(features: int, dtype=jnp.float32,
+                    num_batch_groups: int = 1) -> PNVState:
+  return common.group_state(PNVState(running_phi=jnp.ones((features,), dtype)),
+                            num_batch_groups)
+
+
+def _prescale(x: Array, dtype, options: dict[str, Any]) -> Array:
+  """x in the statistics dtype, GroupScaled unless disabled."""
+  x = x.astype(dtype)
+  if options['use_group_scaling']:
+    return group_scale(x, options['num_groups'], options['group_scaling_eps'])
+  return x
+
+
+def _group_scaling_core(options: dict[str, Any]) -> tuple[str, dict]:
+  """The per-token map left in evaluation: GroupScaling, or nothing."""
+  if options['use_group_scaling']:
+    return ('group_scaling', {'num_groups': options['num_groups'],
+                              'eps': options['group_scaling_eps']})
+  return ('none', {})
+
+
+def _eval_affine(params, state, options, xp) -> nd.EvalAffine:
+  """PowerNorm / PN-V evaluation: scale * xs / sqrt(phi + eps) + bias."""
+  del xp
+  return nd.EvalAffine(
+      scale=params['scale'] / (state.running_phi + options['eps']) ** 0.5,
+      center=None, bias=params['bias'], core=_group_scaling_core(options))
+
+
+def _check_group_scaling(options: dict[str, Any], features: int,
+                         fn: str) -> None:
+  if options['use_group_scaling']:
+    check_num_groups(options['num_groups'], features, fn)
+
+
+def _check_power_norm(options: dict[str, Any], features: int,
+                      fn: str) -> None:
+  _check_group_scaling(options, features, fn)
+  common.check_choice(options['backward_denominator'], 'backward_denominator',
+                      ('batch', 'running'), fn)
+  common.check_choice(options['grad_mean_over'], 'grad_mean_over',
+                      ('padded', 'valid'), fn)
+  backward = options['backward']
+  if backward is not None:
+    common.check_choice(backward, 'backward', ('approximate', 'autodiff'), fn)
+
+
+def _row_count(x: Array, mask: Array | None, axis_name: Any) -> Array:
+  count = (jnp.asarray(x.size // x.shape[-1]) if mask is None
+           else jnp.sum(mask))
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name)
+  return count
+
+
+def _autodiff_forward(x, mask, state, t, params, options, axis_name):
+  """(y, psi2) of PowerNorm's forward, for exact autodiff through it."""
   dtype = common.stats_dtype(x)
-  scaled = functools.partial(_prescale, dtype=dtype,
-                             use_group_scaling=use_group_scaling,
-                             num_groups=num_groups,
-                             group_scaling_eps=group_scaling_eps)
-  if use_running_average:
-    st = common.first_group(state, num_batch_groups)
-    common.check_state(st, init_pn_v_state(features), fn, 'init_pn_v_state')
-    return _eval(x, params, st.running_phi, eps, scaled), state
-  common.check_state(
-      state, init_pn_v_state(features, num_batch_groups=num_batch_groups), fn,
-      'init_pn_v_state')
+  eps = options['eps']
+  xs = _prescale(x, dtype, options)
+  phi_prev = state.running_phi.astype(dtype)
+  psi2, count = common.masked_row_mean(jnp.square(xs), mask, axis_name)
+  psi2 = jnp.where(count > 0, psi2, phi_prev)
+  denom = jnp.where(t <= options['warmup_steps'], jnp.sqrt(psi2 + eps),
+                    jnp.sqrt(phi_prev + eps))
+  y = common.affine(xs / common.feat(denom, xs.ndim), params, dtype)
+  return y, jax.lax.stop_gradient(psi2)
 
-  def train(xg, maskg, st):
-    xs = scaled(xg)
-    psi2, count = common.masked_row_mean(jnp.square(xs), maskg, axis_name)
-    has_data = count > 0
-    psi2 = jnp.where(has_data, psi2, st.running_phi.astype(dtype))
-    y = common.affine(xs * common.feat(jax.lax.rsqrt(psi2 + eps), xs.ndim),
-                      params, dtype)
-    phi = (momentum * st.running_phi
-           + (1 - momentum) * jax.lax.stop_gradient(psi2))
-    return (y.astype(x.dtype),
-            common.keep_if(has_data, PNVState(running_phi=phi), st))
 
-  return common.apply_grouped(train, num_batch_groups, x, mask, state,
-                              name=fn)
+def _xla_approximate(x, mask, state, t, scale, bias, options, axis_name):
+  """(y, psi2) of the approximate rule, in jnp (`_pn_core`)."""
+  dtype = common.stats_dtype(x)
+  eps = options['eps']
+  xs = _prescale(x, dtype, options)
+  phi_prev = state.running_phi.astype(dtype)
+  psi2, count = common.masked_row_mean(
+      jnp.square(jax.lax.stop_gradient(xs)), mask, axis_name)
+  has_data = count > 0
+  psi2 = jnp.where(has_data, psi2, phi_prev)
+  batch_denom = jnp.sqrt(psi2 + eps)
+  denom = jnp.where(t <= options['warmup_steps'], batch_denom,
+                    jnp.sqrt(phi_prev + eps))
+  bwd_denom = (batch_denom if options['backward_denominator'] == 'batch'
+               else denom)
+  row_weight = None
+  if options['grad_mean_over'] == 'valid' and mask is not None:
+    row_weight = mask.astype(dtype)
+  z = _pn_core(xs, denom, bwd_denom, row_weight, has_data,
+               state.ema_gz.astype(dtype), options['alpha_bkw'], axis_name)
+  return z * common.feat(scale, z.ndim) + common.feat(bias, z.ndim), psi2
+
+
+def _approximate(x, mask, state, t, params, options, axis_name):
+  """(y, psi2) of the approximate rule: the fused CPU kernel where usable."""
+  dtype = common.stats_dtype(x)
+  xf = x.astype(dtype)
+  p = common.filled_params(params, x.shape[-1], dtype)
+  scale, bias = p['scale'], p['bias']
+
+  def xla(x_, s_, b_, *_):
+    return _xla_approximate(x_, mask, state, t, s_, b_, options, axis_name)
+
+  if not power_kernel.usable(xf, 'power_norm') or axis_name is not None:
+    return xla(xf, scale, bias)
+  ones = jnp.ones(xf.shape[:-1], dtype)
+  stat_w = ones if mask is None else mask.astype(dtype)
+  cw = stat_w if options['grad_mean_over'] == 'valid' else ones
+  opts = power_kernel.PowerNormOptions(
+      options['warmup_steps'], options['alpha_bkw'], options['eps'],
+      options['num_groups'] if options['use_group_scaling'] else 0,
+      options['group_scaling_eps'],
+      options['backward_denominator'] == 'running')
+  return power_kernel.on_cpu(
+      lambda *a: power_kernel.power_norm_train(*a, opts), xla,
+      xf, scale, bias, stat_w, cw, state.running_phi.astype(dtype),
+      state.ema_gz.astype(dtype), t)
+
+
+def _power_norm_train(x, mask, state, params, options, axis_name):
+  """One batch group's PowerNorm training step."""
+  dtype = common.stats_dtype(x)
+  t = state.step + 1
+  backward = options['backward'] or _BACKWARD.get()
+  forward = _autodiff_forward if backward == 'autodiff' else _approximate
+  y, psi2 = forward(x, mask, state, t, params, options, axis_name)
+  has_data = _row_count(x, mask, axis_name) > 0
+  phi_prev = state.running_phi.astype(dtype)
+  tf = t.astype(dtype)
+  phi = jnp.where(t < options['warmup_steps'],
+                  phi_prev * (tf - 1) / tf + psi2 / tf, phi_prev)
+  a_f = options['alpha_fwd']
+  phi = a_f * phi + (1 - a_f) * psi2
+  new = state._replace(running_phi=phi, step=t)
+  return y, common.keep_if(has_data, new, state)
+
+
+_GROUP_SCALING_OPTIONS = (
+    nd.Option('num_groups', 1, 'GroupScaling groups (the official runs use '
+              'the head count).'),
+    nd.Option('use_group_scaling', True, 'False drops GroupScaling (an '
+              'ablation).'),
+    nd.Option('group_scaling_eps', 1e-5, "GroupScaling's eps (hard-wired to "
+              '1e-5 officially).'),
+)
+_NUM_BATCH_GROUPS = nd.Option(
+    'num_batch_groups', 1,
+    'split the batch axis into this many groups, each with its own '
+    'statistics and state, to reproduce the official per-GPU behaviour '
+    "whatever the device count. Evaluation uses group 0's state, as the "
+    "official checkpoints held rank 0's buffers.")
+
+
+def _probe(x, state, options):
+  """PowerNorm's / PN-V's statistics input and running quadratic mean."""
+  return (_prescale(x, jnp.float32, options),
+          {'quad_mean': state.running_phi})
+
+
+POWER_NORM = nd.register(nd.NormDefinition(
+    kind='powernorm', name='power_norm', module='PowerNorm',
+    options=(
+        nd.Option('warmup_steps', 10000, 'W; official class default 10000, '
+                  'the fairseq layers use the learning-rate warmup (8000), '
+                  'the final stack norm 1000.'),
+        nd.Option('alpha_fwd', 0.9, 'decay of phi (official 0.9).'),
+        nd.Option('alpha_bkw', 0.9, 'decay of u (official 0.9).'),
+        nd.Option('eps', 1e-5, 'added to the quadratic mean.',
+                  field='epsilon'),
+        *_GROUP_SCALING_OPTIONS,
+        nd.Option('backward_denominator', 'batch',
+                  "'batch' (official) or 'running' (paper)."),
+        nd.Option('grad_mean_over', 'padded',
+                  "'padded' (official) or 'valid' (paper)."),
+        _NUM_BATCH_GROUPS,
+        nd.Option('backward', None,
+                  "'approximate' (the rule above) or 'autodiff': exact "
+                  'autodiff of the same forward pass (through psi2 in '
+                  'warmup; after it phi_{t-1} is a constant), leaving u '
+                  "unchanged. None: 'approximate', or 'autodiff' inside "
+                  '`normjax.functional.power_norm_autodiff()`.'),
+    ),
+    doc=POWER_NORM_DOC,
+    train=_power_norm_train,
+    check=_check_power_norm,
+    init_state=lambda features, dtype, o: init_power_norm_state(
+        features, dtype, o['num_batch_groups']),
+    backward_stats=PowerNormState.BACKWARD_FIELDS,
+    eval_affine=_eval_affine,
+    probe=_probe,
+    state_maker='init_power_norm_state',
+))
+power_norm = POWER_NORM.function
+
+
+def _pn_v_train(x, mask, state, params, options, axis_name):
+  """One batch group's PN-V training step."""
+  dtype = common.stats_dtype(x)
+  xs = _prescale(x, dtype, options)
+  psi2, count = common.masked_row_mean(jnp.square(xs), mask, axis_name)
+  has_data = count > 0
+  psi2 = jnp.where(has_data, psi2, state.running_phi.astype(dtype))
+  y = common.affine(
+      xs * common.feat(jax.lax.rsqrt(psi2 + options['eps']), xs.ndim),
+      params, dtype)
+  m = options['momentum']
+  phi = m * state.running_phi + (1 - m) * jax.lax.stop_gradient(psi2)
+  return y, common.keep_if(has_data, PNVState(running_phi=phi), state)
+
+
+PN_V = nd.register(nd.NormDefinition(
+    kind='pn_v', name='pn_v', module='PNV',
+    options=(
+        nd.Option('momentum', 0.9, 'decay of the running quadratic mean.'),
+        nd.Option('eps', 1e-5, 'added to the quadratic mean.',
+                  field='epsilon'),
+        *_GROUP_SCALING_OPTIONS,
+        _NUM_BATCH_GROUPS,
+    ),
+    doc=PN_V_DOC,
+    train=_pn_v_train,
+    check=_check_group_scaling,
+    init_state=lambda features, dtype, o: init_pn_v_state(
+        features, dtype, o['num_batch_groups']),
+    eval_affine=_eval_affine,
+    probe=_probe,
+    state_maker='init_pn_v_state',
+))
+pn_v = PN_V.function

@@ -1,36 +1,42 @@
-"""Norms by name, for configs: `get_norm('powernorm')`, `init_state(...)`."""
+"""Norms by name, for configs: `get_norm('powernorm')`, `init_state(...)`.
+
+Everything here is read from the norm definitions
+(`normjax._src.definition.REGISTRY`); importing this module registers the
+built-in norms.
+"""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
-from normjax._src import batch_norm as bn_lib
-from normjax._src import common
+# Importing a norm's file registers its definition.
+from normjax._src import batch_norm  # pylint: disable=unused-import
 from normjax._src import conditional_norm as cond_lib
-from normjax._src import dyt as dyt_lib
-from normjax._src import group_norm as gn_lib
-from normjax._src import layer_norm as ln_lib
-from normjax._src import power_norm as pn_lib
-from normjax._src import unified_norm as un_lib
+from normjax._src import definition as nd
+from normjax._src import dyt  # pylint: disable=unused-import
+from normjax._src import group_norm  # pylint: disable=unused-import
+from normjax._src import layer_norm  # pylint: disable=unused-import
+from normjax._src import power_norm  # pylint: disable=unused-import
+from normjax._src import unified_norm  # pylint: disable=unused-import
 
-FUNCTIONS: dict[str, Callable[..., Any]] = {
-    'layernorm': ln_lib.layer_norm,
-    'rmsnorm': ln_lib.rms_norm,
-    'batchnorm': bn_lib.batch_norm,
-    'powernorm': pn_lib.power_norm,
-    'pn_v': pn_lib.pn_v,
-    'unified': un_lib.unified_norm,
-    'group_scaling': ln_lib.group_scaling,
-    'dyt': dyt_lib.dyt,
-    'crmsnorm': ln_lib.crms_norm,
-    'groupnorm': gn_lib.group_norm,
-    'evonorm_s0': gn_lib.evonorm_s0,
-    'layernorm_scaling': ln_lib.layer_norm_scaling,
-}
+
+class _Functions(Mapping):
+  """The pure function of every registered norm, by kind (live)."""
+
+  def __getitem__(self, kind: str) -> Callable[..., Any]:
+    return nd.REGISTRY[kind].function
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(nd.REGISTRY)
+
+  def __len__(self) -> int:
+    return len(nd.REGISTRY)
+
+
+FUNCTIONS: Mapping[str, Callable[..., Any]] = _Functions()
 
 # Norms that also need a conditioning input, a required keyword: adaLN-Zero
 # the modulation (`shift`, `scale`), TD-LN the time `tau`. Same signature
@@ -54,26 +60,20 @@ def get_norm(kind: str) -> Callable[..., Any]:
                    f'{sorted(CONDITIONAL_FUNCTIONS)}.')
 
 
+def get_definition(kind: str) -> nd.NormDefinition:
+  """The `NormDefinition` of a registered norm."""
+  return nd.lookup(kind, 'get_definition')
+
+
 def init_state(kind: str, features: int, dtype=jnp.float32,
                **options: Any) -> Any:
   """A fresh state for norm `kind`; `EmptyState()` for stateless norms.
 
-  `options` may hold any keyword of the norm function; those the state depends
-  on (`window_size`, `num_batch_groups`) are used and the rest ignored, so
+  `options` are the norm's options (those the state depends on, such as
+  `window_size` and `num_batch_groups`, are used; unknown ones raise), so
   the same options dict serves both calls.
   """
   get_norm(kind)
-  groups = options.get('num_batch_groups', 1)
-  if kind == 'batchnorm':
-    return bn_lib.init_batch_norm_state(features, dtype, groups)
-  if kind == 'powernorm':
-    return pn_lib.init_power_norm_state(features, dtype, groups)
-  if kind == 'pn_v':
-    return pn_lib.init_pn_v_state(features, dtype, groups)
-  if kind == 'unified':
-    window = options.get(
-        'window_size',
-        inspect.signature(un_lib.unified_norm).parameters['window_size']
-        .default)
-    return un_lib.init_unified_norm_state(features, window, dtype, groups)
-  return common.EmptyState()
+  if kind in CONDITIONAL_FUNCTIONS:
+    return nd.common.EmptyState()
+  return nd.REGISTRY[kind].new_state(features, dtype, **options)

@@ -20,8 +20,49 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import common, power_kernel
+from normjax._src import definition as nd
 
 Array = jax.Array
+
+UNIFIED_NORM_DOC = """Unified Normalization (Yang et al., 2022, https://arxiv.org/abs/2208.01313).
+
+  Training step t, with windows M_f, M_b and s_t = mean_rows(x^2):
+
+      rho   = var_unbiased(sqrt(F))           one scalar over the whole window
+      F[t % M_f] = s_t
+      outlier (if filtration and t >= W): any_c AM(F) - GM(F) > M_f rho;
+              then F[t % M_f] = R and the batch is skipped
+      sigma2 = s_t if t <= M_f or t < W or skipped else GM(F)
+      r      = sqrt(sigma2 + eps) / sqrt(R + eps), clipped to [1/c, c];
+               r = 1 if t <= max(compensation_delay, W) or skipped
+      y      = scale * x / sqrt(sigma2 + eps) + bias
+      R      = m R + (1 - m) sigma2
+
+  Backward, with g = r * scale * dy and z = x / sqrt(sigma2 + eps):
+
+      q      = mean_rows(g z);  H[t % M_b] = nu if skipped else q
+      mu     = q if t <= M_b or t < W or skipped else mean(H)
+      nu     = m nu + (1 - m) mu
+      dx     = (g - (mu if skipped else nu) z) / sqrt(sigma2 + eps)
+      dscale = sum(dy r z),  dbias = sum(dy)
+
+  Evaluation: y = scale * x / sqrt(R + eps) + bias, a per-channel affine map
+  that folds into the next linear layer. With M = 1 every batch is "skipped"
+  and the backward is exact autodiff of batch RMS normalisation.
+
+  Args:
+    x: [batch, ..., features].
+    params: optional `{'scale', 'bias'}` of shape [features].
+    state: a `UnifiedNormState` (see `init_unified_norm_state`).
+    mask: True for real tokens. Used only with `mean_over='valid'`.
+    use_running_average: evaluation mode.
+    axis_name: mesh axis name(s) for `shard_map`/`pmap`.
+
+  Returns:
+    `(y, new_state)`; `new_state.ema_gz` and `new_state.bwd_window` are those
+    of `state` (their updates are cotangents). A batch without real tokens
+    ('valid' mode) is normalised with R and leaves the state unchanged.
+  """
 
 
 class UnifiedNormState(NamedTuple):
@@ -50,9 +91,11 @@ def _windows(window_size: int | tuple[int, int], fn: str) -> tuple[int, int]:
 
 
 def init_unified_norm_state(features: int,
-                            window_size: int | tuple[int, int] = 4,
+                            window_size: int | tuple[int, int] | None = None,
                             dtype=jnp.float32,
                             num_batch_groups: int = 1) -> UnifiedNormState:
+  if window_size is None:
+    window_size = UNIFIED_NORM.defaults['window_size']
   m_f, m_b = _windows(window_size, 'init_unified_norm_state')
   state = UnifiedNormState(
       running_var=jnp.ones((features,), dtype),
@@ -184,153 +227,137 @@ def _scale_grad(scale: Array, r: Array) -> Array:
           - jax.lax.stop_gradient(scale * r))
 
 
-def unified_norm(
-    x: Array,
-    params: common.Params,
-    state: UnifiedNormState,
-    *,
-    mask: Array | None = None,
-    use_running_average: bool = False,
-    axis_name: Any = None,
-    window_size: int | tuple[int, int] = 4,
-    warmup_steps: int = 4000,
-    momentum: float = 0.9,
-    eps: float = 1e-5,
-    outlier_filtration: bool = False,
-    compensation_delay: int = 1000,
-    compensation_clamp: float = 5.0,
-    mean_over: str = 'padded',
-    num_batch_groups: int = 1,
-) -> tuple[Array, UnifiedNormState]:
-  """Unified Normalization (Yang et al., 2022, https://arxiv.org/abs/2208.01313).
+def _forward_statistics(s, count, state, options):
+  """sigma2, r, skip and the new forward window from s = mean_rows(x^2)."""
+  dtype = s.dtype
+  eps, warmup = options['eps'], options['warmup_steps']
+  t = state.step + 1
+  r_prev = state.running_var.astype(dtype)
+  has_data = count > 0
+  s = jnp.where(has_data, s, r_prev)
+  window_prev = state.fwd_window.astype(dtype)
+  m_f = window_prev.shape[0]
+  if m_f > 1:
+    rho = jnp.var(jnp.sqrt(window_prev), ddof=1)
+  else:
+    rho = jnp.asarray(jnp.nan, dtype)  # torch's var of one value
+  slot = t % m_f
+  window = window_prev.at[slot].set(s)
+  skip = jnp.asarray(m_f <= 1)
+  outlier = jnp.asarray(False)
+  if options['outlier_filtration']:
+    spread = jnp.mean(window, axis=0) - _geometric_mean(window)
+    outlier = (t >= warmup) & jnp.any(spread > m_f * rho)
+    window = jnp.where(outlier, window.at[slot].set(r_prev), window)
+    skip = skip | outlier
+  use_batch = (t <= m_f) | (t < warmup) | skip | ~has_data
+  sigma2 = jnp.where(use_batch, s, _geometric_mean(window))
+  clamp = options['compensation_clamp']
+  r = jnp.sqrt(sigma2 + eps) / jnp.sqrt(r_prev + eps)
+  r = jnp.where((t <= max(options['compensation_delay'], warmup)) | skip, 1.0,
+                jnp.clip(r, 1 / clamp, clamp))
+  return sigma2, r, skip, outlier, window
 
-  Training step t, with windows M_f, M_b and s_t = mean_rows(x^2):
 
-      rho   = var_unbiased(sqrt(F))           one scalar over the whole window
-      F[t % M_f] = s_t
-      outlier (if filtration and t >= W): any_c AM(F) - GM(F) > M_f rho;
-              then F[t % M_f] = R and the batch is skipped
-      sigma2 = s_t if t <= M_f or t < W or skipped else GM(F)
-      r      = sqrt(sigma2 + eps) / sqrt(R + eps), clipped to [1/c, c];
-               r = 1 if t <= max(compensation_delay, W) or skipped
-      y      = scale * x / sqrt(sigma2 + eps) + bias
-      R      = m R + (1 - m) sigma2
+def _normalize(xf, mask, params, stats, grad_stats, options, axis_name):
+  """y = scale * x / sqrt(sigma2 + eps) + bias with UN's backward."""
+  dtype = xf.dtype
+  momentum, warmup = options['momentum'], options['warmup_steps']
+  r = stats[1]
+  row_weight = None if mask is None else mask.astype(dtype)
+  p = common.filled_params(params, xf.shape[-1], dtype)
 
-  Backward, with g = r * scale * dy and z = x / sqrt(sigma2 + eps):
+  def xla_path(xf, scale, bias, *_):
+    z = _un_core(xf, *stats, row_weight, *grad_stats, momentum, warmup,
+                 axis_name)
+    given = {'scale': _scale_grad(scale, r), 'bias': bias}
+    return common.affine(z, {k: v for k, v in given.items() if k in params},
+                         dtype)
 
-      q      = mean_rows(g z);  H[t % M_b] = nu if skipped else q
-      mu     = q if t <= M_b or t < W or skipped else mean(H)
-      nu     = m nu + (1 - m) mu
-      dx     = (g - (mu if skipped else nu) z) / sqrt(sigma2 + eps)
-      dscale = sum(dy r z),  dbias = sum(dy)
+  if not power_kernel.usable(xf, 'unified_norm') or axis_name is not None:
+    return xla_path(xf, p['scale'], p['bias'])
+  cw = jnp.ones(xf.shape[:-1], dtype) if row_weight is None else row_weight
+  return power_kernel.on_cpu(
+      lambda *a: _un_fused(*a, *stats, cw, *grad_stats, momentum, warmup),
+      xla_path, xf, p['scale'], p['bias'])
 
-  Evaluation: y = scale * x / sqrt(R + eps) + bias, a per-channel affine map
-  that folds into the next linear layer. With M = 1 every batch is "skipped"
-  and the backward is exact autodiff of batch RMS normalisation.
 
-  Args:
-    x: [batch, ..., features].
-    params: optional `{'scale', 'bias'}` of shape [features].
-    state: a `UnifiedNormState` (see `init_unified_norm_state`).
-    mask: True for real tokens. Used only with `mean_over='valid'`.
-    use_running_average: evaluation mode.
-    axis_name: mesh axis name(s) for `shard_map`/`pmap`.
-    window_size: M, or (M_f, M_b) (official 4).
-    warmup_steps: W (official 4000).
-    momentum: m for R and nu (0.9).
-    eps: 1e-5.
-    outlier_filtration: the adaptive outlier filter (official: off for
-      translation, on for vision).
-    compensation_delay: r stays 1 up to step max(this, W) (official 1000).
-    compensation_clamp: r is clipped to [1/c, c] (official 5).
-    mean_over: 'padded' (official: every statistic over all rows, the mask is
-      ignored, so padding changes the statistics) or 'valid' (real tokens
-      only; pads are normalised but get no correction term).
-    num_batch_groups: per-group statistics and state, as in `power_norm`.
-
-  Returns:
-    `(y, new_state)`; `new_state.ema_gz` and `new_state.bwd_window` are those
-    of `state` (their updates are cotangents). A batch without real tokens
-    ('valid' mode) is normalised with R and leaves the state unchanged.
-  """
-  fn = 'unified_norm'
-  x = common.check_input(x, fn, min_rank=2)
-  features = x.shape[-1]
-  params = common.check_params(params, features, fn)
-  mask = common.check_mask(mask, x, fn)
-  m_f, m_b = _windows(window_size, fn)
-  common.check_choice(mean_over, 'mean_over', ('padded', 'valid'), fn)
-  if mean_over == 'padded':
-    mask = None
+def _unified_norm_train(x, mask, state, params, options, axis_name):
+  """One batch group's UN training step."""
   dtype = common.stats_dtype(x)
-  fresh = init_unified_norm_state(features, (m_f, m_b))
+  xf = x.astype(dtype)
+  s, count = _batch_second_moment(jax.lax.stop_gradient(xf), mask, axis_name)
+  sigma2, r, skip, outlier, window = _forward_statistics(s, count, state,
+                                                         options)
+  t = state.step + 1
+  has_data = count > 0
+  stats = (sigma2 + options['eps'], r, skip, t)
+  grad_stats = (has_data, state.ema_gz.astype(dtype),
+                state.bwd_window.astype(dtype))
+  y = _normalize(xf, mask, params, stats, grad_stats, options, axis_name)
+  m = options['momentum']
+  new = state._replace(
+      running_var=m * state.running_var.astype(dtype) + (1 - m) * sigma2,
+      fwd_window=window, step=t,
+      skip_count=state.skip_count + outlier.astype(jnp.int32))
+  return y, common.keep_if(has_data, new, state)
 
-  if use_running_average:
-    st = common.first_group(state, num_batch_groups)
-    common.check_state(st, fresh, fn, 'init_unified_norm_state')
-    z = x.astype(dtype) * common.feat(
-        jax.lax.rsqrt(st.running_var.astype(dtype) + eps), x.ndim)
-    return common.affine(z, params, dtype).astype(x.dtype), state
-  common.check_state(state, common.group_state(fresh, num_batch_groups), fn,
-                     'init_unified_norm_state')
 
-  def train(xg, maskg, st):
-    xf = xg.astype(dtype)
-    t = st.step + 1
-    r_prev = st.running_var.astype(dtype)
-    s, count = _batch_second_moment(jax.lax.stop_gradient(xf), maskg,
-                                    axis_name)
-    has_data = count > 0
-    s = jnp.where(has_data, s, r_prev)
-    window_prev = st.fwd_window.astype(dtype)
-    if window_prev.size > 1:
-      rho = jnp.var(jnp.sqrt(window_prev), ddof=1)
-    else:
-      rho = jnp.asarray(jnp.nan, dtype)  # torch's var of one value
-    slot = t % m_f
-    window = window_prev.at[slot].set(s)
-    skip = jnp.asarray(m_f <= 1)
-    outlier = jnp.asarray(False)
-    if outlier_filtration:
-      spread = jnp.mean(window, axis=0) - _geometric_mean(window)
-      outlier = (t >= warmup_steps) & jnp.any(spread > m_f * rho)
-      window = jnp.where(outlier, window.at[slot].set(r_prev), window)
-      skip = skip | outlier
-    use_batch = (t <= m_f) | (t < warmup_steps) | skip | ~has_data
-    sigma2 = jnp.where(use_batch, s, _geometric_mean(window))
-    r = jnp.sqrt(sigma2 + eps) / jnp.sqrt(r_prev + eps)
-    r = jnp.where((t <= max(compensation_delay, warmup_steps)) | skip, 1.0,
-                  jnp.clip(r, 1 / compensation_clamp, compensation_clamp))
-    row_weight = None if maskg is None else maskg.astype(dtype)
-    c = xf.shape[-1]
-    scale = params.get('scale', jnp.ones((c,), dtype)).astype(dtype)
-    bias = params.get('bias', jnp.zeros((c,), dtype)).astype(dtype)
-    stats = (sigma2 + eps, r, skip, t)
-    grad_stats = (has_data, st.ema_gz.astype(dtype),
-                  st.bwd_window.astype(dtype))
+def _check(options, features, fn):
+  del features
+  _windows(options['window_size'], fn)
+  common.check_choice(options['mean_over'], 'mean_over', ('padded', 'valid'),
+                      fn)
 
-    def xla_path(xf, scale, bias, *_):
-      z = _un_core(xf, *stats, row_weight, *grad_stats, momentum,
-                   warmup_steps, axis_name)
-      p = {k: v for k, v in (('scale', scale), ('bias', bias)) if k in params}
-      if 'scale' in p:
-        p['scale'] = _scale_grad(p['scale'], r)
-      return common.affine(z, p, dtype)
 
-    if power_kernel.usable(xf, 'unified_norm') and axis_name is None:
-      cw = (jnp.ones(xf.shape[:-1], dtype) if row_weight is None
-            else row_weight)
-      y = power_kernel.on_cpu(
-          lambda *a: _un_fused(*a, *stats, cw, *grad_stats, momentum,
-                               warmup_steps),
-          xla_path, xf, scale, bias)
-    else:
-      y = xla_path(xf, scale, bias)
-    new = st._replace(
-        running_var=momentum * r_prev + (1 - momentum) * sigma2,
-        fwd_window=window, step=t,
-        skip_count=st.skip_count + outlier.astype(jnp.int32))
-    return y.astype(x.dtype), common.keep_if(has_data, new, st)
+def _apply(x, params, state, *, mask, mean_over, **rest):
+  """UN through the stateful skeleton; 'padded' ignores the mask."""
+  if mask is not None:
+    common.check_mask(mask, common.check_input(x, 'unified_norm', min_rank=2),
+                      'unified_norm')
+  return common.stateful_apply(UNIFIED_NORM, x, params, state,
+                               mask=None if mean_over == 'padded' else mask,
+                               mean_over=mean_over, **rest)
 
-  return common.apply_grouped(train, num_batch_groups, x, mask, state,
-                              name=fn)
+
+def _eval_affine(params, state, options, xp):
+  """UN evaluation: scale * x / sqrt(R + eps) + bias."""
+  del xp
+  return nd.EvalAffine(
+      scale=params['scale'] / (state.running_var + options['eps']) ** 0.5,
+      center=None, bias=params['bias'], core=('none', {}))
+
+
+UNIFIED_NORM = nd.register(nd.NormDefinition(
+    kind='unified', name='unified_norm', module='UnifiedNorm',
+    options=(
+        nd.Option('window_size', 4, 'M, or (M_f, M_b) (official 4).'),
+        nd.Option('warmup_steps', 4000, 'W (official 4000).'),
+        nd.Option('momentum', 0.9, 'm for R and nu (0.9).'),
+        nd.Option('eps', 1e-5, 'added to the statistics.', field='epsilon'),
+        nd.Option('outlier_filtration', False, 'the adaptive outlier filter '
+                  '(official: off for translation, on for vision).'),
+        nd.Option('compensation_delay', 1000, 'r stays 1 up to step '
+                  'max(this, W) (official 1000).'),
+        nd.Option('compensation_clamp', 5.0, 'r is clipped to [1/c, c] '
+                  '(official 5).'),
+        nd.Option('mean_over', 'padded',
+                  "'padded' (official: every statistic over all rows, the "
+                  "mask is ignored, so padding changes the statistics) or "
+                  "'valid' (real tokens only; pads are normalised but get no "
+                  'correction term).'),
+        nd.Option('num_batch_groups', 1, 'per-group statistics and state, '
+                  'as in `power_norm`.'),
+    ),
+    doc=UNIFIED_NORM_DOC,
+    apply=_apply,
+    train=_unified_norm_train,
+    check=_check,
+    init_state=lambda features, dtype, o: init_unified_norm_state(
+        features, o['window_size'], dtype, o['num_batch_groups']),
+    backward_stats=UnifiedNormState.BACKWARD_FIELDS,
+    eval_affine=_eval_affine,
+    probe=lambda x, state, options: (x, {'quad_mean': state.running_var}),
+    state_maker='init_unified_norm_state',
+))
+unified_norm = UNIFIED_NORM.function

@@ -1,0 +1,215 @@
+"""One definition per norm: `NormDefinition`, the record everything derives from.
+
+A norm is written once, as a `NormDefinition`: its math (`apply`), its
+options with their defaults (the only place an option is listed), its state
+initialiser, which state leaves the backward pass updates, its parameters
+and, where evaluation is an affine map, that map (`eval_affine`). From the
+record come the pure function (`definition.function`), `get_norm`,
+`init_state`, the Flax linen module (`normjax.linen`) and inference folding
+(`normjax.folding`). `register(definition)` adds a norm to all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from normjax._src import common
+
+REQUIRED = inspect.Parameter.empty  # an option without a default
+
+
+class Option(NamedTuple):
+  """One option of a norm: its keyword, default and meaning.
+
+  `field` names the linen module field when flax spells it differently
+  (`eps` is flax's `epsilon`, `axis` its `reduction_axes`).
+  """
+  name: str
+  default: Any
+  doc: str
+  field: str = ''
+
+  @property
+  def module_field(self) -> str:
+    return self.field or self.name
+
+
+class ParamSpec(NamedTuple):
+  """A learnable parameter beyond `scale`/`bias` (DyT's alpha, EvoNorm's v).
+
+  Its module initialiser is the field `init_field`, default `init`; a
+  non-callable value v means `constant(to_value(v, features))`. `shape`:
+  'features' ([C]) or 'one' ((1,)). With `enabled_by` the parameter exists
+  only when that option is true.
+  """
+  name: str
+  init_field: str
+  init: Any
+  shape: str = 'features'
+  enabled_by: str = ''
+  to_value: Callable[[Any, int], float] | None = None
+
+
+class EvalAffine(NamedTuple):
+  """A norm in evaluation mode: y = scale * (core(x) - center) + bias.
+
+  `scale`, `center`, `bias` are [C]; `core` is the per-token map that stays
+  (`('none', {})`, GroupScaling's `('group_scaling', {...})`, or a norm
+  without affine such as `('layernorm', {'eps': ..., 'axis': -1})`).
+  """
+  scale: Any
+  center: Any
+  bias: Any
+  core: tuple[str, dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NormDefinition:
+  """Everything about one norm, written once.
+
+  Attributes:
+    kind: the registry name ('powernorm').
+    name: the pure function's name ('power_norm').
+    module: the linen module's class name ('PowerNorm').
+    apply: the math, `apply(x, params, state, *, mask, use_running_average,
+      axis_name, **options)` with every option given -> `(y, new_state)`.
+      Stateful norms leave it out and give `train` instead: their `apply` is
+      the shared skeleton `common.stateful_apply` (validation, evaluation
+      through `eval_affine`, virtual batch groups).
+    options: the options and their defaults.
+    doc: the docstring of the function and the module (formula, paper).
+    init_state: `init_state(features, dtype, options) -> state` for stateful
+      norms; None for stateless ones (their state is `EmptyState()`).
+    backward_stats: state leaves updated through their cotangents in the
+      backward pass (the linen `grad_stats` collection).
+    eval_affine: `eval_affine(params, state, options, xp) -> EvalAffine`,
+      the evaluation-mode map with `xp` = jax.numpy or numpy, where one
+      exists (for stateless norms: their own affine around an affine-free
+      core). `params` holds `scale` and `bias` (ones/zeros when absent);
+      `state` is the evaluation state (group 0).
+    use_scale, use_bias: whether the module creates `scale`/`bias`.
+    extra_params: parameters beyond `scale`/`bias`.
+    probe: `probe(x, state, options) -> (statistics input, {name: running})`
+      for the training-dynamics probes of stateful norms.
+    train: a stateful norm's training step on one batch group,
+      `train(x, mask, state, params, options, axis_name) -> (y, new_state)`.
+    check: `check(options, features, fn)`, raising on invalid options.
+    state_maker: the public name of the state initialiser, for messages.
+  """
+  kind: str
+  name: str
+  module: str
+  options: tuple[Option, ...]
+  doc: str
+  apply: Callable[..., Any] | None = None
+  init_state: Callable[[int, Any, dict[str, Any]], Any] | None = None
+  backward_stats: tuple[str, ...] = ()
+  eval_affine: Callable[..., EvalAffine] | None = None
+  use_scale: bool = True
+  use_bias: bool = True
+  extra_params: tuple[ParamSpec, ...] = ()
+  probe: Callable[..., Any] | None = None
+  train: Callable[..., Any] | None = None
+  check: Callable[[dict[str, Any], int, str], None] | None = None
+  state_maker: str = ''
+  function: Callable[..., Any] = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    if self.apply is None:
+      object.__setattr__(self, 'apply', functools.partial(
+          common.stateful_apply, self))
+    object.__setattr__(self, 'function', _make_function(self))
+
+  @property
+  def defaults(self) -> dict[str, Any]:
+    return {o.name: o.default for o in self.options}
+
+  @property
+  def stateful(self) -> bool:
+    return self.init_state is not None
+
+  def resolve(self, given: Mapping[str, Any], fn: str | None = None
+              ) -> dict[str, Any]:
+    """The defaults updated with `given`; unknown or missing options raise."""
+    fn = fn or self.name
+    unknown = sorted(set(given) - set(self.defaults))
+    if unknown:
+      raise TypeError(f'{fn}: unknown options {unknown}; {fn} accepts '
+                      f'{sorted(self.defaults)}.')
+    options = {**self.defaults, **given}
+    missing = [k for k, v in options.items() if v is REQUIRED]
+    if missing:
+      raise TypeError(f'{fn}: the option(s) {missing} are required.')
+    return options
+
+  def new_state(self, features: int, dtype=jnp.float32, **options) -> Any:
+    """A fresh state; `options` may hold any option (the rest default)."""
+    if self.init_state is None:
+      return common.EmptyState()
+    return self.init_state(features, dtype, self.resolve(options))
+
+
+_P = inspect.Parameter
+
+
+def _make_function(definition: NormDefinition) -> Callable[..., Any]:
+  def function(x, params=None, state=None, *, mask=None,
+               use_running_average=False, axis_name=None, **options):
+    return definition.apply(
+        x, params, state, mask=mask, use_running_average=use_running_average,
+        axis_name=axis_name, **definition.resolve(options))
+
+  fixed = [_P('x', _P.POSITIONAL_OR_KEYWORD),
+           _P('params', _P.POSITIONAL_OR_KEYWORD, default=None),
+           _P('state', _P.POSITIONAL_OR_KEYWORD, default=None),
+           _P('mask', _P.KEYWORD_ONLY, default=None),
+           _P('use_running_average', _P.KEYWORD_ONLY, default=False),
+           _P('axis_name', _P.KEYWORD_ONLY, default=None)]
+  opts = [_P(o.name, _P.KEYWORD_ONLY, default=o.default)
+          for o in definition.options]
+  function.__signature__ = inspect.Signature(fixed + opts)
+  function.__name__ = function.__qualname__ = definition.name
+  function.__doc__ = definition.doc.rstrip() + _options_doc(definition)
+  function.__module__ = 'normjax.functional'
+  function.definition = definition
+  return function
+
+
+def _options_doc(definition: NormDefinition) -> str:
+  if not definition.options:
+    return ''
+  lines = [f'    {o.name} (default {_shown(o.default)}): {o.doc}'
+           for o in definition.options]
+  return '\n\n  Options:\n' + '\n'.join(lines) + '\n'
+
+
+def _shown(value: Any) -> str:
+  return 'required' if value is REQUIRED else repr(value)
+
+
+# The registry: every norm that fills a norm slot, by kind.
+REGISTRY: dict[str, NormDefinition] = {}
+
+
+def register(definition: NormDefinition) -> NormDefinition:
+  """Adds `definition` to the registry (replacing one of the same kind)."""
+  REGISTRY[definition.kind] = definition
+  return definition
+
+
+def unregister(kind: str) -> None:
+  """Removes a registered norm (and its linen module)."""
+  REGISTRY.pop(kind, None)
+
+
+def lookup(kind: str, fn: str) -> NormDefinition:
+  if kind not in REGISTRY:
+    raise ValueError(f'{fn}: unknown norm kind {kind!r}; choose from '
+                     f'{sorted(REGISTRY)}.')
+  return REGISTRY[kind]
