@@ -1,5 +1,7 @@
-"""What every experiment's training shares: state, optimizer, loss, the step,
-and the training loop (`fit`) with logging, validation and checkpoints.
+"""What every experiment shares: state, optimizer, loss, the step, the run's
+skeleton (`Experiment`, which a task fills with its data, model and
+batcher), and the training loop (`fit`) with logging, validation and
+checkpoints.
 
 The train step follows fairseq, whose semantics the PowerNorm results were
 obtained with: the loss is *summed* over target tokens and differentiated,
@@ -11,11 +13,13 @@ as in the official code; they are folded into the state with
 
 from __future__ import annotations
 
+import abc
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -30,6 +34,7 @@ from experiments import checkpointing
 from experiments import faults
 from experiments import probing
 from experiments import sharding
+from experiments.models import TransformerConfig
 
 Array = jax.Array
 
@@ -203,37 +208,6 @@ def make_eval_step(logits_fn: Callable[..., Array], label_smoothing: float):
   return eval_step
 
 
-def build_steps(init_variables: Callable[[Array], dict],
-                logits_fn: Callable[..., tuple[Array, dict]],
-                eval_logits_fn: Callable[..., Array], tx,
-                schedule: optax.Schedule, *, seed: int,
-                label_smoothing: float, mesh, logical_rules,
-                exact_gradient: bool = False):
-  """The sharded initial state and the jitted train, probed and eval steps.
-
-  Returns (state, state_shardings, train_step, probe_step, eval_step); the
-  train steps donate the state, batches are split over the mesh's data axes.
-  `probe_step` is the train step that also returns probes (compiled only
-  when first called).
-  """
-  with jax.set_mesh(mesh):
-    state, shardings = init_state(init_variables, tx, seed, mesh,
-                                  logical_rules)
-  batch_sh = sharding.batch_sharding(mesh)
-  repl = sharding.replicated(mesh)
-
-  def jit_train(**kwargs):
-    return jax.jit(
-        make_train_step(logits_fn, tx, schedule, label_smoothing, **kwargs),
-        in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
-        donate_argnums=0)
-  eval_step = jax.jit(
-      make_eval_step(eval_logits_fn, label_smoothing),
-      in_shardings=(shardings, batch_sh), out_shardings=repl)
-  return (state, shardings, jit_train(),
-          jit_train(probe=True, exact_gradient=exact_gradient), eval_step)
-
-
 def evaluate_loss(eval_step, state: TrainState, batches, mesh
                   ) -> dict[str, float]:
   """Per-token loss, nll and perplexity summed over every batch exactly.
@@ -253,20 +227,147 @@ def evaluate_loss(eval_step, state: TrainState, batches, mesh
               ntokens=totals['ntokens'])
 
 
-# ---------------------------------------------------------------- the loop --
+# ---------------------------------------------------------- the skeleton --
 
 
-class Trainable(Protocol):
-  """What `fit` needs of an experiment (translation, language model)."""
-  mesh: Any
-  state: TrainState            # the freshly initialised state
-  state_shardings: Any
-  train_step: Callable         # jitted (state, batch) -> (state, metrics)
-  probe_step: Callable         # the same, metrics['probes'] added
-  batcher: Any                 # iterable of numpy batches; state()/restore()
+class Experiment(abc.ABC):
+  """One run's mesh, data, model, optimizer and jitted steps.
 
+  A task subclasses it with its data (`load_data`), its model
+  (`model_class`, called with the batch entries `model_inputs`), its
+  training batches (`make_batcher`), its validation metrics (`validate`)
+  and its final evaluation (`finish`); `train_and_evaluate` trains (`train`)
+  and finishes, `load_checkpoint` restores a state for evaluation.
+
+  Attributes: config, workdir, mesh, rules (logical axis rules), dp (the
+  data-parallel size every batch's rows divide by), data (`vocab`,
+  `fingerprint`), model and eval_model (deterministic), schedule, tx,
+  batcher (an iterable of numpy batches with state()/restore()), state (the
+  freshly initialised state) and state_shardings, and the jitted
+  train_step (state, batch) -> (state, metrics), probe_step (the same,
+  metrics['probes'] added) and eval_step (state, batch) -> summed losses.
+  """
+  model_class: type[nn.Module]
+  model_inputs: tuple[str, ...]  # batch entries, the model's arguments
+  checkpoint_choices = "'latest' or a step number"  # for --checkpoint
+
+  def __init__(self, config, workdir: str, devices=None):
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = sharding.rules(config.mesh)
+    self.data = self.load_data(os.path.join(workdir, 'vocab'))
+    self.model = self._make_model()
+    self.eval_model = self._make_model(deterministic=True)
+    self.schedule = make_schedule(config.schedule)
+    self.tx = make_optimizer(config.optim, self.schedule)
+    self.dp = sharding.data_parallel_size(self.mesh)
+    self.batcher = self.make_batcher()
+    self._build_steps()
+
+  @abc.abstractmethod
+  def load_data(self, cache_dir: str) -> Any:
+    """The run's data: splits, `vocab` and `fingerprint`."""
+
+  @abc.abstractmethod
+  def make_batcher(self) -> Any:
+    """The training batches, rows a multiple of `self.dp`."""
+
+  @abc.abstractmethod
   def validate(self, state: TrainState) -> dict[str, float]:
     """Validation metrics; 'loss' drives early stopping."""
+
+  @abc.abstractmethod
+  def finish(self, state: TrainState, mngr, expect: dict, writer
+             ) -> dict[str, Any]:
+    """The final evaluation after training; returns the results."""
+
+  def _make_model(self, **overrides) -> nn.Module:
+    """`model_class` for config.model and the vocabulary, with `overrides`."""
+    return self.model_class(TransformerConfig.from_config(
+        self.config.model, self.data.vocab.size, **overrides))
+
+  def _build_steps(self) -> None:
+    """The sharded initial state and the jitted train, probed and eval
+    steps; the train steps donate the state, batches are split over the
+    mesh's data axes, `probe_step` compiles when first called."""
+    config, model, eval_model = self.config, self.model, self.eval_model
+    inputs = lambda batch: [batch[k] for k in self.model_inputs]
+    shapes = {k: jnp.ones((self.dp, 8), jnp.int32) for k in self.model_inputs}
+
+    def init_variables(rng):
+      return model.init({'params': rng, 'dropout': rng}, *inputs(shapes),
+                        train=False)
+
+    def logits_fn(variables, batch, rngs, mutable):
+      return model.apply(variables, *inputs(batch), train=True, rngs=rngs,
+                         mutable=mutable)
+
+    def eval_logits(variables, batch):
+      return eval_model.apply(variables, *inputs(batch), train=False)
+
+    with jax.set_mesh(self.mesh):
+      self.state, self.state_shardings = init_state(
+          init_variables, self.tx, config.seed, self.mesh, self.rules)
+    shardings = (self.state_shardings, sharding.batch_sharding(self.mesh))
+    repl = sharding.replicated(self.mesh)
+
+    def jit_train(**kwargs):
+      return jax.jit(
+          make_train_step(logits_fn, self.tx, self.schedule,
+                          config.optim.label_smoothing, **kwargs),
+          in_shardings=shardings, out_shardings=(self.state_shardings, repl),
+          donate_argnums=0)
+    self.train_step = jit_train()
+    self.probe_step = jit_train(
+        probe=True, exact_gradient=config.train.probe_exact_gradient)
+    self.eval_step = jax.jit(
+        make_eval_step(eval_logits, config.optim.label_smoothing),
+        in_shardings=shardings, out_shardings=repl)
+
+  def train_and_evaluate(self) -> dict[str, Any]:
+    """`train`s (resuming from the newest checkpoint), then `finish`es."""
+    state, mngr, expect, writer = train(self, self.config, self.workdir)
+    try:
+      return self.finish(state, mngr, expect, writer)
+    finally:
+      mngr.close()
+
+  def checkpoint_location(self, checkpoint: str) -> tuple[str, int | None]:
+    """(directory, step) of a --checkpoint: 'latest' (step None: the
+    newest) or a step number of <workdir>/checkpoints."""
+    directory = os.path.join(self.workdir, 'checkpoints')
+    if checkpoint == 'latest':
+      return directory, None
+    if checkpoint.isdigit():
+      return directory, int(checkpoint)
+    raise ValueError(f'--checkpoint={checkpoint}: choose '
+                     f'{self.checkpoint_choices}.')
+
+  def load_checkpoint(self, checkpoint: str) -> tuple[TrainState, int]:
+    """(state, step) of a --checkpoint (`checkpoint_location`), restored
+    into this run's shardings; its vocabulary must be this run's."""
+    directory, step = self.checkpoint_location(checkpoint)
+    state, _, step = checkpointing.read(
+        directory, step,
+        abstract_state=checkpointing.abstract_like(self.state,
+                                                   self.state_shardings),
+        expect={'vocab_fingerprint': self.data.fingerprint})
+    return state, step
+
+
+def save_results(workdir: str, result: dict,
+                 texts: dict[str, str] | None = None) -> None:
+  """On process 0: <workdir>/results.json, and `texts` (file name -> text)."""
+  if jax.process_index() != 0:
+    return
+  for name, text in (texts or {}).items():
+    with open(os.path.join(workdir, name), 'w') as f:
+      f.write(text)
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+
+
+# ---------------------------------------------------------------- the loop --
 
 
 def log_scalars(writer, step: int, prefix: str, values: dict) -> None:
@@ -286,7 +387,7 @@ def summary_writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
 
-def restore_or_init(exp: Trainable, mngr, expect: dict) -> TrainState:
+def restore_or_init(exp: Experiment, mngr, expect: dict) -> TrainState:
   """The newest valid checkpoint (data position included), else the fresh
   state (`checkpointing.restore_newest`: invalid ones are moved aside)."""
   if mngr.latest_step() is None:
@@ -302,7 +403,7 @@ def restore_or_init(exp: Trainable, mngr, expect: dict) -> TrainState:
   return state
 
 
-def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
+def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
         preset: str, probe_log: probing.ProbeLog | None = None,
         state: TrainState | None = None,
         step_log: faults.StepLog | None = None) -> TrainState:
@@ -397,7 +498,7 @@ def fit(exp: Trainable, train_cfg: Any, mngr, expect: dict, writer,
   return state
 
 
-def train(exp: Trainable, config: Any, workdir: str):
+def train(exp: Experiment, config: Any, workdir: str):
   """`fit` of a run: checkpoints in <workdir>/checkpoints, the vocabulary
   fingerprint (`exp.data.fingerprint`) and the run's settings
   (`checkpointing.run_identity`) checked on resume, TensorBoard in
@@ -430,7 +531,7 @@ def train(exp: Trainable, config: Any, workdir: str):
   return state, mngr, expect, writer
 
 
-def _nonfinite_step(exp: Trainable, cfg: Any, mngr, state: TrainState,
+def _nonfinite_step(exp: Experiment, cfg: Any, mngr, state: TrainState,
                     batch: dict, metrics: dict, step: int, skipped: int
                     ) -> int:
   """Raises NonFiniteError, or returns the count of steps skipped in a row."""
@@ -457,7 +558,7 @@ def _nonfinite_step(exp: Trainable, cfg: Any, mngr, state: TrainState,
       f'{hint}lower the learning rate or check the data.')
 
 
-def _probe(exp: Trainable, state: TrainState, batch: dict) -> dict:
+def _probe(exp: Experiment, state: TrainState, batch: dict) -> dict:
   """The probes of one step (the probed step donates: it gets a copy)."""
   try:
     _, metrics = exp.probe_step(jax.tree.map(jnp.copy, state), batch)

@@ -9,7 +9,6 @@ checkpoint. Entry points: experiments/wmt.py, experiments/iwslt.py.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -22,10 +21,9 @@ import tqdm
 
 from experiments import checkpointing
 from experiments import decode
-from experiments import sharding
 from experiments import train_lib
 from experiments.data import TokenBatcher, load_translation
-from experiments.models import Transformer, TransformerConfig
+from experiments.models import Transformer
 
 AVERAGED = 'averaged'
 
@@ -43,49 +41,19 @@ def bleu(hypotheses: list[str], references: list[str], lowercase: bool
   return {'bleu': detok.score, 'tok_bleu': tok.score}
 
 
-class Experiment:
+class Experiment(train_lib.Experiment):
   """Data, model, mesh, optimizer and jitted steps of one translation run."""
+  model_class = Transformer
+  model_inputs = ('inputs', 'targets')
+  checkpoint_choices = f"'{AVERAGED}', 'latest' or a step number"
 
-  def __init__(self, config, workdir: str, devices=None):
-    self.config, self.workdir = config, workdir
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = sharding.rules(config.mesh)
-    self.data = load_translation(config.data,
-                                 cache_dir=os.path.join(workdir, 'vocab'))
-    self.model = Transformer(TransformerConfig.from_config(
-        config.model, self.data.vocab.size))
-    self.eval_model = Transformer(TransformerConfig.from_config(
-        config.model, self.data.vocab.size, deterministic=True))
-    self.schedule = train_lib.make_schedule(config.schedule)
-    self.tx = train_lib.make_optimizer(config.optim, self.schedule)
-    self.dp = sharding.data_parallel_size(self.mesh)
-    self.batcher = TokenBatcher(
-        self.data.train, max_tokens=config.data.max_tokens,
-        batch_multiple=self.dp, shuffle=True, seed=config.seed)
-    self._build()
+  def load_data(self, cache_dir: str):
+    return load_translation(self.config.data, cache_dir=cache_dir)
 
-  def _build(self):
-    model, config = self.model, self.config
-    tokens = jnp.ones((self.dp, 8), jnp.int32)  # shapes only
-
-    def init_variables(rng):
-      return model.init({'params': rng, 'dropout': rng}, tokens, tokens,
-                        train=False)
-
-    def logits_fn(variables, batch, rngs, mutable):
-      return model.apply(variables, batch['inputs'], batch['targets'],
-                         train=True, rngs=rngs, mutable=mutable)
-
-    def eval_logits(variables, batch):
-      return self.eval_model.apply(variables, batch['inputs'],
-                                   batch['targets'], train=False)
-
-    (self.state, self.state_shardings, self.train_step, self.probe_step,
-     self.eval_step) = train_lib.build_steps(
-         init_variables, logits_fn, eval_logits, self.tx, self.schedule,
-         seed=config.seed, label_smoothing=config.optim.label_smoothing,
-         mesh=self.mesh, logical_rules=self.rules,
-         exact_gradient=config.train.probe_exact_gradient)
+  def make_batcher(self) -> TokenBatcher:
+    return TokenBatcher(
+        self.data.train, max_tokens=self.config.data.max_tokens,
+        batch_multiple=self.dp, shuffle=True, seed=self.config.seed)
 
   # ---------------------------------------------------------------- eval --
   def _eval_batches(self, examples, max_tokens):
@@ -141,35 +109,35 @@ class Experiment:
     return self.score(state, 'valid', self.config.train.eval_bleu_examples)[0]
 
 
+  def finish(self, state, mngr, expect, writer) -> dict[str, Any]:
+    """Averages the last `decode.average_last` checkpoints into
+    <workdir>/averaged and scores the test set with it."""
+    steps = sorted(mngr.all_steps())[-self.config.decode.average_last:]
+    abstract = checkpointing.abstract_like(self.state, self.state_shardings)
+    states = [checkpointing.restore(mngr, s, abstract, expect)[0]
+              for s in steps]
+    averaged = jax.device_put(checkpointing.average(states),
+                              self.state_shardings)
+    save_averaged(self.workdir, averaged, dict(expect, steps=steps))
+    result, hyps = self.score(averaged, 'test')
+    print(f'test (average of steps {steps}): '
+          + train_lib.format_metrics(result), flush=True)
+    train_lib.log_scalars(writer, int(state.step), 'test', result)
+    result['averaged_steps'] = steps
+    train_lib.save_results(self.workdir, result,
+                           {'test_hypotheses.txt': '\n'.join(hyps) + '\n'})
+    return result
+
+  def checkpoint_location(self, checkpoint: str) -> tuple[str, int | None]:
+    """'averaged' is <workdir>/averaged; the others as the base's."""
+    if checkpoint == AVERAGED:
+      return os.path.join(self.workdir, AVERAGED), 0
+    return super().checkpoint_location(checkpoint)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  exp = Experiment(config, workdir)
-  state, mngr, expect, writer = train_lib.train(exp, config, workdir)
-  final = _average_and_test(exp, mngr, expect, writer, int(state.step))
-  mngr.close()
-  return final
-
-
-def _average_and_test(exp: Experiment, mngr, expect, writer, step):
-  steps = sorted(mngr.all_steps())[-exp.config.decode.average_last:]
-  abstract = checkpointing.abstract_like(exp.state, exp.state_shardings)
-  states = [checkpointing.restore(mngr, s, abstract, expect)[0]
-            for s in steps]
-  averaged = jax.device_put(checkpointing.average(states),
-                            exp.state_shardings)
-  save_averaged(exp.workdir, averaged, dict(expect, steps=steps))
-  result, hyps = exp.score(averaged, 'test')
-  result['averaged_steps'] = steps
-  print(f'test (average of steps {steps}): ' + ', '.join(
-      f'{k} {v:.4g}' for k, v in result.items() if k != 'averaged_steps'),
-        flush=True)
-  train_lib.log_scalars(writer, step, 'test', {k: v for k, v in result.items()
-                              if k != 'averaged_steps'})
-  if jax.process_index() == 0:
-    with open(os.path.join(exp.workdir, 'test_hypotheses.txt'), 'w') as f:
-      f.write('\n'.join(hyps) + '\n')
-    with open(os.path.join(exp.workdir, 'results.json'), 'w') as f:
-      json.dump(result, f, indent=2)
-  return result
+  """Trains (resuming), averages the last checkpoints, scores the test set."""
+  return Experiment(config, workdir).train_and_evaluate()
 
 
 def save_averaged(workdir: str, state, meta: dict) -> None:
@@ -185,21 +153,8 @@ def evaluate(config, workdir: str, checkpoint: str = AVERAGED,
              split: str = 'test') -> dict[str, float]:
   """Scores `checkpoint` ('averaged', 'latest' or a step) on `split`."""
   exp = Experiment(config, workdir)
-  expect = {'vocab_fingerprint': exp.data.fingerprint}
-  abstract = checkpointing.abstract_like(exp.state, exp.state_shardings)
-  if checkpoint == AVERAGED:
-    directory, step = os.path.join(workdir, AVERAGED), 0
-  else:
-    directory = os.path.join(workdir, 'checkpoints')
-    step = None if checkpoint == 'latest' else int(checkpoint)
-  if not os.path.isdir(directory):
-    raise checkpointing.CheckpointMismatch(
-        f'no checkpoint directory {directory}; train first, or pass '
-        '--checkpoint=latest|<step>.')
-  with ocp.CheckpointManager(os.path.abspath(directory)) as m:
-    step = m.latest_step() if step is None else step
-    state, _ = checkpointing.restore(m, step, abstract, expect)
+  state, _ = exp.load_checkpoint(checkpoint)
   result, _ = exp.score(state, split)
-  print(f'{split} ({checkpoint}): ' + ', '.join(
-      f'{k} {v:.4g}' for k, v in result.items()), flush=True)
+  print(f'{split} ({checkpoint}): ' + train_lib.format_metrics(result),
+        flush=True)
   return result
