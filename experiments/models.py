@@ -40,12 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
+from experiments.data.vocab import BOS_ID, EOS_ID, PAD_ID
 from normjax import linen as nnorm
 
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
-
+# Where the norms sit: the keys of TransformerConfig.norms (and of
+# config.model.norms); the LanguageModel uses the decoder's.
 SITES = ('encoder_attention', 'encoder_ffn', 'encoder_final',
          'decoder_attention', 'decoder_ffn', 'decoder_final')
 

@@ -17,8 +17,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-SITES = ('encoder_attention', 'encoder_ffn', 'encoder_final',
-         'decoder_attention', 'decoder_ffn', 'decoder_final')
+from experiments.models import SITES
 
 
 def layernorm(eps: float = 1e-5) -> ml_collections.ConfigDict:

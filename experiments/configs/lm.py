@@ -30,7 +30,7 @@ import ml_collections
 from experiments import configs
 from experiments.configs import common
 
-SITES = ('decoder_attention', 'decoder_ffn', 'decoder_final')
+SITES = tuple(s for s in common.SITES if s.startswith('decoder_'))  # the LM's
 PAPER_PPL = {  # (PTB, WikiText-103) test perplexity, paper Table 1
     'layernorm': (53.2, 20.9), 'batchnorm': (72.4, 30.4),
     'pn_v': (59.7, 22.5), 'powernorm': (47.6, 17.9), 'unified': None}
