@@ -1,51 +1,38 @@
-"""Inference-time surgery on pre-norm models: fold norms into their readers.
+"""Folding for the experiments' Transformer and LanguageModel.
 
-Pure functions on variable trees. Each takes a `TransformerConfig` and the
-variables of a `Transformer` (encoder-decoder) or `LanguageModel` (told
-apart by the tree: a Transformer has 'encoder' params) and returns
-`(new_config, new_variables)` of a model with the same evaluation-mode
-logits:
+The math is the library's (`normjax.folding`, model-agnostic); this file
+holds what is particular to `experiments.models`: which module reads each
+norm (`norm_modules`), which parameters write the residual streams
+(`_writers`), the config fields a folded model needs (`untie_output`,
+`center_positions`, `compressed_stream`), checkpoint I/O and the command
+line. Each transform takes a `TransformerConfig` and the variables of a
+`Transformer` (encoder-decoder) or `LanguageModel` (told apart by the tree:
+a Transformer has 'encoder' params) and returns `(new_config,
+new_variables)` of a model with the same evaluation-mode logits:
 
-* `fold_affine`: the offline norms (BatchNorm, PN-V, PowerNorm, UN) are in
-  evaluation mode a per-channel affine map y = a * core(x) + c, with
-  core = identity (BatchNorm, UN, PN-V/PowerNorm without GroupScaling) or
-  GroupScaling (PowerNorm, PN-V: a per-token division, which does not fold,
-  powernorm_un_spec §1.5). The affine goes into the linear layers that read
-  the norm (W' = diag(a) W, b' = b + c W; §2.6), the site becomes 'none' or
-  'group_scaling' (same groups and eps). `kinds=` adds 'layernorm' /
-  'rmsnorm', whose own scale and bias fold the same way (the site keeps
-  its kind without affine).
+* `fold_affine`: the offline norms (BatchNorm, PN-V, PowerNorm, UN; with
+  `kinds=` also LayerNorm / RMSNorm's own affine) move their evaluation
+  affine into the linear layers that read them; the sites become 'none',
+  'group_scaling' (PowerNorm, PN-V) or their kind without affine.
 * `to_pre_rmsnorm`, `to_pre_crmsnorm`: the exact Pre-LN -> Pre-RMSNorm ->
-  Pre-CRMSNorm conversion of zoo spec §4 for models with LayerNorm at every
-  site: fold the LN affines, recentre every writer of the residual stream
-  (token embeddings, attention out-projections, fc2; the sinusoidal position
-  table, which is not a parameter, through `center_positions=True`, which
-  recentres the table where the model builds it), LN -> RMSNorm without
-  affine and the same eps; CRMSNorm keeps d - 1 coordinates of the stream
-  (`compressed_stream=True`) and readers become W[:d-1] - W[d-1].
-* `freeze_layernorm`: zoo spec §9's LN freezing, an *approximation*: each
-  LayerNorm module's per-token sigma is replaced by the fixed scalar
-  s = mean over the real tokens of calibration batches of sqrt(var + eps)
-  (§9's sigma_avg, a plain mean instead of its EMA), so that
-  FakeLN(x) = scale * (x - mean(x)) / s + bias, which is affine and folds:
-  W' = P diag(scale) W / s, b' = b + bias W, P = I - 11^T / d. The result
-  equals (to rounding) the model whose LayerNorms divide by s
-  (`frozen_layernorm_interceptor`), not the original model.
+  Pre-CRMSNorm conversion (zoo spec §4) of all-LayerNorm models; the
+  sinusoidal position table is recentred where the model builds it
+  (`center_positions=True`), CRMSNorm stores d - 1 coordinates of the
+  stream (`compressed_stream=True`).
+* `freeze_layernorm`: LN freezing (zoo spec §9), an approximation: FakeLN
+  with a calibrated sigma, folded.
 
 Readers of each norm in a pre-norm model: attention norms -> that
 attention's query/key/value (a cross-attention norm -> its query only), FFN
 norms -> fc1, the encoder's final norm -> every decoder layer's
-cross-attention key/value, the decoder's final norm -> the output layer.
-A tied output layer is untied first (`untie_output=True`: the table is
-copied into an output kernel and gets a bias). Only `placement='pre'`
-models fold: elsewhere a norm's output is (part of) the residual stream.
+cross-attention key/value, the decoder's final norm -> the output layer
+(untied first: the table is copied into an output kernel with a bias).
+Only `placement='pre'` models fold: elsewhere a norm's output is (part of)
+the residual stream.
 
-Where the numbers live: folded weights are computed in float64 from the
-stored values and cast back to each leaf's dtype.
-
-CLI (restores a translation or LM run's checkpoint, writes the transformed
-variables as an orbax checkpoint under OUTDIR/checkpoints/<step> and the new
-model config as OUTDIR/model_config.json; `load` reads both back):
+CLI (restores a run's checkpoint, writes the transformed variables as an
+orbax checkpoint under OUT/checkpoints/<step> and the model config as
+OUT/model_config.json; `load` reads both back):
 
     python -m experiments.fold --workdir=runs/wmt_pn --config=wmt:powernorm \\
         --transform=fold_affine --out=runs/wmt_pn_folded
@@ -71,7 +58,8 @@ import numpy as np
 from flax.core import unfreeze
 
 from experiments import models
-from normjax import linen as nnorm
+from normjax import folding
+from normjax._src import folding as fold_lib
 
 Path = tuple[str, ...]
 
@@ -90,62 +78,6 @@ _NOT_FOLDABLE = {
            'these transforms (fold the 1/sqrt(l) factor too and switch to '
            "'pre'); only plain pre-norm is",
 }
-
-
-# ---------------------------------------------------------------------------
-# Trees.
-
-
-def _get(tree: Mapping, path: Path) -> Any:
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _has(tree: Mapping, path: Path) -> bool:
-  for k in path:
-    if not isinstance(tree, Mapping) or k not in tree:
-      return False
-    tree = tree[k]
-  return True
-
-
-def _set(tree: dict, path: Path, value: Any) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def _pop(tree: dict, path: Path) -> Any:
-  if not _has(tree, path):
-    return None
-  return _get(tree, path[:-1]).pop(path[-1])
-
-
-def _prune(tree: Any) -> Any:
-  """Drops empty sub-dicts (a folded norm's variables leave them behind)."""
-  if not isinstance(tree, Mapping):
-    return tree
-  out = {}
-  for k, v in tree.items():
-    v = _prune(v)
-    if not (isinstance(v, Mapping) and not v):
-      out[k] = v
-  return out
-
-
-def _plain(variables: Mapping) -> dict:
-  """Unboxed, unfrozen nested dicts (the arrays are not copied)."""
-  tree = unfreeze(nn.unbox(variables))
-  return jax.tree.map(lambda x: x, tree)  # fresh containers
-
-
-def _f64(x: Any) -> np.ndarray:
-  return np.asarray(x, np.float64)
-
-
-def _like(value: np.ndarray, ref: Any) -> np.ndarray:
-  return np.asarray(value, dtype=np.asarray(ref).dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -220,11 +152,6 @@ def check_foldable(config: models.TransformerConfig) -> None:
                      'folded.')
 
 
-def _module(norm_cfg: Mapping) -> nn.Module:
-  """An unbound module of the site, to read its (default) options."""
-  return nnorm.make_norm(**norm_cfg)()
-
-
 def _output_readers(config: models.TransformerConfig, params: Mapping
                     ) -> list[tuple[Path, Path]]:
   """[(kernel path, bias path)] of the output layer (after untying)."""
@@ -250,7 +177,7 @@ def untie_output(config: models.TransformerConfig, variables: Mapping
 
   The logits are unchanged; the input embeddings stay shared.
   """
-  variables = _plain(variables)
+  variables = fold_lib.plain(variables)
   if config.untie_output:
     return config, variables
   params = variables['params']
@@ -259,13 +186,13 @@ def untie_output(config: models.TransformerConfig, variables: Mapping
   if config.adaptive_softmax_cutoffs:
     if tied:  # its own kernel; it has a bias already
       table = params['embedding']['embedding']
-      _set(params, ('adaptive_softmax', 'kernel', 'kernel'),
+      fold_lib.put(params, ('adaptive_softmax', 'kernel', 'kernel'),
            np.asarray(table).T.copy())
   elif tied:
-    table = _get(params, _table_path(transformer, config, params))
+    table = fold_lib.get(params, _table_path(transformer, config, params))
     kernel = np.asarray(table).T.copy()
-    _set(params, ('output_projection', 'kernel'), kernel)
-    _set(params, ('output_projection', 'bias'),
+    fold_lib.put(params, ('output_projection', 'kernel'), kernel)
+    fold_lib.put(params, ('output_projection', 'bias'),
          np.zeros(kernel.shape[-1], kernel.dtype))
   else:
     kernel = params['output_projection']['kernel']
@@ -275,120 +202,57 @@ def untie_output(config: models.TransformerConfig, variables: Mapping
 
 
 # ---------------------------------------------------------------------------
-# Folding an affine map into the readers.
+# The model's norm sites for the library.
 
 
-def _fold_reader(params: dict, kernel_path: Path, bias_path: Path,
-                 a: np.ndarray, c: np.ndarray, center: bool) -> None:
-  """Reader y @ W + b of y = x A + c with A = diag(a) (P diag(a) if center).
-
-  W' = A W (over the input axis 0 of W), b' = b + c W.
-  """
-  w = _get(params, kernel_path)
-  w64 = _f64(w)
-  extra = (1,) * (w64.ndim - 1)
-  new_w = a.reshape((-1,) + extra) * w64
-  if center:
-    new_w = new_w - new_w.mean(axis=0, keepdims=True)
-  _set(params, kernel_path, _like(new_w, w))
-  b = _get(params, bias_path)
-  _set(params, bias_path,
-       _like(_f64(b) + np.tensordot(c, w64, axes=(0, 0)), b))
+def _norm_site(config: models.TransformerConfig, params: Mapping,
+               module: NormModule) -> folding.NormSite:
+  """The library's view of one norm module: kind, options, readers."""
+  readers = (tuple(folding.Reader(*r) for r in _output_readers(config, params))
+             if module.output else module.readers)
+  return folding.NormSite.from_module_kwargs(
+      module.path, config.norms[module.site], readers)
 
 
-def _fold_module(params: dict, config, module: NormModule, a: np.ndarray,
-                 c: np.ndarray, center: bool = False) -> None:
-  readers = [(r + ('kernel',), r + ('bias',)) for r in module.readers]
-  if module.output:
-    readers = _output_readers(config, params)
-  for kernel_path, bias_path in readers:
-    _fold_reader(params, kernel_path, bias_path, a, c, center)
+def _sites(config, variables, site_names: Iterable[str]
+           ) -> list[folding.NormSite]:
+  names = set(site_names)
+  return [_norm_site(config, variables['params'], m)
+          for m in norm_modules(config, is_transformer(variables))
+          if m.site in names]
 
 
-def _drop_norm_variables(variables: dict, path: Path) -> None:
-  for collection in list(variables):
-    if isinstance(variables[collection], Mapping):
-      _pop(variables[collection], path)
-
-
-def _first_group(v: Any, features: int) -> np.ndarray:
-  """Group 0 of a state leaf [groups, C] (what evaluation uses), or [C]."""
-  v = _f64(v)
-  return v[0] if v.ndim == 2 and v.shape[-1] == features else v
-
-
-def _eval_affine(norm_cfg: Mapping, variables: Mapping, path: Path
-                 ) -> tuple[np.ndarray, np.ndarray, dict]:
-  """(a, c, new site config) with norm(x) = a * core(x) + c in evaluation."""
-  kind = norm_cfg['kind']
-  mod = _module(norm_cfg)
-  params = _get(variables['params'], path) if _has(
-      variables['params'], path) else {}
-  stats = (_get(variables['batch_stats'], path)
-           if 'batch_stats' in variables and _has(variables['batch_stats'],
-                                                  path) else {})
-  ref = next(iter(params.values()), None)
-  if ref is None:
-    ref = next(iter(stats.values()))
-  features = np.shape(ref)[-1]
-  scale = _f64(params['scale']) if 'scale' in params else np.ones(features)
-  bias = _f64(params['bias']) if 'bias' in params else np.zeros(features)
-  keep = {k: norm_cfg[k] for k in ('dtype',) if k in norm_cfg}
-  if kind == 'batchnorm':
-    inv = 1.0 / np.sqrt(_first_group(stats['var'], features) + mod.epsilon)
-    a = scale * inv
-    c = bias - _first_group(stats['mean'], features) * a
-    return a, c, {'kind': 'none'}
-  if kind in ('powernorm', 'pn_v'):
-    phi = _first_group(stats['running_phi'], features)
-    a = scale / np.sqrt(phi + mod.epsilon)
-    if mod.use_group_scaling:
-      new = {'kind': 'group_scaling', 'num_groups': mod.num_groups,
-             'epsilon': mod.group_scaling_eps, **keep}
-    else:
-      new = {'kind': 'none'}
-    return a, bias, new
-  if kind == 'unified':
-    r = _first_group(stats['running_var'], features)
-    return scale / np.sqrt(r + mod.epsilon), bias, {'kind': 'none'}
-  if kind in ('layernorm', 'rmsnorm'):
-    if getattr(mod, 'reduction_axes', -1) not in (-1, (-1,)):
-      raise ValueError(f'fold: a {kind} over reduction_axes='
-                       f'{mod.reduction_axes} is not per token; cannot fold.')
-    new = dict(norm_cfg, use_scale=False, use_bias=False)
-    return scale, bias, new
-  raise ValueError(f'fold: no evaluation-mode affine form for norm kind '
-                   f'{kind!r}.')
-
-
-def _fold_sites(config: models.TransformerConfig, variables: Mapping,
-                sites: Iterable[str]) -> tuple[models.TransformerConfig, dict]:
-  """Folds the eval affine of every module of `sites` into its readers."""
+def _prepare(config, variables, site_names: Iterable[str]):
+  """(config, plain variables with the output untied if needed, sites)."""
   check_foldable(config)
-  variables = _plain(variables)
-  sites = set(sites)
-  transformer = is_transformer(variables)
-  modules = [m for m in norm_modules(config, transformer) if m.site in sites]
-  if any(m.output for m in modules):
+  variables = fold_lib.plain(variables)
+  names = set(site_names)
+  if any(m.output and m.site in names
+         for m in norm_modules(config, is_transformer(variables))):
     config, variables = untie_output(config, variables)
+  return config, variables, _sites(config, variables, names)
+
+
+def _replaced(config, replacements: Mapping[Path, folding.Replacement]
+              ) -> models.TransformerConfig:
+  """`config` with each folded site's norm replaced (dtype kept)."""
+  transformer = 'encoder' in {p[0] for p in replacements}
   norms = {s: dict(config.norms[s]) for s in models.SITES}
-  new_cfgs = {}
-  for m in modules:
-    a, c, new = _eval_affine(config.norms[m.site], variables, m.path)
-    _fold_module(variables['params'], config, m, a, c)
-    _drop_norm_variables(variables, m.path)
-    new_cfgs[m.site] = new
-  norms.update(new_cfgs)
-  return (dataclasses.replace(config, norms=norms), _finish(variables))
-
-
-def _finish(variables: dict) -> dict:
-  out = {k: _prune(v) for k, v in variables.items()}
-  return {k: v for k, v in out.items() if k == 'params' or v}
+  for m in norm_modules(config, transformer):
+    if m.path in replacements:
+      new = replacements[m.path].module_kwargs()
+      if 'dtype' in norms[m.site] and new['kind'] != 'none':
+        new['dtype'] = norms[m.site]['dtype']
+      norms[m.site] = new
+  return dataclasses.replace(config, norms=norms)
 
 
 def _kinds(config, transformer) -> dict[str, str]:
   return {s: config.norms[s]['kind'] for s in used_sites(config, transformer)}
+
+
+# ---------------------------------------------------------------------------
+# The transforms.
 
 
 def fold_affine(config: models.TransformerConfig, variables: Mapping, *,
@@ -406,22 +270,29 @@ def fold_affine(config: models.TransformerConfig, variables: Mapping, *,
   Raises ValueError for a non-pre-norm model or when no site has a kind
   of `kinds`.
   """
-  transformer = is_transformer(variables)
-  present = _kinds(config, transformer)
-  sites = [s for s, k in present.items() if k in kinds]
+  present = _kinds(config, is_transformer(variables))
   check_foldable(config)
-  if not sites:
+  names = [s for s, k in present.items() if k in kinds]
+  if not names:
     raise ValueError(
         f"fold_affine applies to {'/'.join(kinds)} sites; this model's "
         f'norms are {present}.')
-  return _fold_sites(config, variables, sites)
+  config, variables, sites = _prepare(config, variables, names)
+  variables, replacements = folding.fold_norms(variables, sites)
+  return _replaced(config, replacements), variables
 
 
-# ---------------------------------------------------------------------------
-# Pre-LN -> Pre-RMSNorm -> Pre-CRMSNorm.
+def _require_layernorm(config, variables, what: str) -> list[str]:
+  check_foldable(config)
+  present = _kinds(config, is_transformer(variables))
+  if set(present.values()) != {'layernorm'}:
+    raise ValueError(f'{what} needs LayerNorm at every site (zoo spec §4: '
+                     f"every reader of the residual stream is a LayerNorm); "
+                     f"this model's norms are {present}.")
+  return list(present)
 
 
-def _writers(config, transformer: bool, params: Mapping) -> list[Path]:
+def _writers(config, transformer: bool) -> list[Path]:
   """Every parameter that writes to a residual stream (output axis -1)."""
   paths = []
   if transformer:
@@ -445,86 +316,33 @@ def _writers(config, transformer: bool, params: Mapping) -> list[Path]:
   return paths
 
 
-def _require_layernorm(config, variables, what: str) -> bool:
-  check_foldable(config)
-  transformer = is_transformer(variables)
-  present = _kinds(config, transformer)
-  if set(present.values()) != {'layernorm'}:
-    raise ValueError(f'{what} needs LayerNorm at every site (zoo spec §4: '
-                     f"every reader of the residual stream is a LayerNorm); "
-                     f"this model's norms are {present}.")
-  return transformer
+def _convert(config, variables, what: str, convert) -> tuple[Any, dict]:
+  names = _require_layernorm(config, variables, what)
+  config, variables, sites = _prepare(config, variables, names)
+  writers = _writers(config, is_transformer(variables))
+  variables, replacements = convert(variables, sites, writers)
+  return _replaced(config, replacements), variables
 
 
 def to_pre_rmsnorm(config: models.TransformerConfig, variables: Mapping
                    ) -> tuple[models.TransformerConfig, dict]:
-  """Pre-LN -> Pre-RMSNorm, exactly (zoo spec §4.1-4.3).
-
-  Folds every LN's scale/bias into its readers (untying a tied output
-  layer), recentres every writer of the residual streams along its output
-  axis (token embeddings, attention out-projections and fc2, kernels and
-  biases; the position table through `center_positions=True`), and makes
-  every site an RMSNorm without affine and the LN's eps. The streams are
-  then exactly zero-mean, where LN(x) = RMSNorm(x).
-  """
-  transformer = _require_layernorm(config, variables, 'to_pre_rmsnorm')
-  sites = used_sites(config, transformer)
-  config, variables = _fold_sites(config, variables, sites)
-  params = variables['params']
-  for path in _writers(config, transformer, params):
-    w = _get(params, path)
-    w64 = _f64(w)
-    _set(params, path, _like(w64 - w64.mean(axis=-1, keepdims=True), w))
-  norms = dict(config.norms)
-  for s in sites:
-    norms[s] = _rms_site(norms[s], 'rmsnorm')
-  return (dataclasses.replace(config, norms=norms, center_positions=True),
-          variables)
-
-
-def _rms_site(norm_cfg: Mapping, kind: str) -> dict:
-  mod = _module(norm_cfg)
-  new = {'kind': kind, 'epsilon': mod.epsilon}
-  if 'dtype' in norm_cfg:
-    new['dtype'] = norm_cfg['dtype']
-  if kind == 'rmsnorm':
-    new.update(use_scale=False, use_bias=False)
-  return new
+  """Pre-LN -> Pre-RMSNorm, exactly (`normjax.folding.layernorm_to_rmsnorm`
+  with this model's readers and writers; the position table is recentred
+  by the model: `center_positions=True`)."""
+  config, variables = _convert(config, variables, 'to_pre_rmsnorm',
+                               folding.layernorm_to_rmsnorm)
+  return dataclasses.replace(config, center_positions=True), variables
 
 
 def to_pre_crmsnorm(config: models.TransformerConfig, variables: Mapping
                     ) -> tuple[models.TransformerConfig, dict]:
-  """Pre-LN -> Pre-CRMSNorm, exactly (zoo spec §4.5).
-
-  `to_pre_rmsnorm`, then the zero-mean streams are stored compressed as
-  their first d - 1 coordinates (`compressed_stream=True`): writers keep
-  their first d - 1 output columns, every reader of a norm becomes
-  W[:d-1] - W[d-1] (biases unchanged), and the sites are 'crmsnorm' with
-  the same eps (normjax's `crms_norm`).
-  """
-  _require_layernorm(config, variables, 'to_pre_crmsnorm')
-  config, variables = to_pre_rmsnorm(config, variables)
-  transformer = is_transformer(variables)
-  params = variables['params']
-  for path in _writers(config, transformer, params):
-    w = _get(params, path)
-    _set(params, path, np.asarray(w)[..., :-1].copy())
-  for m in norm_modules(config, transformer):
-    readers = ([r + ('kernel',) for r in m.readers] if not m.output else
-               [k for k, _ in _output_readers(config, params)])
-    for path in readers:
-      w = _get(params, path)
-      w64 = _f64(w)
-      _set(params, path, _like(w64[:-1] - w64[-1:], w))
-  norms = dict(config.norms)
-  for s in used_sites(config, transformer):
-    norms[s] = _rms_site(norms[s], 'crmsnorm')
-  return (dataclasses.replace(config, norms=norms, compressed_stream=True),
-          variables)
-
-
-# ---------------------------------------------------------------------------
-# LayerNorm freezing (zoo spec §9).
+  """Pre-LN -> Pre-CRMSNorm, exactly (`normjax.folding.
+  layernorm_to_crmsnorm`; the model keeps d - 1 coordinates of the stream,
+  `compressed_stream=True`)."""
+  config, variables = _convert(config, variables, 'to_pre_crmsnorm',
+                               folding.layernorm_to_crmsnorm)
+  return dataclasses.replace(config, center_positions=True,
+                             compressed_stream=True), variables
 
 
 def _as_args(batch: Any, transformer: bool) -> tuple:
@@ -538,111 +356,43 @@ def _as_args(batch: Any, transformer: bool) -> tuple:
 def calibrate_layernorm(config: models.TransformerConfig, variables: Mapping,
                         calibration_batches: Iterable[Any]
                         ) -> dict[Path, float]:
-  """{LayerNorm module path: s}, s = mean over real tokens of sqrt(var+eps).
-
-  Evaluation-mode forward passes (running statistics, no dropout) over
-  `calibration_batches`: (inputs, targets) pairs or dicts with those keys
-  for a Transformer, inputs [B, L] (or {'inputs': ...}) for a
-  LanguageModel. Real tokens are those the norm's mask marks.
-  """
-  variables = _plain(variables)
+  """{LayerNorm module path: s} (`normjax.folding.calibrate_layernorm`) over
+  evaluation-mode forward passes: (inputs, targets) pairs or dicts with
+  those keys for a Transformer, inputs [B, L] (or {'inputs': ...}) for a
+  LanguageModel."""
+  variables = fold_lib.plain(variables)
   transformer = is_transformer(variables)
   model = model_for(dataclasses.replace(config, deterministic=True),
                     transformer)
-
-  @jax.jit
-  def stats(variables, args):
-    found = {}
-
-    def interceptor(next_fun, fargs, kwargs, context):
-      mod = context.module
-      if isinstance(mod, nnorm.LayerNorm) and context.method_name == '__call__':
-        x = fargs[0]
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
-        sigma = jnp.sqrt(jnp.mean(jnp.square(centred), axis=-1) + mod.epsilon)
-        mask = kwargs.get('mask')
-        mask = (jnp.ones(sigma.shape, sigma.dtype) if mask is None else
-                jnp.broadcast_to(mask, sigma.shape).astype(sigma.dtype))
-        found['/'.join(mod.path)] = (jnp.sum(sigma * mask), jnp.sum(mask))
-      return next_fun(*fargs, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-      model.apply(variables, *args, train=False)
-    return found
-
-  totals: dict[str, list[float]] = {}
-  for batch in calibration_batches:
-    for name, (s, n) in stats(variables, _as_args(batch, transformer)).items():
-      t = totals.setdefault(name, [0.0, 0.0])
-      t[0] += float(s)
-      t[1] += float(n)
-  if not totals:
-    raise ValueError('calibrate_layernorm: no calibration batch, or no '
-                     'LayerNorm in the model.')
-  empty = [k for k, (_, n) in totals.items() if n == 0]
-  if empty:
-    raise ValueError(f'calibrate_layernorm: no real token reached {empty}.')
-  return {tuple(k.split('/')): s / n for k, (s, n) in totals.items()}
+  return folding.calibrate_layernorm(
+      lambda v, *args: model.apply(v, *args, train=False), variables,
+      [_as_args(b, transformer) for b in calibration_batches])
 
 
-def frozen_layernorm_interceptor(scales: Mapping[Path, float]):
-  """For `nn.intercept_methods`: LayerNorms at `scales`' paths compute
-  scale * (x - mean(x)) / s + bias (FakeLN, zoo spec §9), the model that
-  `freeze_layernorm` folds."""
-  def interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    path = tuple(mod.path)
-    if (not isinstance(mod, nnorm.LayerNorm) or context.method_name !=
-        '__call__' or path not in scales):
-      return next_fun(*args, **kwargs)
-    x = args[0]
-    dtype = jnp.promote_types(x.dtype, jnp.float32)
-    xf = x.astype(dtype)
-    y = (xf - jnp.mean(xf, axis=-1, keepdims=True)) / jnp.asarray(
-        scales[path], dtype)
-    params = mod.variables.get('params', {})
-    if 'scale' in params:
-      y = y * params['scale'].astype(dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-    if 'bias' in params:
-      y = y + params['bias'].astype(dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-    return y.astype(x.dtype if mod.dtype is None else mod.dtype)
-  return interceptor
+frozen_layernorm_interceptor = folding.frozen_layernorm_interceptor
 
 
 def freeze_layernorm(config: models.TransformerConfig, variables: Mapping,
                      calibration_batches: Iterable[Any], *,
                      scales: Mapping[Path, float] | None = None
                      ) -> tuple[models.TransformerConfig, dict]:
-  """Replaces every LayerNorm by FakeLN with a calibrated s and folds it.
-
-  An approximation: the logits change (by how much depends on how much
-  sigma varies over tokens). Exact (to rounding) is the equality with the
-  model whose LayerNorms divide by the fixed s (`frozen_layernorm_
-  interceptor(scales)`). `scales` (from `calibrate_layernorm`) skips the
-  calibration. LayerNorm sites become 'none'; other sites are untouched.
-  """
+  """Replaces every LayerNorm by FakeLN with a calibrated s and folds it
+  (`normjax.folding.freeze_layernorm`). An approximation; exact (to
+  rounding) is the equality with the model whose LayerNorms divide by s
+  (`frozen_layernorm_interceptor(scales)`). `scales` (from
+  `calibrate_layernorm`) skips the calibration. LayerNorm sites become
+  'none'; other sites are untouched."""
   check_foldable(config)
-  transformer = is_transformer(variables)
-  present = _kinds(config, transformer)
-  sites = [s for s, k in present.items() if k == 'layernorm']
-  if not sites:
+  present = _kinds(config, is_transformer(variables))
+  names = [s for s, k in present.items() if k == 'layernorm']
+  if not names:
     raise ValueError(f"freeze_layernorm applies to LayerNorm sites; this "
                      f"model's norms are {present}.")
   if scales is None:
     scales = calibrate_layernorm(config, variables, calibration_batches)
-  modules = [m for m in norm_modules(config, transformer) if m.site in sites]
-  variables = _plain(variables)
-  if any(m.output for m in modules):
-    config, variables = untie_output(config, variables)
-  for m in modules:
-    a, c, _ = _eval_affine(config.norms[m.site], variables, m.path)
-    _fold_module(variables['params'], config, m, a / scales[m.path], c,
-                 center=True)
-    _drop_norm_variables(variables, m.path)
-  norms = dict(config.norms)
-  norms.update({s: {'kind': 'none'} for s in sites})
-  return dataclasses.replace(config, norms=norms), _finish(variables)
+  config, variables, sites = _prepare(config, variables, names)
+  variables, replacements = folding.freeze_layernorm(variables, sites, scales)
+  return _replaced(config, replacements), variables
 
 
 # ---------------------------------------------------------------------------
@@ -667,7 +417,7 @@ def check_variables(config: models.TransformerConfig, variables: Mapping
   want = {jax.tree_util.keystr(p): tuple(l.shape) for p, l in
           jax.tree_util.tree_leaves_with_path(expected)}
   got = {jax.tree_util.keystr(p): tuple(np.shape(l)) for p, l in
-         jax.tree_util.tree_leaves_with_path(_finish(_plain(variables)))}
+         jax.tree_util.tree_leaves_with_path(fold_lib.finish(fold_lib.plain(variables)))}
   if want != got:
     missing = sorted(set(want) - set(got))[:3]
     extra = sorted(set(got) - set(want))[:3]
@@ -754,7 +504,7 @@ def load(out: str, step: int | None = None
   with open(os.path.join(out, CONFIG_FILE)) as f:
     config = config_from_json(json.load(f))
   state, meta, _ = _restore_raw(os.path.join(out, 'checkpoints'), step)
-  return config, _finish(_plain(state)), meta
+  return config, fold_lib.finish(fold_lib.plain(state)), meta
 
 
 # ---------------------------------------------------------------------------
@@ -830,7 +580,7 @@ def run(workdir: str, config_spec: str, transform: str, out: str,
   if run_config is None:
     run_config = _load_run_config(config_spec, overrides)
   state, meta, step = _restore_raw(directory, step)
-  variables = _finish(_plain({k: state[k] for k in
+  variables = fold_lib.finish(fold_lib.plain({k: state[k] for k in
                               ('params', 'batch_stats', 'grad_stats')
                               if k in state}))
   transformer = is_transformer(variables)

@@ -7,7 +7,6 @@ official code jiachenzhu/DyT (`dynamic_tanh.py`,
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
