@@ -3,13 +3,28 @@
     from normjax import functional as nf   # pure functions
     from normjax import linen as nnorm     # Flax modules
     from normjax import probes             # training-dynamics probes
+    from normjax import folding            # inference-time folding
+
+Every norm is one `normjax.NormDefinition` (its math, options, state and
+evaluation map); `normjax.register` adds a new one to all of the above.
 """
 
+from normjax import folding
 from normjax import functional
 from normjax import linen
 from normjax import probes
+from normjax._src.definition import EvalAffine
+from normjax._src.definition import NormDefinition
+from normjax._src.definition import Option
+from normjax._src.definition import ParamSpec
+from normjax._src.definition import register
+from normjax._src.definition import unregister
 from normjax._src.training import apply_backward_stats
 
 __version__ = '0.1.0'
 
-__all__ = ['apply_backward_stats', 'functional', 'linen', 'probes']
+__all__ = [
+    'EvalAffine', 'NormDefinition', 'Option', 'ParamSpec',
+    'apply_backward_stats', 'folding', 'functional', 'linen', 'probes',
+    'register', 'unregister',
+]

@@ -48,6 +48,7 @@ from normjax._src.power_norm import power_norm_autodiff
 from normjax._src.qk_norm import qk_norm
 from normjax._src.registry import CONDITIONAL_FUNCTIONS
 from normjax._src.registry import FUNCTIONS
+from normjax._src.registry import get_definition
 from normjax._src.registry import get_norm
 from normjax._src.registry import init_state
 from normjax._src.unified_norm import UnifiedNormState
@@ -59,7 +60,7 @@ __all__ = [
     'PNVState', 'PowerNormState', 'UnifiedNormState', 'ada_ln_zero',
     'adaln_modulation', 'batch_norm', 'crms_norm', 'dimr_tau', 'dyt',
     'dyt_alpha_init', 'evonorm_num_groups', 'evonorm_s0', 'gated_residual',
-    'get_norm', 'group_norm', 'group_scaling', 'init_batch_norm_state',
+    'get_definition', 'get_norm', 'group_norm', 'group_scaling', 'init_batch_norm_state',
     'init_pn_v_state', 'init_power_norm_state', 'init_state',
     'init_td_params', 'init_unified_norm_state', 'layer_norm',
     'layer_norm_scaling', 'layer_norm_scaling_factor', 'modulate', 'pn_v',
