@@ -10,6 +10,9 @@ if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
 import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
+import norm_cases  # pylint: disable=g-import-not-at-top
+from normjax._src import definition as nd  # pylint: disable=g-import-not-at-top
+
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 
@@ -67,3 +70,35 @@ def compilation_cache(tmp_path_factory):
   yield
   jax.config.update('jax_compilation_cache_dir', old[0])
   jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+
+
+@pytest.fixture
+def toy_norms():
+  """Registers the toy norms (`norm_cases.TOYS`) for one test, then removes
+  them, so that no other test sees them in the registry."""
+  for definition in norm_cases.TOYS.values():
+    nd.register(definition)
+  yield norm_cases.TOYS
+  for toy in norm_cases.TOYS:
+    nd.unregister(toy)
+
+
+def _kinds_fixture(stateful=None):
+  """A fixture over the registered kinds and the toys (registered for the
+  test): every kind, or only the stateful/stateless ones."""
+  every = {**{k: norm_cases.definition(k) for k in norm_cases.KINDS},
+           **norm_cases.TOYS}
+  kinds = sorted(k for k, d in every.items()
+                 if stateful is None or d.stateful == stateful)
+
+  @pytest.fixture(params=kinds)
+  def fixture(request):
+    if request.param in norm_cases.TOYS:
+      request.getfixturevalue('toy_norms')
+    return request.param
+  return fixture
+
+
+kind = _kinds_fixture()
+stateful_kind = _kinds_fixture(stateful=True)
+stateless_kind = _kinds_fixture(stateful=False)

@@ -490,3 +490,133 @@ def qk_norm(t, kind='rmsnorm', scale=None, bias=None, eps=1e-6, per_head=True):
     if bias is not None:
         z = z + _f64(bias)
     return z
+
+
+# ----------------------------------------------------------------------------- by registry kind
+# REFERENCES[kind](x, mask, dy, params, options) -> Step: one training step from a fresh state.
+# x, dy [N, C] float64, mask [N] bool, params {name: [C] or [1]}, options: every option of the
+# norm (its defaults updated with the test's). Stateless norms: dx by finite differences of the
+# forward. Stateful: `state` holds the new state leaves, `backward` the backward statistics'
+# updates (the cotangents of PowerNorm's ema_gz, UN's ema_gz/bwd_window), by JAX field names.
+class Step:
+    def __init__(self, y, dx, state=None, backward=None):
+        self.y, self.dx = y, dx
+        self.state, self.backward = state or {}, backward or {}
+
+
+def _stateless(forward):
+    """A Step function from `forward(x, params, options)` of a per-token norm."""
+    def step(x, mask, dy, params, options):
+        del mask
+        y = forward(x, params, options)
+        return Step(y, numeric_vjp(lambda v: forward(v, params, options), x, dy))
+    return step
+
+
+def _per_token_axis(options):
+    if options.get('axis', -1) not in (-1, (-1,)):
+        raise NotImplementedError('the references reduce over the last axis only')
+    return options
+
+
+def _stateful(make, fields, backward=()):
+    """A Step function from `make(C, options)` -> a *Ref object and {JAX field: attribute}."""
+    def step(x, mask, dy, params, options):
+        if options.get('num_batch_groups', 1) != 1:
+            raise NotImplementedError('one batch group')
+        ref = make(x.shape[-1], options)
+        y = ref.forward(x, mask, True, params.get('scale'), params.get('bias'))
+        before = {k: np.copy(getattr(ref, fields[k])) for k in backward}
+        dx = ref.backward(dy)[0]
+        return Step(y, dx, {k: getattr(ref, a) for k, a in fields.items() if k not in backward},
+                    {k: getattr(ref, fields[k]) - before[k] for k in backward})
+    return step
+
+
+def _then_affine(z, params):
+    s, b = _affine(z.shape[-1], params.get('scale'), params.get('bias'))
+    return z * s + b
+
+
+def _pick(options, *names):
+    return {n: options[n] for n in names}
+
+
+def _power_norm_ref(c, o):
+    if o['backward'] not in (None, 'approximate'):
+        raise NotImplementedError(o['backward'])
+    return PowerNormRef(c, **_pick(o, 'num_groups', 'warmup_steps', 'alpha_fwd', 'alpha_bkw', 'eps',
+                                   'group_scaling_eps', 'use_group_scaling',
+                                   'backward_denominator', 'grad_mean_over'))
+
+
+def toy_center(x, scale=None, bias=None, center=True):
+    """The toy norm of tests/norm_cases.py: (x - mean over C) * scale + bias."""
+    x = _f64(x)
+    s, b = _affine(x.shape[-1], scale, bias)
+    return ((x - x.mean(-1, keepdims=True)) if center else x) * s + b
+
+
+class ToyRunningMeanRef:
+    """The stateful toy of tests/norm_cases.py: (x - mean over real rows) * scale + bias;
+    mean <- m mean + (1 - m) batch mean. Eval (or no real row): the running mean."""
+
+    def __init__(self, C, momentum=0.9):
+        self.momentum, self.mean = momentum, np.zeros(C)
+
+    def forward(self, x, mask=None, train=True, scale=None, bias=None):
+        x = _f64(x)
+        m = _mask(mask, x.shape[0])
+        s, b = _affine(x.shape[-1], scale, bias)
+        self._scale = s
+        if train and m.any():
+            mu = x[m].mean(0)
+            self.mean = self.momentum * self.mean + (1 - self.momentum) * mu
+            self._corr = m[:, None] / m.sum()
+        else:
+            mu, self._corr = self.mean, None
+        return (x - mu) * s + b
+
+    def backward(self, dy):
+        g = self._scale * _f64(dy)
+        dx = g if self._corr is None else g - self._corr * g.sum(0)
+        return dx, None, None
+
+
+REFERENCES = {
+    'layernorm': _stateless(lambda x, p, o: layer_norm(
+        x, p.get('scale'), p.get('bias'), _per_token_axis(o)['eps'])),
+    'rmsnorm': _stateless(lambda x, p, o: rms_norm(
+        x, p.get('scale'), p.get('bias'), _per_token_axis(o)['eps'])),
+    'group_scaling': _stateless(lambda x, p, o: _then_affine(
+        group_scaling(x, o['num_groups'], o['eps']), p)),
+    'dyt': _stateless(lambda x, p, o: dyt(x, p.get('alpha', o['alpha']), p.get('scale'),
+                                          p.get('bias'))),
+    'crmsnorm': _stateless(lambda x, p, o: crms_norm(x, o['eps'], p.get('scale'), p.get('bias'))),
+    'groupnorm': _stateless(lambda x, p, o: group_norm(x, o['num_groups'], p.get('scale'),
+                                                       p.get('bias'), o['eps'])),
+    'evonorm_s0': _stateless(lambda x, p, o: evonorm_s0(
+        x, o['num_groups'], p.get('v'), p.get('scale'), p.get('bias'), o['eps'],
+        o['nonlinearity'])),
+    'layernorm_scaling': _stateless(lambda x, p, o: layer_norm_scaling(
+        x, o['layer_index'], o['base'], p.get('scale'), p.get('bias'),
+        _per_token_axis(o)['eps'])),
+    'batchnorm': _stateful(lambda c, o: BatchNormRef(c, o['momentum'], o['eps']),
+                           {'mean': 'mean', 'var': 'var'}),
+    'pn_v': _stateful(lambda c, o: PNVRef(c, **_pick(o, 'num_groups', 'momentum', 'eps',
+                                                     'group_scaling_eps', 'use_group_scaling')),
+                      {'running_phi': 'phi'}),
+    'powernorm': _stateful(_power_norm_ref, {'running_phi': 'phi', 'step': 't', 'ema_gz': 'u'},
+                           backward=('ema_gz',)),
+    'unified': _stateful(
+        lambda c, o: UnifiedNormRef(c, **_pick(
+            o, 'window_size', 'warmup_steps', 'momentum', 'eps', 'outlier_filtration',
+            'compensation_delay', 'compensation_clamp', 'mean_over')),
+        {'running_var': 'R', 'fwd_window': 'F', 'step': 't', 'skip_count': 'skip_counter',
+         'ema_gz': 'nu', 'bwd_window': 'H'}, backward=('ema_gz', 'bwd_window')),
+    # The toy norms of tests/norm_cases.py (registered only by the `toy_norms` fixture).
+    'toy_center': _stateless(lambda x, p, o: toy_center(x, p.get('scale'), p.get('bias'),
+                                                        o['center'])),
+    'toy_running_mean': _stateful(lambda c, o: ToyRunningMeanRef(c, o['momentum']),
+                                  {'mean': 'mean'}),
+}
