@@ -1,13 +1,14 @@
 """Tests of the Flax linen modules of normjax.
 
 1. Agreement with flax.linen (LayerNorm, RMSNorm, BatchNorm).
-2. Every module equals its functional norm (outputs, state, grads, and the
-   cotangents of the backward-pass statistics).
+2. Every module (`kind` from conftest, the toys included) equals its
+   function over a few training steps and an evaluation step: outputs,
+   state, grads and the updates of the backward-pass statistics.
 3. Param trees, logical partitioning and state collections.
 4. `use_running_average` semantics (state frozen, merge_param errors).
-5. The train-step idiom with `grad_stats` and `apply_backward_stats`.
-6. jit / vmap / remat compatibility.
-7. `make_norm`.
+5. The train-step idiom with `grad_stats` and `apply_backward_stats`;
+   `nn.remat` of the stateful modules.
+6. `make_norm`.
 """
 
 import functools
@@ -21,46 +22,23 @@ import numpy as np
 import optax
 import pytest
 
+import norm_cases as nc
 import normjax
 from normjax import functional as nf
 from normjax import linen as nl
 
-B, T, F = 2, 3, 8
+B, T, F = nc.SHAPE
 TOL = dict(atol=1e-6, rtol=1e-6)
-STATEFUL = ('batchnorm', 'powernorm', 'pn_v', 'unified')
-STATELESS = ('layernorm', 'rmsnorm', 'group_scaling', 'dyt', 'crmsnorm',
-             'groupnorm', 'evonorm_s0', 'layernorm_scaling')
-# Options without a usable default at F = 8 features: (module, function).
-REQUIRED = {
-    'groupnorm': (dict(num_groups=2), dict(num_groups=2)),
-    'layernorm_scaling': (dict(layer_index=2), dict(layer_index=2)),
-}
 # Params whose shape is not (F,), and their logical axes.
 PARAM_SHAPES = {'alpha': ((1,), (None,))}
-
-
-def _normal(seed, shape, dtype=np.float32):
-  # NumPy, not jax.random: eager JAX ops would each compile once per shape.
-  return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-
-
-def _x(seed=0, shape=(B, T, F), dtype=jnp.float32):
-  return jnp.asarray(2.0 * _normal(seed, shape) + 0.5, dtype)
-
-
-def _mask():
-  return jnp.array([[True, True, False], [True, True, True]])
-
-
-def _cotangent(seed=7, shape=(B, T, F), dtype=jnp.float32):
-  return jnp.asarray(_normal(seed, shape), dtype)
+INIT_VALUES = {'alpha': 0.5, 'v': 1.0}  # params beyond scale/bias, at init
 
 
 def _random_params(params, seed=3):
   """Replaces scale/bias by random values (same tree, same dtypes)."""
   out = {}
   for i, (name, v) in enumerate(sorted(params.items())):
-    noise = 0.3 * _normal(seed + i, v.shape)
+    noise = 0.3 * nc.normal(seed + i, v.shape)
     out[name] = jnp.asarray((1.0 + noise) if name == 'scale' else noise,
                             v.dtype)
   return out
@@ -103,7 +81,7 @@ def _split(variables):
     (nl.RMSNorm, nn.RMSNorm),
 ], ids=['layernorm', 'rmsnorm'])
 def test_per_token_norm_matches_flax(ours, theirs):
-  x, dy = _x(), _cotangent()
+  x, dy = nc.x(), nc.cotangent()
   v_ours = nn.unbox(ours().init(jax.random.key(0), x))
   v_flax = nn.unbox(theirs().init(jax.random.key(0), x))
   chex.assert_trees_all_equal_shapes_and_dtypes(v_ours, v_flax)
@@ -127,7 +105,7 @@ def test_per_token_norm_matches_flax(ours, theirs):
 
 @pytest.mark.parametrize('with_mask', [False, True])
 def test_batch_norm_matches_flax(with_mask):
-  x, dy = _x(), _cotangent()
+  x, dy = nc.x(), nc.cotangent()
   ours, theirs = nl.BatchNorm(), nn.BatchNorm()
   v_ours = nn.unbox(ours.init(jax.random.key(0), x, use_running_average=False))
   v_flax = theirs.init(jax.random.key(0), x, use_running_average=False)
@@ -137,7 +115,7 @@ def test_batch_norm_matches_flax(with_mask):
 
   variables = {'params': _random_params(v_flax['params']),
                'batch_stats': _random_state(v_flax['batch_stats'])}
-  mask = _mask() if with_mask else None
+  mask = nc.mask() if with_mask else None
   # flax's mask broadcasts against x; normjax's has one entry per token.
   flax_mask = None if mask is None else mask[..., None]
 
@@ -183,120 +161,115 @@ def test_batch_norm_matches_flax(with_mask):
 # ---------------------------------------------------------------------------
 # 2. Module == function.
 
-# kind -> (module options, the same options for the function).
+# kind -> (non-default options, module-only fields): the options reach the
+# module under its field names (`norm_cases.module_options`).
 CUSTOM = {
-    'layernorm': (dict(epsilon=1e-3), dict(eps=1e-3)),
-    'rmsnorm': (dict(epsilon=1e-3, use_bias=True), dict(eps=1e-3)),
-    'group_scaling': (dict(epsilon=1e-3, num_groups=2, use_scale=True,
-                           use_bias=True), dict(eps=1e-3, num_groups=2)),
-    'batchnorm': (dict(epsilon=1e-3, momentum=0.9, num_batch_groups=2),
-                  dict(eps=1e-3, momentum=0.9, num_batch_groups=2)),
-    'powernorm': (dict(epsilon=1e-3, num_groups=2, warmup_steps=3,
-                       alpha_fwd=0.8, alpha_bkw=0.7, grad_mean_over='valid',
-                       num_batch_groups=2),
-                  dict(eps=1e-3, num_groups=2, warmup_steps=3, alpha_fwd=0.8,
+    'layernorm': (dict(eps=1e-3), {}),
+    'rmsnorm': (dict(eps=1e-3), dict(use_bias=True)),
+    'group_scaling': (dict(eps=1e-3, num_groups=2),
+                      dict(use_scale=True, use_bias=True)),
+    'batchnorm': (dict(eps=1e-3, momentum=0.9, num_batch_groups=2), {}),
+    'powernorm': (dict(eps=1e-3, num_groups=2, warmup_steps=3, alpha_fwd=0.8,
                        alpha_bkw=0.7, grad_mean_over='valid',
-                       num_batch_groups=2)),
-    'pn_v': (dict(epsilon=1e-3, num_groups=2, momentum=0.8),
-             dict(eps=1e-3, num_groups=2, momentum=0.8)),
-    'unified': (dict(epsilon=1e-3, window_size=(2, 3), warmup_steps=3,
-                     compensation_delay=3, mean_over='valid',
-                     num_batch_groups=2),
-                dict(eps=1e-3, window_size=(2, 3), warmup_steps=3,
-                     compensation_delay=3, mean_over='valid',
-                     num_batch_groups=2)),
-    'dyt': (dict(alpha_init=0.3, use_bias=False), {}),
-    'crmsnorm': (dict(epsilon=1e-3, use_scale=True), dict(eps=1e-3)),
-    'groupnorm': (dict(epsilon=1e-3, num_groups=4),
-                  dict(eps=1e-3, num_groups=4)),
-    'evonorm_s0': (dict(epsilon=1e-3, num_groups=2),
-                   dict(eps=1e-3, num_groups=2)),
-    'layernorm_scaling': (dict(epsilon=1e-3, layer_index=4, base='rmsnorm',
-                               use_bias=False),
-                          dict(eps=1e-3, layer_index=4, base='rmsnorm')),
+                       num_batch_groups=2), {}),
+    'pn_v': (dict(eps=1e-3, num_groups=2, momentum=0.8), {}),
+    'unified': (dict(eps=1e-3, window_size=(2, 3), warmup_steps=3,
+                     compensation_delay=3, mean_over='padded',
+                     num_batch_groups=2), {}),
+    'dyt': (dict(alpha=0.3), dict(use_bias=False)),
+    'crmsnorm': (dict(eps=1e-3), dict(use_scale=True)),
+    'groupnorm': (dict(eps=1e-3, num_groups=4), {}),
+    'evonorm_s0': (dict(eps=1e-3, num_groups=2), {}),
+    'layernorm_scaling': (dict(eps=1e-3, layer_index=4, base='rmsnorm'),
+                          dict(use_bias=False)),
 }
 
 
 def test_custom_cases_cover_every_module():
-  assert set(CUSTOM) | {'none'} == set(nl.MODULES)
-  assert set(nl.MODULES) - {'none'} == set(nf.FUNCTIONS)
+  assert set(CUSTOM) == set(nc.KINDS) == set(nl.MODULES) - {'none'}
 
 
-@pytest.mark.parametrize('options, float_dtype', [
-    ('defaults', 'float32'), ('custom', 'float32'), ('custom', 'float64')])
+def test_module_equals_function(kind):
+  """Default fields (and the small-test options), three steps, float32."""
+  _check_module_equals_function(kind, {}, {}, jnp.float32, steps=3)
+
+
 @pytest.mark.parametrize('kind', sorted(CUSTOM))
-def test_module_equals_function(kind, options, float_dtype):
-  with jax.enable_x64(float_dtype == 'float64'):
-    _check_module_equals_function(kind, options, float_dtype)
+def test_module_equals_function_with_custom_options_float64(kind):
+  with jax.enable_x64(True):
+    _check_module_equals_function(kind, *CUSTOM[kind], jnp.float64, steps=2)
 
 
-def _check_module_equals_function(kind, options, float_dtype):
-  mod_opts, fn_opts = (CUSTOM[kind] if options == 'custom' else
-                       REQUIRED.get(kind, ({}, {})))
-  module = nl.make_norm(kind, **mod_opts)()
-  fn = functools.partial(nf.get_norm(kind), **fn_opts)
-  x, dy = _x(dtype=float_dtype), _cotangent(dtype=float_dtype)
-  mask = _mask()
-  init = nn.unbox(_init(module, x, use_running_average=False))
-  params, batch_stats, grad_stats = _split(init)
+def _check_module_equals_function(kind, custom, module_only, dtype, steps):
+  module = nl.make_norm(kind, **nc.module_options(kind, **custom),
+                        **module_only)()
+  fn = functools.partial(nf.get_norm(kind), **nc.options(kind, **custom))
+  mask = nc.mask()
+  params, batch_stats, grad_stats = _split(nn.unbox(_init(
+      module, nc.x(dtype=dtype), use_running_average=False)))
   params = _random_params(params)
-  batch_stats = _random_state(batch_stats)
-  grad_stats = _random_state(grad_stats, seed=23)
-  stateful = kind in STATEFUL
-  fresh = nf.init_state(kind, F, **fn_opts)
-  backward = getattr(fresh, 'BACKWARD_FIELDS', ())
+  fresh = nf.init_state(kind, F, **nc.options(kind, **custom))
+  backward = nc.definition(kind).backward_stats
   assert set(grad_stats) == set(backward)
+  chex.assert_trees_all_equal({**batch_stats, **grad_stats}, fresh._asdict())
 
-  def module_loss(params, grad_stats, x, train):
-    variables = {'params': params}
-    if stateful:
-      variables.update(batch_stats=batch_stats, grad_stats=grad_stats)
-    y, upd = module.apply(variables, x, use_running_average=not train,
-                          mask=mask, mutable=['batch_stats'])
+  def module_loss(params, grad_stats, x, dy, batch_stats, train):
+    y, upd = module.apply(
+        {'params': params, 'batch_stats': batch_stats,
+         'grad_stats': grad_stats}, x, use_running_average=not train,
+        mask=mask, mutable=['batch_stats'])
     return jnp.sum(y * dy), (y, upd.get('batch_stats', {}))
 
-  def function_loss(params, grad_stats, x, train):
-    state = (type(fresh)(**batch_stats, **grad_stats) if stateful
-             else nf.EmptyState())
-    y, new_state = fn(x, params, state, mask=mask,
-                      use_running_average=not train)
-    return jnp.sum(y * dy), (y, new_state)
+  def function_loss(params, grad_stats, x, dy, state, train):
+    y, new = fn(x, params, state._replace(**grad_stats), mask=mask,
+                use_running_average=not train)
+    return jnp.sum(y * dy), (y, new)
 
-  def train_and_eval(loss):  # one compile for both modes
-    return jax.jit(lambda *args: [
-        jax.value_and_grad(functools.partial(loss, train=train),
-                           argnums=(0, 1, 2), has_aux=True)(*args)
-        for train in (True, False)])(params, grad_stats, x)
+  @jax.jit
+  def step(params, grad_stats, x, dy, batch_stats, state):
+    """Both modes of both, one compile: [(module, function)] per mode."""
+    grad = lambda loss, *a, train: jax.value_and_grad(
+        functools.partial(loss, train=train), argnums=(0, 1, 2),
+        has_aux=True)(params, grad_stats, x, dy, *a)
+    return [(grad(module_loss, batch_stats, train=t),
+             grad(function_loss, state, train=t)) for t in (True, False)]
 
-  results = zip((True, False), train_and_eval(module_loss),
-                train_and_eval(function_loss))
-  for train, ((_, (y_m, bs_m)), g_m), ((_, (y_f, state_f)), g_f) in results:
-    assert y_m.dtype == y_f.dtype == x.dtype
-    chex.assert_trees_all_close(y_m, y_f, **TOL)
-    # Grads wrt params and x, and the backward-stat cotangents (PN: ema_gz,
-    # UN: ema_gz and bwd_window) equal the functional ones.
-    chex.assert_trees_all_close(g_m, g_f, **TOL)
-    if stateful:
+  state = fresh
+  for i in range(steps):
+    x, dy = nc.x(seed=i, dtype=dtype), nc.cotangent(seed=10 + i, dtype=dtype)
+    results = step(params, grad_stats, x, dy, batch_stats, state)
+    for train, (module_out, function_out) in zip((True, False), results):
+      (_, (y_m, bs_m)), g_m = module_out
+      (_, (y_f, st_f)), g_f = function_out
+      assert y_m.dtype == y_f.dtype == x.dtype
+      chex.assert_shape(y_m, x.shape)
+      chex.assert_tree_all_finite(y_m)
+      chex.assert_trees_all_close(y_m, y_f, **TOL)
+      # Grads wrt params and x, and the backward-stat updates (PowerNorm:
+      # ema_gz, UN: ema_gz and bwd_window) equal the functional ones.
+      chex.assert_trees_all_close(g_m, g_f, **TOL)
       chex.assert_trees_all_close(
-          bs_m, {k: getattr(state_f, k) for k in batch_stats}, **TOL)
-      # The function leaves the backward fields to the cotangents.
-      chex.assert_trees_all_equal(
-          {k: getattr(state_f, k) for k in grad_stats}, grad_stats)
-      if train:
-        assert any(not np.allclose(bs_m[k], batch_stats[k]) for k in bs_m)
-      else:
+          bs_m, {k: getattr(st_f, k) for k in batch_stats}, **TOL)
+      if not train:
         chex.assert_trees_all_equal(bs_m, batch_stats)
-    if backward and train:
-      # The cotangent is a real update, not zero.
-      assert any(np.any(np.asarray(g_m[1][k]) != 0) for k in backward)
+    # Thread the training step's state through both.
+    ((_, (_, batch_stats)), (_, updates, _)), ((_, (_, state)), _) = (
+        results[0])
+    if backward:  # a real update, not zero
+      assert any(np.any(np.asarray(updates[k]) != 0) for k in backward)
+    grad_stats = normjax.apply_backward_stats(grad_stats, updates)
+    state = state._replace(**grad_stats)
+  if batch_stats:  # the forward state moved
+    assert any(not np.allclose(batch_stats[k], getattr(fresh, k))
+               for k in batch_stats)
 
 
 def test_identity_module():
-  x = _x()
+  x = nc.x()
   module = nl.Identity()
   variables = module.init(jax.random.key(0), x)
   assert not variables
-  chex.assert_trees_all_equal(module.apply(variables, x, True, mask=_mask()),
+  chex.assert_trees_all_equal(module.apply(variables, x, True, mask=nc.mask()),
                               x)
 
 
@@ -324,8 +297,9 @@ EXPECTED_COLLECTIONS = {
 
 @pytest.mark.parametrize('kind', sorted(EXPECTED_COLLECTIONS))
 def test_param_tree_and_collections(kind):
-  x = _x()
-  module = nl.make_norm(kind, **REQUIRED.get(kind, ({},))[0])()
+  x = nc.x()
+  options = {} if kind == 'none' else nc.module_options(kind)
+  module = nl.make_norm(kind, **options)()
   boxed = _init(module, x, use_running_average=False)
   variables = nn.unbox(boxed)
   params, batch_stats, grad_stats = _split(variables)
@@ -341,6 +315,15 @@ def test_param_tree_and_collections(kind):
     chex.assert_trees_all_equal(params['scale'], jnp.ones(F))
   if 'bias' in params:
     chex.assert_trees_all_equal(params['bias'], jnp.zeros(F))
+  for name, value in INIT_VALUES.items():  # DyT's alpha_0, EvoNorm's v
+    if name in params:
+      chex.assert_trees_all_equal(params[name], jnp.full_like(params[name],
+                                                              value))
+  if kind != 'none':  # bf16 in -> bf16 out; `dtype` overrides
+    x16 = x.astype(jnp.bfloat16)
+    y16, y32 = jax.jit(lambda v, x: [m.apply(v, x, True) for m in (
+        module, module.clone(dtype=jnp.float32))])(variables, x16)
+    assert (y16.dtype, y32.dtype) == (jnp.bfloat16, jnp.float32)
 
   # Logical partitioning: features are 'embed'; windows (None, 'embed');
   # scalar counters replicated.
@@ -356,7 +339,7 @@ def test_param_tree_and_collections(kind):
 
 
 def test_param_dtype_and_dtype():
-  x = _x(dtype=jnp.bfloat16)
+  x = nc.x(dtype=jnp.bfloat16)
   module = nl.LayerNorm(param_dtype=jnp.bfloat16, dtype=jnp.float32)
   variables = nn.unbox(module.init(jax.random.key(0), x))
   assert variables['params']['scale'].dtype == jnp.bfloat16
@@ -369,12 +352,12 @@ def test_param_dtype_and_dtype():
 # 4. use_running_average.
 
 
-@pytest.mark.parametrize('kind', STATEFUL)
+@pytest.mark.parametrize('kind', nc.STATEFUL)
 def test_state_frozen_in_eval_and_at_init(kind):
-  x = _x()
+  x = nc.x()
   module = nl.make_norm(kind)()
   variables = nn.unbox(_init(module, x, use_running_average=False,
-                             mask=_mask()))
+                             mask=nc.mask()))
   fresh = nf.init_state(kind, F)
   _, batch_stats, grad_stats = _split(variables)
   # init does not update the running statistics, even in training mode.
@@ -383,7 +366,7 @@ def test_state_frozen_in_eval_and_at_init(kind):
 
   variables = dict(variables, batch_stats=_random_state(batch_stats))
   _, upd = jax.jit(functools.partial(
-      module.apply, use_running_average=True, mask=_mask(),
+      module.apply, use_running_average=True, mask=nc.mask(),
       mutable=['batch_stats', 'grad_stats']))(variables, x)
   chex.assert_trees_all_equal(upd['batch_stats'], variables['batch_stats'])
   chex.assert_trees_all_equal(upd.get('grad_stats', {}),
@@ -401,9 +384,9 @@ def _error(fn):
   return str(info.value)
 
 
-@pytest.mark.parametrize('kind', STATEFUL)
+@pytest.mark.parametrize('kind', nc.STATEFUL)
 def test_use_running_average_passed_exactly_once(kind):
-  x = _x()
+  x = nc.x()
   key = jax.random.key(0)
   ours = nl.make_norm(kind)
   variables = ours(use_running_average=True).init(key, x)
@@ -418,7 +401,7 @@ def test_use_running_average_passed_exactly_once(kind):
 
 
 # ---------------------------------------------------------------------------
-# 5. The train-step idiom.
+# 5. The train-step idiom, remat.
 
 
 class _MLP(nn.Module):
@@ -434,7 +417,7 @@ class _MLP(nn.Module):
 
 def test_train_step_idiom():
   model = _MLP(norm=nl.make_norm('powernorm', num_groups=2, warmup_steps=2))
-  x = _x(shape=(4, 5, 6))
+  x = nc.x(shape=(4, 5, 6))
   target = jnp.sin(jnp.sum(x, axis=-1, keepdims=True))
   mask = jnp.arange(5)[None, :] < jnp.array([5, 3, 4, 2])[:, None]
   variables = nn.unbox(model.init(jax.random.key(1), x, train=False))
@@ -485,75 +468,11 @@ def test_train_step_idiom():
   assert jax.tree.structure(adam_state.mu) == jax.tree.structure(params)
 
 
-# ---------------------------------------------------------------------------
-# 6. jit / vmap / remat.
-
-FUNCTIONAL_BACKWARD = {
-    'powernorm': dict(num_groups=2, warmup_steps=3),
-    'unified': dict(window_size=2, warmup_steps=3, compensation_delay=3),
-}
-
-
-def _functional_case(kind, state_seed=11):
-  opts = FUNCTIONAL_BACKWARD[kind]
-  fresh = nf.init_state(kind, F, **opts)
-  state = type(fresh)(**_random_state(fresh._asdict(), seed=state_seed))
-  params = _random_params({'scale': jnp.ones(F), 'bias': jnp.zeros(F)})
-  fn = functools.partial(nf.get_norm(kind), **opts)
-  return fn, params, state
-
-
-def _functional_loss(fn, dy, mask):
-  def loss(x, params, backward, state):
-    y, new_state = fn(x, params, state._replace(**backward), mask=mask)
-    return jnp.sum(y * dy), (y, new_state)
-  return loss
-
-
-@pytest.mark.parametrize('kind', sorted(FUNCTIONAL_BACKWARD))
-def test_jit_grad_equals_grad(kind):
-  fn, params, state = _functional_case(kind)
-  x, dy, mask = _x(), _cotangent(), _mask()
-  backward = {k: getattr(state, k) for k in state.BACKWARD_FIELDS}
-  grad = jax.grad(_functional_loss(fn, dy, mask), argnums=(0, 1, 2),
-                  has_aux=True)
-  g_eager, (y_eager, s_eager) = grad(x, params, backward, state)
-  g_jit, (y_jit, s_jit) = jax.jit(grad)(x, params, backward, state)
-  chex.assert_trees_all_close(g_jit, g_eager, atol=1e-5, rtol=1e-5)
-  chex.assert_trees_all_close(y_jit, y_eager, atol=1e-5, rtol=1e-5)
-  chex.assert_trees_all_close(s_jit, s_eager, atol=1e-5, rtol=1e-5)
-  assert all(np.any(np.asarray(g_eager[2][k]) != 0) for k in backward)
-
-
-@pytest.mark.parametrize('kind', sorted(FUNCTIONAL_BACKWARD))
-def test_vmap_over_independent_models(kind):
-  num_models = 3
-  fn, params, _ = _functional_case(kind)
-  states = [_functional_case(kind, state_seed=11 + 10 * i)[2]
-            for i in range(num_models)]
-  xs = jnp.stack([_x(seed=i) for i in range(num_models)])
-  dys = jnp.stack([_cotangent(seed=20 + i) for i in range(num_models)])
-  masks = jnp.stack([_mask(), jnp.ones((B, T), bool), ~_mask()])
-
-  def one(x, dy, mask, state):
-    backward = {k: getattr(state, k) for k in state.BACKWARD_FIELDS}
-    return jax.grad(_functional_loss(fn, dy, mask), argnums=(0, 1, 2),
-                    has_aux=True)(x, params, backward, state)
-
-  batched = jax.jit(jax.vmap(one))(xs, dys, masks,
-                          jax.tree.map(lambda *v: jnp.stack(v), *states))
-  looped = [jax.jit(one)(xs[i], dys[i], masks[i], states[i])
-            for i in range(num_models)]
-  looped = jax.tree.map(lambda *v: jnp.stack(v), *looped)
-  chex.assert_trees_all_close(batched, looped, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize('kind', ['batchnorm', 'powernorm', 'unified'])
 def test_remat_module(kind):
-  mod_opts = CUSTOM[kind][0]
-  x, dy, mask = _x(), _cotangent(), _mask()
-  if kind in STATEFUL:
-    mod_opts = dict(mod_opts, use_running_average=False)
+  mod_opts = dict(nc.module_options(kind, **CUSTOM[kind][0]),
+                  use_running_average=False)
+  x, dy, mask = nc.x(), nc.cotangent(), nc.mask()
   plain = nl.make_norm(kind, **mod_opts)()
   remat = nn.remat(nl.MODULES[kind])(**mod_opts)
   init = nn.unbox(_init(plain, x))
@@ -580,7 +499,7 @@ def test_remat_module(kind):
 
 
 # ---------------------------------------------------------------------------
-# 7. make_norm.
+# 6. make_norm.
 
 
 def test_make_norm_unknown_kind():
@@ -593,17 +512,3 @@ def test_make_norm_unknown_option():
     nl.make_norm('powernorm', warmup=3)
   with pytest.raises(ValueError, match=r"\['momentum'\]"):
     nl.make_norm('layernorm', momentum=0.5)
-
-
-@pytest.mark.parametrize('kind', sorted(nl.MODULES))
-def test_make_norm_builds_every_kind(kind):
-  x = _x()
-  module = nl.make_norm(kind, **REQUIRED.get(kind, ({},))[0])(name='norm')
-  variables = _init(module, x, use_running_average=False)
-  outputs = jax.jit(lambda v, x: [
-      module.apply(v, x, use_running_average=not train, mask=_mask(),
-                   mutable=True)[0] for train in (True, False)])(variables, x)
-  for y in outputs:
-    chex.assert_shape(y, x.shape)
-    assert y.dtype == x.dtype
-    chex.assert_tree_all_finite(y)
