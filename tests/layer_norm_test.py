@@ -83,10 +83,8 @@ def test_layer_norm_over_token_axes_uses_the_mask():
                               atol=1e-5)
 
 
+# (The stateless norms: contract_test.test_gradients_match_finite_differences.)
 NO_CUSTOM_RULE = {
-    'layer_norm': lambda x, p: nf.layer_norm(x, p)[0],
-    'rms_norm': lambda x, p: nf.rms_norm(x, p)[0],
-    'group_scaling': lambda x, p: nf.group_scaling(x, p, num_groups=2)[0],
     'batch_norm': lambda x, p: nf.batch_norm(
         x, p, nf.init_batch_norm_state(C, jnp.float64), mask=MASK)[0],
     'pn_v': lambda x, p: nf.pn_v(

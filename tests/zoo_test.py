@@ -1,21 +1,21 @@
-"""The norm zoo: DyT, CRMSNorm, GroupNorm, EvoNorm-S0, LayerNorm Scaling,
-adaLN-Zero, TD-LN / TD-RMSNorm and QK-norm.
+"""The norm zoo: what is particular to DyT, CRMSNorm, GroupNorm, EvoNorm-S0,
+LayerNorm Scaling, and all of adaLN-Zero, TD-LN / TD-RMSNorm and QK-norm.
+
+The slot norms' shared contract (references, gradients, bf16, jit, vmap,
+remat, pads, bad inputs, module == function) is written once over the
+registry in contract_test, bad_input_test and linen_test.
 
 1. Forward against the NumPy references of tests/reference.py (written from
-   the zoo spec), float32 and float64; the largest deviations are printed.
+   the zoo spec) for the option variants and norms not in the registry
+   tests, float32 and float64; the largest deviations are printed.
 2. Backward: autodiff against finite differences of the NumPy forward (or
-   DyT's analytic gradient), and `check_grads` on the JAX functions.
-3. bfloat16 in -> bfloat16 out, computed from float32 statistics.
-4. Masks (validated; per-token norms ignore pads), jit and vmap of the
-   conditional norms, batch independence and causality.
-5. Param trees, `make_norm`, the conditional and QK modules == functions.
-6. The invariants of the zoo spec's test lists for these norms.
-7. Bad inputs raise at trace time, naming the argument.
-
-The slot norms (dyt, crmsnorm, groupnorm, evonorm_s0, layernorm_scaling) are
-also in the tables of contract_test (jit, vmap, pads, bf16), linen_test
-(module == function in f32/f64, param trees, make_norm) and bad_input_test
-(invalid inputs, all-pad batches, bf16 grads, huge values vs the reference).
+   DyT's analytic gradient), and `check_grads` on the conditional norms.
+3. bfloat16, masks, jit and vmap of the conditional norms; batch
+   independence and causality.
+4. The conditional and QK modules == functions; DyT's alpha_init by site.
+5. The invariants of the zoo spec's test lists for these norms.
+6. Bad inputs of the conditional norms raise at trace time, naming the
+   argument.
 """
 
 import functools
@@ -29,6 +29,8 @@ import numpy as np
 import pytest
 import reference as ref
 from jax.test_util import check_grads
+
+import norm_cases as nc
 
 from normjax import functional as nf
 from normjax import linen as nl
@@ -116,22 +118,9 @@ CASES = {
         lambda x, p: ref.dyt(x, p['alpha'], p['scale']),
         lambda dt: {'alpha': jnp.asarray(1.3, dt),
                     'scale': _affine(dt)['scale']}),
-    'crmsnorm': (
-        lambda x, p: nf.crms_norm(x, p, eps=1e-5)[0],
-        lambda x, p: ref.crms_norm(x, 1e-5, p['scale'], p['bias']),
-        _affine),
     'groupnorm': (
         lambda x, p: nf.group_norm(x, p, num_groups=4)[0],
         lambda x, p: ref.group_norm(x, 4, p['scale'], p['bias']),
-        _affine),
-    'evonorm_s0': (
-        lambda x, p: nf.evonorm_s0(x, p, num_groups=2)[0],
-        lambda x, p: ref.evonorm_s0(x, 2, p['v'], p['scale'], p['bias']),
-        lambda dt: dict(_affine(dt), v=_vec(9, C, 1.0, 0.5, dt))),
-    'layernorm_scaling': (
-        lambda x, p: nf.layer_norm_scaling(x, p, layer_index=3)[0],
-        lambda x, p: ref.layer_norm_scaling(x, 3, 'layernorm', p['scale'],
-                                            p['bias']),
         _affine),
     'layernorm_scaling_rms': (
         lambda x, p: nf.layer_norm_scaling(x, p, layer_index=5,
@@ -217,29 +206,6 @@ def test_dyt_forward_and_gradients_match_analytic(float_dtype):
            dict(atol=1e-5, rtol=1e-5) if float_dtype == 'float32' else None)
 
 
-GRAD_FNS = {
-    'dyt': lambda x, p: nf.dyt(x, p)[0],
-    'crmsnorm': lambda x, p: nf.crms_norm(x, p)[0],
-    'groupnorm': lambda x, p: nf.group_norm(x, p, num_groups=2)[0],
-    'evonorm_s0': lambda x, p: nf.evonorm_s0(x, p, num_groups=2)[0],
-    'layernorm_scaling': lambda x, p: nf.layer_norm_scaling(
-        x, p, layer_index=2)[0],
-}
-GRAD_PARAMS = {'dyt': {'alpha': [0.6]}, 'evonorm_s0': {'v': 'vec'}}
-
-
-@pytest.mark.parametrize('name', sorted(GRAD_FNS))
-def test_check_grads(name):
-  with jax.enable_x64(True):
-    x = _x('float64', seed=4)
-    p = _affine('float64')
-    for key, value in GRAD_PARAMS.get(name, {}).items():
-      p[key] = (_vec(11, C, 1.0, 0.5, 'float64') if value == 'vec'
-                else jnp.asarray(value, jnp.float64))
-    check_grads(jax.jit(GRAD_FNS[name]), (x, p), order=1, modes=['rev'],
-                atol=1e-6, rtol=1e-6)
-
-
 def test_check_grads_conditional():
   with jax.enable_x64(True):
     x = _x('float64', seed=4)
@@ -258,45 +224,14 @@ def test_check_grads_conditional():
 
 
 # ---------------------------------------------------------------------------
-# 3. bfloat16, 4. masks, jit, vmap: over the slot norms of the registry.
+# 3. bfloat16, masks, jit and vmap of the conditional norms.
 
-ZOO = {  # registry kind -> options
-    'dyt': {}, 'crmsnorm': {}, 'groupnorm': dict(num_groups=2),
-    'evonorm_s0': dict(num_groups=2), 'layernorm_scaling': dict(layer_index=3),
-}
-ZOO_PARAMS = {'dyt': {'alpha': [0.8]}, 'evonorm_s0': {'v': 'vec'}}
-
-
-def _zoo_params(kind, dtype='float32'):
-  p = _affine(dtype)
-  for key, value in ZOO_PARAMS.get(kind, {}).items():
-    p[key] = (_vec(11, C, 1.0, 0.5, dtype) if value == 'vec'
-              else jnp.asarray(value, dtype))
-  return p
-
-
-def _run(kind, x, mask=None, params=None, **kw):
-  params = _zoo_params(kind) if params is None else params
-  return nf.get_norm(kind)(x, params, nf.init_state(kind, C), mask=mask,
-                           **ZOO[kind], **kw)
-
-
-def test_zoo_covers_the_new_registry_kinds():
-  assert set(ZOO) <= set(nf.FUNCTIONS)
+def test_conditional_norms_are_stateless_and_apart_from_the_slot_norms():
   assert set(nf.CONDITIONAL_FUNCTIONS) == {'adaln_zero', 'td_layernorm',
                                            'td_rmsnorm'}
-  for kind in list(ZOO) + list(nf.CONDITIONAL_FUNCTIONS):
+  assert not set(nf.CONDITIONAL_FUNCTIONS) & set(nf.FUNCTIONS)
+  for kind in nf.CONDITIONAL_FUNCTIONS:
     assert nf.init_state(kind, C) == nf.EmptyState()
-
-
-@pytest.mark.parametrize('kind', sorted(ZOO))
-def test_bfloat16_in_bfloat16_out_from_float32_statistics(kind):
-  x16 = _x().astype(jnp.bfloat16)
-  y16, _ = _run(kind, x16)
-  y32, _ = _run(kind, x16.astype(jnp.float32))  # the same values in f32
-  assert y16.dtype == jnp.bfloat16
-  # Computed in float32 and rounded once: the float32 result, rounded.
-  chex.assert_trees_all_equal(y16, y32.astype(jnp.bfloat16))
 
 
 def test_bfloat16_conditional_and_qk():
@@ -311,15 +246,6 @@ def test_bfloat16_conditional_and_qk():
     y16 = f(x16)
     assert y16.dtype == jnp.bfloat16
     chex.assert_trees_all_equal(y16, f(x32).astype(jnp.bfloat16))
-
-
-def test_mask_is_only_validated():
-  """Per-token norms: the mask changes nothing (contract_test checks that
-  pads do not change real outputs, with jit and vmap, for every kind)."""
-  x = _x()
-  for kind in ZOO:
-    y, _ = _run(kind, x, mask=jnp.asarray(MASK))
-    chex.assert_trees_all_equal(y, _run(kind, x)[0])
 
 
 def test_conditional_pads_do_not_change_real_outputs():
@@ -352,17 +278,14 @@ def test_jit_and_vmap_conditional():
 
 
 def test_batch_independence_and_causality():
-  """Spec cross-cutting 4 and 5: DyT, S0, GroupNorm, TD-LN and adaLN see no
-  other example, and no later token."""
+  """Spec cross-cutting 4 and 5: TD-LN and adaLN see no other example, and
+  no later token (the slot norms: contract_test)."""
   x = _x()
   x_other = x.at[1].set(x[1] * 5 + 3)
   x_future = x.at[:, 2].set(x[:, 2] * -4 + 1)  # change token t = 2
   td, tau = _td(), jnp.asarray(TAU)
   shift, scale = jnp.asarray(COND_SHIFT), jnp.asarray(COND_SCALE)
-  for f in (lambda x: _run('dyt', x)[0], lambda x: _run('evonorm_s0', x)[0],
-            lambda x: _run('groupnorm', x)[0],
-            lambda x: _run('crmsnorm', x)[0],
-            lambda x: nf.td_layer_norm(x, td, tau=tau)[0],
+  for f in (lambda x: nf.td_layer_norm(x, td, tau=tau)[0],
             lambda x: nf.ada_ln_zero(x, shift=shift, scale=scale)[0]):
     y = f(x)
     chex.assert_trees_all_equal(y[0], f(x_other)[0])
@@ -370,7 +293,7 @@ def test_batch_independence_and_causality():
 
 
 # ---------------------------------------------------------------------------
-# 5. Modules.
+# 4. Modules.
 
 
 def _init(module, *args):
@@ -385,39 +308,6 @@ def _randomize(params, seed=20):
       for i, v in enumerate(leaves)])
 
 
-EXPECTED_PARAMS = {  # default options (but C = 8 groups): name -> shape
-    'dyt': {'alpha': (1,), 'scale': (C,), 'bias': (C,)},
-    'crmsnorm': {},
-    'groupnorm': {'scale': (C,), 'bias': (C,)},
-    'evonorm_s0': {'v': (C,), 'scale': (C,), 'bias': (C,)},
-    'layernorm_scaling': {'scale': (C,), 'bias': (C,)},
-}
-
-
-def test_module_param_trees_partitioning_and_dtypes():
-  """(linen_test checks module == function for every slot module.)"""
-  x = _x()
-  for kind, want in EXPECTED_PARAMS.items():
-    opts = {'layernorm_scaling': dict(layer_index=1),
-            'groupnorm': dict(num_groups=C)}.get(kind, {})
-    module = nl.make_norm(kind, **opts)()
-    boxed = module.init(jax.random.key(0), x)
-    params = nn.unbox(boxed).get('params', {})
-    assert {k: v.shape for k, v in params.items()} == want, kind
-    specs = nn.get_partition_spec(boxed).get('params', {})
-    for name in params:
-      axes = (None,) if name == 'alpha' else ('embed',)
-      assert specs[name] == jax.sharding.PartitionSpec(*axes), (kind, name)
-    if kind == 'dyt':
-      chex.assert_trees_all_equal(params['alpha'], jnp.asarray([0.5]))
-    if kind == 'evonorm_s0':
-      chex.assert_trees_all_equal(params['v'], jnp.ones(C))
-    x16 = x.astype(jnp.bfloat16)
-    assert module.apply({'params': params}, x16).dtype == jnp.bfloat16
-    assert module.clone(dtype=jnp.float32).apply(
-        {'params': params}, x16).dtype == jnp.float32
-
-
 def test_dyt_module_alpha_init_by_site_and_param_count():
   x = _x(shape=(2, 3, 16))
   for alpha_init, want in [('attention', 0.8), ('ffn', 0.2), ('final', 0.2),
@@ -430,13 +320,12 @@ def test_dyt_module_alpha_init_by_site_and_param_count():
   assert count(nl.DyT(use_bias=False)) == 16 + 1
 
 
-def test_make_norm_new_kinds_and_misspelled_options():
-  for kind in list(ZOO) + ['adaln_zero', 'td_layernorm', 'td_rmsnorm']:
+def test_make_norm_conditional_kinds_and_misspelled_options():
+  """(The slot kinds: bad_input_test.test_unknown_option_is_named.)"""
+  for kind in nf.CONDITIONAL_FUNCTIONS:
     assert nl.make_norm(kind)().__class__.__name__
-  for kind, typo in [('dyt', 'alpha'), ('groupnorm', 'num_group'),
-                     ('evonorm_s0', 'groups'), ('layernorm_scaling', 'layer'),
-                     ('crmsnorm', 'eps'), ('adaln_zero', 'use_gates'),
-                     ('td_layernorm', 'tau'), ('td_rmsnorm', 'epsilon_')]:
+  for kind, typo in [('adaln_zero', 'use_gates'), ('td_layernorm', 'tau'),
+                     ('td_rmsnorm', 'epsilon_')]:
     with pytest.raises(ValueError, match=rf"make_norm\('{kind}'\): unknown "
                        rf"options \['{typo}'\]"):
       nl.make_norm(kind, **{typo: 1})
@@ -454,7 +343,7 @@ def test_layer_norm_scaling_module_needs_layer_index():
 
 
 # ---------------------------------------------------------------------------
-# 6. Invariants of the zoo spec.
+# 5. Invariants of the zoo spec.
 
 # DyT (spec 5 g).
 
@@ -871,7 +760,7 @@ def test_qk_norm_module():
 
 
 # ---------------------------------------------------------------------------
-# 7. Bad inputs (eagerly and under jit).
+# 6. Bad inputs of the conditional norms (eagerly and under jit).
 
 jit_modes = pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
 
@@ -880,13 +769,13 @@ def _maybe_jit(f, jit):
   return jax.jit(f) if jit else f
 
 
-ALL_KINDS = sorted(ZOO) + ['adaln_zero', 'td_layernorm', 'td_rmsnorm']
+COND_KINDS = ['adaln_zero', 'td_layernorm', 'td_rmsnorm']  # slot: bad_input_test
 
 
 def _call_any(kind, x, params='default', mask=None, **kw):
-  if kind in ZOO:
-    params = _zoo_params(kind) if params == 'default' else params
-    return nf.get_norm(kind)(x, params, mask=mask, **{**ZOO[kind], **kw})
+  if kind in nc.KINDS:
+    return nc.call(kind, x, nc.params(kind) if params == 'default' else params,
+                   mask=mask, **kw)
   if kind == 'adaln_zero':
     kw.setdefault('shift', jnp.asarray(COND_SHIFT, jnp.float32))
     kw.setdefault('scale', jnp.asarray(COND_SCALE, jnp.float32))
@@ -898,14 +787,14 @@ def _call_any(kind, x, params='default', mask=None, **kw):
 
 
 @jit_modes
-@pytest.mark.parametrize('kind', ALL_KINDS)
+@pytest.mark.parametrize('kind', COND_KINDS)
 def test_non_float_x(kind, jit):
   with pytest.raises(TypeError, match=r'`x` must be a floating-point.*int32'):
     _maybe_jit(lambda x: _call_any(kind, x), jit)(jnp.ones(SHAPE, jnp.int32))
 
 
 @jit_modes
-@pytest.mark.parametrize('kind', ALL_KINDS)
+@pytest.mark.parametrize('kind', COND_KINDS)
 def test_bad_mask_shape_and_dtype(kind, jit):
   with pytest.raises(ValueError, match=r'`mask` has shape \(2, 4\).*does not '
                      'broadcast'):
@@ -914,15 +803,6 @@ def test_bad_mask_shape_and_dtype(kind, jit):
   with pytest.raises(TypeError, match=r'`mask` must be boolean'):
     _maybe_jit(lambda x, m: _call_any(kind, x, mask=m), jit)(
         _x(), jnp.ones((B, T), jnp.float32))
-
-
-@jit_modes
-@pytest.mark.parametrize('kind', sorted(ZOO))
-def test_wrong_feature_count_in_params(kind, jit):
-  params = dict(_zoo_params(kind), scale=jnp.ones(C + 1))
-  with pytest.raises(ValueError, match=r"`params\['scale'\]` has shape \(9,\) "
-                     r'but `x` has 8 features'):
-    _maybe_jit(lambda x, p: _call_any(kind, x, p), jit)(_x(), params)
 
 
 @jit_modes
