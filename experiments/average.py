@@ -16,8 +16,7 @@ from experiments import checkpointing
 from experiments import cli
 from experiments import translation
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory.',
-                               required=True)
+_WORKDIR = cli.workdir_flag('Run directory.')
 _LAST = flags.DEFINE_integer('last', 5, 'How many of the newest checkpoints.')
 
 
@@ -40,6 +39,8 @@ def average_last(workdir: str, last: int) -> list[int]:
 
 
 def main() -> None:
+  if not _WORKDIR.value:
+    raise ValueError('--workdir is required: the run directory to average.')
   steps = average_last(_WORKDIR.value, _LAST.value)
   print(f'averaged steps {steps} into '
         f'{os.path.join(_WORKDIR.value, translation.AVERAGED)}')

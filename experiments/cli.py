@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 
 from absl import app
+from absl import flags
 from absl import logging
 
 from experiments import configs
@@ -28,7 +29,15 @@ from experiments import faults
 USER_ERRORS = (faults.NonFiniteError, ValueError, FileNotFoundError, KeyError)
 
 
-def run(work: Callable[[], object], experiment: str | None = None) -> None:
+def workdir_flag(help_text: str) -> flags.FlagHolder:
+  """The --workdir flag, defined once per process whichever tool asks."""
+  if 'workdir' not in flags.FLAGS:
+    return flags.DEFINE_string('workdir', None, help_text)
+  return flags.FlagHolder(flags.FLAGS, flags.FLAGS['workdir'])
+
+
+def run(work: Callable[[], object], experiment: str | None = None,
+        argv: list[str] | None = None) -> None:
   """Parses the flags and calls `work()`; a user error ends in one line.
 
   `experiment` names experiments/configs/<experiment>.py, whose presets
@@ -57,5 +66,5 @@ def run(work: Callable[[], object], experiment: str | None = None) -> None:
             file=sys.stderr, flush=True)
       sys.exit(3 if isinstance(e, faults.NonFiniteError) else 2)
 
-  app.run(main, flags_parser=lambda argv: configs.parse_flags(experiment,
-                                                               argv))
+  app.run(main, argv=argv,
+          flags_parser=lambda args: configs.parse_flags(experiment, args))

@@ -47,7 +47,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -55,8 +54,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax.core import unfreeze
+from ml_collections import config_flags
 
+from experiments import checkpointing
+from experiments import cli
+from experiments import configs
 from experiments import models
 from normjax import folding
 from normjax._src import folding as fold_lib
@@ -417,7 +421,8 @@ def check_variables(config: models.TransformerConfig, variables: Mapping
   want = {jax.tree_util.keystr(p): tuple(l.shape) for p, l in
           jax.tree_util.tree_leaves_with_path(expected)}
   got = {jax.tree_util.keystr(p): tuple(np.shape(l)) for p, l in
-         jax.tree_util.tree_leaves_with_path(fold_lib.finish(fold_lib.plain(variables)))}
+         jax.tree_util.tree_leaves_with_path(
+             fold_lib.finish(fold_lib.plain(variables)))}
   if want != got:
     missing = sorted(set(want) - set(got))[:3]
     extra = sorted(set(got) - set(want))[:3]
@@ -468,7 +473,6 @@ def save(out: str, step: int, config: models.TransformerConfig,
          variables: Mapping, meta: Mapping) -> str:
   """OUT/checkpoints/<step> (Composite(state=variables, meta)) and
   OUT/model_config.json; returns the checkpoint directory."""
-  from experiments import checkpointing  # orbax: only when saving
   os.makedirs(out, exist_ok=True)
   model_json = config_to_json(config)
   with open(os.path.join(out, CONFIG_FILE), 'w') as f:
@@ -482,69 +486,30 @@ def save(out: str, step: int, config: models.TransformerConfig,
   return os.path.join(os.path.abspath(out), 'checkpoints', str(step))
 
 
-def _restore_raw(directory: str, step: int | None) -> tuple[Any, dict, int]:
-  import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
-    steps = mngr.all_steps()
-    if not steps:
-      raise FileNotFoundError(f'{directory} holds no complete checkpoint.')
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise FileNotFoundError(f'{directory} has no step {step}; it has '
-                              f'{sorted(steps)}.')
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  return restored['state'], dict(restored['meta'] or {}), step
-
-
 def load(out: str, step: int | None = None
          ) -> tuple[models.TransformerConfig, dict, dict]:
   """(config, variables, meta) of a directory written by `save`."""
   with open(os.path.join(out, CONFIG_FILE)) as f:
     config = config_from_json(json.load(f))
-  state, meta, _ = _restore_raw(os.path.join(out, 'checkpoints'), step)
+  state, meta, _ = checkpointing.read(os.path.join(out, 'checkpoints'), step)
   return config, fold_lib.finish(fold_lib.plain(state)), meta
 
 
 # ---------------------------------------------------------------------------
 # CLI.
 
-
-def _load_run_config(spec: str, overrides: Sequence[str]):
-  """`experiment:preset` or `path.py:preset`, then `--config.a.b=v`."""
-  import ast
-  import importlib.util
-  name, _, preset = spec.partition(':')
-  path = name if name.endswith('.py') else os.path.join(
-      os.path.dirname(__file__), 'configs', f'{name}.py')
-  if not os.path.isfile(path):
-    raise ValueError(f'--config={spec}: no experiment {name!r} (expected '
-                     'e.g. wmt:powernorm or lm:ptb_layernorm,small).')
-  module_spec = importlib.util.spec_from_file_location('_fold_run_config',
-                                                       path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(preset) if preset else module.get_config()
-  config.unlock()
-  for item in overrides:
-    key, _, text = item[len('--config.'):].partition('=')
-    *parents, leaf = key.split('.')
-    node = config
-    for k in parents:
-      node = node[k]
-    old = node[leaf]
-    if isinstance(old, bool):
-      value = text.lower() in ('1', 'true', 'yes')
-    elif isinstance(old, (int, float)):
-      value = type(old)(text)
-    elif isinstance(old, str):
-      value = text
-    else:
-      value = ast.literal_eval(text)
-    node[leaf] = value
-  config.lock()
-  return config
+_WORKDIR = cli.workdir_flag('Run directory: checkpoints, vocabulary.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, "The run's config: <experiment>:<preset> (wmt:powernorm) "
+    'or path.py:<preset>, with dotted overrides as in training.',
+    lock_config=True)
+_TRANSFORM = flags.DEFINE_enum('transform', None, TRANSFORMS,
+                               'The transform to apply.')
+_OUT = flags.DEFINE_string('out', None, 'Output directory.')
+_STEP = flags.DEFINE_integer('step', None,
+                             'Checkpoint step (default: the latest).')
+_CALIBRATION = flags.DEFINE_integer(
+    'calibration_batches', 8, 'freeze_ln: valid batches to calibrate on.')
 
 
 def _calibration_batches(run_config, workdir: str, transformer: bool,
@@ -566,24 +531,13 @@ def _calibration_batches(run_config, workdir: str, transformer: bool,
   return [_as_args(b, transformer) for b in list(batches)[:count]]
 
 
-def run(workdir: str, config_spec: str, transform: str, out: str,
-        step: int | None = None, overrides: Sequence[str] = (),
-        calibration_batches: int = 8, run_config=None) -> dict:
-  """The CLI's work: restore, transform, check, save. Returns a summary."""
-  if transform not in TRANSFORMS:
-    raise ValueError(f'--transform={transform!r}: choose from '
-                     f'{", ".join(TRANSFORMS)}.')
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'--workdir={workdir}: no checkpoints/ '
-                            'directory; train the run first.')
-  if run_config is None:
-    run_config = _load_run_config(config_spec, overrides)
-  state, meta, step = _restore_raw(directory, step)
-  variables = fold_lib.finish(fold_lib.plain({k: state[k] for k in
-                              ('params', 'batch_stats', 'grad_stats')
-                              if k in state}))
-  transformer = is_transformer(variables)
+def _restored_model(workdir: str, run_config, step: int | None):
+  """(config, variables, meta, step) of the run's checkpoint."""
+  state, meta, step = checkpointing.read(os.path.join(workdir, 'checkpoints'),
+                                         step)
+  variables = fold_lib.finish(fold_lib.plain(
+      {k: state[k] for k in ('params', 'batch_stats', 'grad_stats')
+       if k in state}))
   table = (variables['params'].get('shared_embedding')
            or variables['params'].get('target_embedding')
            or variables['params'].get('embedding'))['embedding']
@@ -591,6 +545,25 @@ def run(workdir: str, config_spec: str, transform: str, out: str,
       run_config.model, int(np.shape(table)[0]), deterministic=True)
   check_foldable(config)
   check_variables(config, variables)
+  return config, variables, meta, step
+
+
+def run(workdir: str, run_config: Any, transform: str, out: str,
+        step: int | None = None, calibration_batches: int = 8) -> dict:
+  """Restores, transforms, checks and saves; returns a summary.
+
+  `run_config` is the run's config or its spec (`wmt:powernorm,smoke`).
+  """
+  if transform not in TRANSFORMS:
+    raise ValueError(f'--transform={transform!r}: choose from '
+                     f'{", ".join(TRANSFORMS)}.')
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise FileNotFoundError(f'--workdir={workdir}: no checkpoints/ '
+                            'directory; train the run first.')
+  if isinstance(run_config, str):
+    run_config = configs.from_spec(run_config)
+  config, variables, meta, step = _restored_model(workdir, run_config, step)
+  transformer = is_transformer(variables)
   batches = ()
   if transform == 'freeze_ln':
     batches = _calibration_batches(run_config, workdir, transformer,
@@ -607,37 +580,18 @@ def run(workdir: str, config_spec: str, transform: str, out: str,
                                                          transformer)})
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  import argparse
-  ap = argparse.ArgumentParser(
-      prog='python -m experiments.fold',
-      description='Fold the norms of a pre-norm run into its linear layers.')
-  ap.add_argument('--workdir', required=True, help='the run directory')
-  ap.add_argument('--config', required=True,
-                  help='the run\'s config: experiment:preset (wmt:powernorm)'
-                  ' or path.py:preset')
-  ap.add_argument('--transform', required=True, choices=TRANSFORMS)
-  ap.add_argument('--out', required=True, help='output directory')
-  ap.add_argument('--step', type=int, default=None,
-                  help='checkpoint step (default: the latest)')
-  ap.add_argument('--calibration_batches', type=int, default=8,
-                  help='freeze_ln: valid batches to calibrate sigma on')
-  args, overrides = ap.parse_known_args(argv)
-  bad = [o for o in overrides if not o.startswith('--config.')]
-  if bad:
-    ap.error(f'unrecognized arguments: {" ".join(bad)}')
-  try:
-    summary = run(args.workdir, args.config, args.transform, args.out,
-                  args.step, overrides, args.calibration_batches)
-  except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
-    if os.environ.get('NORMJAX_TRACEBACK'):
-      raise
-    message = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-  print(f"{args.transform}: step {summary['step']} -> "
+def main() -> None:
+  for name, holder in (('workdir', _WORKDIR), ('config', _CONFIG),
+                       ('transform', _TRANSFORM), ('out', _OUT)):
+    if holder.value is None:
+      raise ValueError(f'--{name} is required (python -m experiments.fold '
+                       '--workdir=RUN --config=wmt:powernorm '
+                       '--transform=fold_affine --out=OUT).')
+  summary = run(_WORKDIR.value, _CONFIG.value, _TRANSFORM.value, _OUT.value,
+                _STEP.value, _CALIBRATION.value)
+  print(f"{_TRANSFORM.value}: step {summary['step']} -> "
         f"{summary['checkpoint']}; norms {summary['norms']}")
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -12,9 +12,9 @@ from experiments import cli
 from experiments import runtime
 from experiments import sharding
 
-WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, '
-                              'TensorBoard events, vocabulary, results. '
-                              'Default: runs/<experiment>_<preset>.')
+WORKDIR = cli.workdir_flag('Run directory: checkpoints, TensorBoard events, '
+                           'vocabulary, results. Default: '
+                           'runs/<experiment>_<preset>.')
 MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                          'train (resumes from the newest checkpoint) or eval.')
 CHECKPOINT = flags.DEFINE_string(

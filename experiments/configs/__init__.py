@@ -11,6 +11,7 @@ are type-checked and an unknown key is an error, because the config is locked.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -60,23 +61,56 @@ def define_config_flag(experiment: str, default: str = 'layernorm'
       f'{default},demo; or path[:preset].', lock_config=True)
 
 
-def expand_argv(experiment: str, argv: list[str]) -> list[str]:
-  """--config=powernorm -> --config=<path to configs/experiment.py>:powernorm."""
-  path = os.path.join(os.path.dirname(__file__), f'{experiment}.py')
-  out = []
-  for arg in argv:
-    if arg.startswith('--config=') and not arg[9:].split(':')[0].endswith(
-        '.py'):
-      arg = f'--config={path}:{arg[len("--config="):]}'
-    out.append(arg)
-  return out
+def _experiment_path(experiment: str) -> str:
+  return os.path.join(os.path.dirname(__file__), f'{experiment}.py')
+
+
+def expand_spec(spec: str, experiment: str | None = None) -> str:
+  """A --config value -> `<config file>:<preset>` for config_flags.
+
+  `powernorm,demo` names a preset of `experiment`; without an experiment
+  the value is `<experiment>:<preset>` (`wmt:powernorm`); a `path.py[:preset]`
+  stays as it is.
+  """
+  if spec.split(':')[0].endswith('.py'):
+    return spec
+  if experiment is not None:
+    return f'{_experiment_path(experiment)}:{spec}'
+  name, _, preset = spec.partition(':')
+  if not os.path.isfile(_experiment_path(name)):
+    known = sorted(f[:-3] for f in os.listdir(os.path.dirname(__file__))
+                   if f.endswith('.py') and f not in ('__init__.py',
+                                                      'common.py'))
+    raise ConfigError(f'--config={spec}: no experiment {name!r}; expected '
+                      f'<experiment>:<preset> with an experiment of {known} '
+                      '(e.g. wmt:powernorm or lm:ptb_layernorm,small).')
+  return f'{_experiment_path(name)}:{preset}' if preset else _experiment_path(
+      name)
+
+
+def from_spec(spec: str) -> ml_collections.ConfigDict:
+  """The locked config of `<experiment>:<preset>` or `path.py:<preset>`."""
+  path, _, preset = expand_spec(spec).partition(':')
+  module_spec = importlib.util.spec_from_file_location('_config_from_spec',
+                                                       path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(preset) if preset else module.get_config()
+  config.lock()
+  return config
+
+
+def expand_argv(experiment: str | None, argv: list[str]) -> list[str]:
+  """`--config=<value>` -> `--config=<config file>:<preset>` (`expand_spec`)."""
+  return [f'--config={expand_spec(a[len("--config="):], experiment)}'
+          if a.startswith('--config=') else a for a in argv]
 
 
 def parse_flags(experiment: str | None, argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors, and `experiment`'s presets
-  expanded (`expand_argv`) unless it is None."""
+  """absl flag parsing with one-line errors and --config expanded
+  (`expand_argv`: `experiment`'s presets, or `<experiment>:<preset>`)."""
   try:
-    return flags.FLAGS(expand_argv(experiment, argv) if experiment else argv)
+    return flags.FLAGS(expand_argv(experiment, argv))
   except (flags.Error, ConfigError, AttributeError, KeyError, TypeError,
           ValueError) as e:
     print(f'error: {one_line(str(e), argv)}', file=sys.stderr)

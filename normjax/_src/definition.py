@@ -162,7 +162,8 @@ def _make_function(definition: NormDefinition) -> Callable[..., Any]:
   def function(x, params=None, state=None, *, mask=None,
                use_running_average=False, axis_name=None, **options):
     return definition.apply(
-        x, {} if params is None else params, state, mask=mask, use_running_average=use_running_average,
+        x, {} if params is None else params, state, mask=mask,
+        use_running_average=use_running_average,
         axis_name=axis_name, **definition.resolve(options))
 
   fixed = [_P('x', _P.POSITIONAL_OR_KEYWORD),

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 
 from normjax._src import definition as nd
 from normjax._src import probes
-from normjax._src import registry  # pylint: disable=unused-import (registers the norms)
+# Importing the registry registers the built-in norms.
+from normjax._src import registry  # pylint: disable=unused-import
 from normjax._src.conditional_modules import CONDITIONAL_MODULES
 
 Array = jax.Array
@@ -107,7 +108,7 @@ class _StatefulNorm(_Norm):
   use_running_average: bool | None = None
 
   def _variables(self, features: int) -> tuple[type[Any], dict[str, Any]]:
-    """(state type, the state leaves as `grad_stats`/`batch_stats` variables)."""
+    """(state type, the state leaves as grad_stats/batch_stats variables)."""
     fresh = self.definition.new_state(features, jnp.float32,
                                       **self._options())
     backward = self.definition.backward_stats

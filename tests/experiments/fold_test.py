@@ -22,6 +22,7 @@ import pytest
 
 import conftest
 from experiments import checkpointing
+from experiments import cli as cli_lib
 from experiments import fold
 from experiments import models
 from experiments import train_lib
@@ -479,30 +480,38 @@ def test_cli_freeze_ln_calibrates_on_the_valid_split(smoke_run, tmp_path):
   fold.check_variables(new_cfg, new_variables)
 
 
-def cli(capsys, *argv):
+def cli(capsys, monkeypatch, *argv):
+  # config_flags reads its dotted overrides from sys.argv.
+  monkeypatch.setattr(sys, 'argv', ['fold', *argv])
   with pytest.raises(SystemExit) as info:
-    fold.main(list(argv))
+    cli_lib.run(fold.main, argv=['fold', *argv])
   err = capsys.readouterr().err.strip()
   assert info.value.code == 2
   assert len(err.splitlines()) == 1, err
   return err
 
 
-def test_cli_errors(smoke_run, tmp_path, capsys):
+# ml_collections' config_flags loads the config file with the deprecated
+# load_module().
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_cli_errors(smoke_run, tmp_path, capsys, monkeypatch):
   workdir, _, _ = smoke_run
   out = str(tmp_path / 'out')
-  err = cli(capsys, f'--workdir={tmp_path}/missing', '--config=wmt:powernorm',
+  err = cli(capsys, monkeypatch, f'--workdir={tmp_path}/missing',
+            '--config=wmt:powernorm',
             '--transform=fold_affine', f'--out={out}')
   assert 'no checkpoints/ directory' in err
-  err = cli(capsys, f'--workdir={workdir}', '--config=wmt:powernorm,smoke',
+  err = cli(capsys, monkeypatch, f'--workdir={workdir}',
+            '--config=wmt:powernorm,smoke',
             '--transform=fold_affine', f'--out={out}',
             '--config.model.placement=post')
   assert "placement='post' cannot be folded" in err
   assert 'residual stream' in err
-  err = cli(capsys, f'--workdir={workdir}', '--config=wmt:powernorm,smoke',
+  err = cli(capsys, monkeypatch, f'--workdir={workdir}',
+            '--config=wmt:powernorm,smoke',
             '--transform=rmsnorm', f'--out={out}')
   assert 'needs LayerNorm at every site' in err
-  err = cli(capsys, f'--workdir={workdir}', '--config=nosuch:x',
+  err = cli(capsys, monkeypatch, f'--workdir={workdir}', '--config=nosuch:x',
             '--transform=rmsnorm', f'--out={out}')
   assert 'no experiment' in err
   assert not os.path.exists(out)
