@@ -108,12 +108,12 @@ def test_mask_not_boolean(kind, dtype):
 
 def test_mask_accepted_shapes(kind):
   """The valid forms: per token, with a trailing 1, and broadcast over B."""
-  run = jax.jit(_run(kind))
-  want = run(*_args(kind), jnp.ones((B, T), bool))
-  for mask in (jnp.ones((B, T, 1), bool), jnp.ones((T,), bool),
-               jnp.ones((1, T), bool)):
-    chex.assert_trees_all_close(run(*_args(kind), mask), want, atol=1e-6,
-                                rtol=1e-6)
+  masks = [jnp.ones(shape, bool) for shape in ((B, T), (B, T, 1), (T,),
+                                                 (1, T))]
+  run = jax.jit(lambda args, masks: [_run(kind)(*args, m) for m in masks])
+  want, *others = run(_args(kind), masks)
+  for got in others:
+    chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize('eval_mode', [False, True], ids=['train', 'eval'])

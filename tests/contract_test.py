@@ -9,7 +9,8 @@ its NumPy reference (reference.REFERENCES) and, if its defaults do not fit
 1. Shape, dtype, finite; bfloat16 in -> bfloat16 out from float32 statistics.
 2. One training step against the NumPy reference, float32 and float64;
    stateless norms' gradients against finite differences.
-3. jit == eager, vmap over independent models, remat: values and gradients.
+3. jit == eager == remat, vmap over independent models: values and
+   gradients.
 4. Pads change no real output and no state; stateless norms are per token.
 """
 
@@ -59,14 +60,17 @@ def test_shape_dtype_and_finite(kind):
 def test_bfloat16_in_bfloat16_out_from_float32_statistics(kind):
   state = _state(kind)
   x16 = nc.x(seed=5).astype(jnp.bfloat16)
-  x32 = x16.astype(jnp.float32)  # the same values
   dy = nc.cotangent(6)
   p = nc.params(kind)
-  for eval_mode in (False, True):
-    g16, (y16, s16) = nc.train_grads(kind, x16, p, state, nc.mask(), dy,
-                                     use_running_average=eval_mode)
-    g32, (y32, s32) = nc.train_grads(kind, x32, p, state, nc.mask(), dy,
-                                     use_running_average=eval_mode)
+
+  @jax.jit  # one compile for both dtypes and both modes
+  def run(x16):
+    return [[nc.train_grads(kind, x, p, state, nc.mask(), dy, jit=False,
+                            use_running_average=eval_mode)
+             for x in (x16, x16.astype(jnp.float32))]  # the same values
+            for eval_mode in (False, True)]
+
+  for (g16, (y16, s16)), (g32, (y32, s32)) in run(x16):
     assert y16.dtype == g16[0].dtype == jnp.bfloat16  # y and dx
     # The state keeps its dtypes (float32, int32 counters).
     chex.assert_trees_all_equal_dtypes(s16, state)
@@ -112,23 +116,18 @@ def _args(kind, state):
   return nc.x(), nc.params(kind), nc.backward_stats(kind, state)
 
 
-def test_jit_equals_eager(kind):
+def test_jit_and_remat_equal_eager(kind):
+  """jit, and jit of `jax.checkpoint` (remat): the same values and grads."""
   state = _state(kind)
-  f = _loss_and_grads(kind, state, nc.mask(), nc.cotangent())
-  eager, jitted = f(*_args(kind, state)), jax.jit(f)(*_args(kind, state))
+  plain, remat = (_loss_and_grads(kind, state, nc.mask(), nc.cotangent(),
+                                  remat=remat) for remat in (False, True))
+  args = _args(kind, state)
+  eager = plain(*args)
+  jitted, remat = jax.jit(lambda *a: (plain(*a), remat(*a)))(*args)
   chex.assert_trees_all_close(jitted, eager, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(remat, jitted, atol=1e-6, rtol=1e-6)
   # The backward statistics' updates are real updates, not zero.
   assert all(np.any(v != 0) for v in jax.tree.leaves(eager[1][2]))
-
-
-def test_remat_gives_the_same_values_and_gradients(kind):
-  state = _state(kind)
-  plain, remat = (jax.jit(_loss_and_grads(kind, state, nc.mask(),
-                                          nc.cotangent(), remat=remat))
-                  for remat in (False, True))
-  chex.assert_trees_all_close(remat(*_args(kind, state)),
-                              plain(*_args(kind, state)), atol=1e-6,
-                              rtol=1e-6)
 
 
 def test_vmap_over_independent_models(kind):
@@ -144,12 +143,15 @@ def test_vmap_over_independent_models(kind):
         x, p, nc.backward_stats(kind, state))
 
   stack = lambda *v: jnp.stack(v)
-  batched = jax.jit(jax.vmap(one))(xs, dys, masks,
-                                   jax.tree.map(stack, *states))
-  one = jax.jit(one)
-  looped = jax.tree.map(stack, *[one(xs[i], dys[i], masks[i], states[i])
-                                 for i in range(2)])
-  chex.assert_trees_all_close(batched, looped, atol=1e-5, rtol=1e-5)
+
+  @jax.jit  # one compile
+  def batched_and_looped(xs, dys, masks, states):
+    looped = [one(xs[i], dys[i], masks[i], states[i]) for i in range(2)]
+    return (jax.vmap(one)(xs, dys, masks, jax.tree.map(stack, *states)),
+            jax.tree.map(stack, *looped))
+
+  chex.assert_trees_all_close(*batched_and_looped(xs, dys, masks, states),
+                              atol=1e-5, rtol=1e-5)
 
 
 def test_pads_do_not_change_real_outputs_or_state(kind):
