@@ -85,11 +85,7 @@ def test_unknown_option_is_named(kind):
         nl.make_norm(kind, **{option.name: option.default})
 
 
-def test_init_state_names_an_unknown_option(request, kind):
-  if not nc.definition(kind).stateful:
-    request.applymarker(pytest.mark.xfail(
-        strict=True, reason='NormDefinition.new_state returns EmptyState() '
-        'before resolving the options of a stateless norm'))
+def test_init_state_names_an_unknown_option(kind):
   with pytest.raises(TypeError, match=r"unknown options \['colour'\]"):
     nf.init_state(kind, F, colour=1)
 

@@ -196,3 +196,18 @@ def test_what_does_not_fold_says_why():
     folding.fold_norms(variables, [folding.NormSite(('nowhere',),
                                                     'batchnorm', {},
                                                     (('fc1',),))])
+
+
+@pytest.mark.parametrize('toy', ['toy_center', 'toy_running_mean'])
+def test_a_norm_added_by_one_record_folds(toy, toy_norms):
+  """A toy norm (tests/norm_cases.py), registered by its record alone, folds
+  through its `eval_affine` like the built-in norms."""
+  del toy_norms
+  norms = {s: {'kind': toy} for s in SITES}
+  model = UserModel(norms)
+  variables = trained_variables(model)
+  new_variables, replacements = folding.fold_norms(variables,
+                                                   norm_sites(norms))
+  new_model = UserModel(folded_norms(norms, replacements))
+  check_logits(f'fold_norms {toy} (f32)', model, variables, new_model,
+               new_variables, 2e-5)

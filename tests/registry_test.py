@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import reference
 
 import norm_cases as nc
@@ -112,3 +113,10 @@ def test_a_stateful_toy_module_trains_and_evaluates(toy_norms):
   variables = {**variables, **updates}
   chex.assert_trees_all_close(module.apply(variables, x, True),
                               x - np.asarray(mean), atol=1e-6)
+
+
+def test_a_stateful_record_without_batch_groups_is_refused():
+  with pytest.raises(TypeError, match="needs the option Option\\('num_batch_"):
+    nd.NormDefinition(
+        kind='bad', name='bad', module='Bad', options=(), doc='',
+        train=lambda *a: a, init_state=lambda *a: None)

@@ -121,6 +121,11 @@ class NormDefinition:
   function: Callable[..., Any] = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
+    if self.stateful and 'num_batch_groups' not in self.defaults:
+      raise TypeError(
+          f'NormDefinition {self.kind!r}: a stateful norm needs the option '
+          "Option('num_batch_groups', 1, ...): the shared skeleton splits "
+          'the batch into that many groups with their own state.')
     if self.apply is None:
       object.__setattr__(self, 'apply', functools.partial(
           common.stateful_apply, self))
@@ -150,9 +155,10 @@ class NormDefinition:
 
   def new_state(self, features: int, dtype=jnp.float32, **options) -> Any:
     """A fresh state; `options` may hold any option (the rest default)."""
+    options = self.resolve(options)
     if self.init_state is None:
       return common.EmptyState()
-    return self.init_state(features, dtype, self.resolve(options))
+    return self.init_state(features, dtype, options)
 
 
 _P = inspect.Parameter
