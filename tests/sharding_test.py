@@ -101,8 +101,9 @@ def init(case, dtype, groups=1):
   rng = np.random.RandomState(0)
   params = {'scale': jnp.asarray(1 + 0.3 * rng.randn(C), dtype),
             'bias': jnp.asarray(0.1 * rng.randn(C), dtype)}
-  state = nf.init_state(kind, C, jnp.dtype(dtype), **options,
-                        num_batch_groups=groups)
+  if groups != 1:
+    options = dict(options, num_batch_groups=groups)
+  state = nf.init_state(kind, C, jnp.dtype(dtype), **options)
   return params, state
 
 
