@@ -113,8 +113,6 @@ def _group_norm(x, params, state, *, mask, use_running_average, axis_name,
   return common.affine(z, params, dtype).astype(x.dtype), state
 
 
-
-
 GROUP_NORM = nd.register(nd.NormDefinition(
     kind='groupnorm', name='group_norm', module='GroupNorm',
     options=(nd.Option('num_groups', 32, 'G, must divide the features '

@@ -282,8 +282,6 @@ def _group_scaling(x, params, state, *, mask, use_running_average,
   return y.astype(x.dtype), state
 
 
-
-
 GROUP_SCALING = nd.register(nd.NormDefinition(
     kind='group_scaling', name='group_scaling', module='GroupScaling',
     options=(nd.Option('num_groups', 1, 'groups of features, each divided '
@@ -319,8 +317,6 @@ def _crms_norm(x, params, state, *, mask, use_running_average, axis_name,
         + jnp.square(missing)) / d
   y = common.affine(xs * jax.lax.rsqrt(ms + eps), params, dtype)
   return y.astype(x.dtype), state
-
-
 
 
 CRMS_NORM = nd.register(nd.NormDefinition(
