@@ -42,3 +42,26 @@ def test_example_script_runs_and_learns():
       capture_output=True, text=True, timeout=300, check=True).stdout
   first, last = re.search(r'loss ([\d.]+) -> ([\d.]+)', out).groups()
   assert float(last) < 0.8 * float(first), out
+
+
+def test_adding_a_norm_example_runs():
+  """The README's one-record norm works as it says, then leaves the registry."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from normjax._src import definition  # pylint: disable=g-import-not-at-top
+  text = (ROOT / 'README.md').read_text()
+  code = re.search(r'## One definition per norm.*?```python\n(.*?)```', text,
+                   re.S).group(1)
+  x = jnp.arange(12.0).reshape(3, 4)
+  scope = {'x': x}
+  try:
+    with jax.numpy_rank_promotion('allow'):  # the example broadcasts [C]
+      exec(code, scope)  # pylint: disable=exec-used
+      y = scope['y']
+      assert jnp.allclose(y, x - x.mean(-1, keepdims=True))
+      module = scope['norm']()
+      out, variables = module.init_with_output(jax.random.key(0), x)
+    assert jnp.allclose(out, y) and set(variables['params']) == {'scale'}
+  finally:
+    definition.unregister('centering')
+  assert 'centering' not in definition.REGISTRY
