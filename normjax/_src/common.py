@@ -322,8 +322,6 @@ def filled_params(params: Mapping[str, Array], features: int, dtype
 def evaluate(definition: Any, x: Array, params: Mapping[str, Array],
              state: Any, options: Mapping[str, Any]) -> Array:
   """y = scale * (core(x) - center) + bias from `definition.eval_affine`."""
-  # pylint: disable-next=g-import-not-at-top (definition imports common)
-  from normjax._src.definition import REGISTRY
   dtype = stats_dtype(x)
   state = jax.tree.map(
       lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating)
@@ -333,7 +331,7 @@ def evaluate(definition: Any, x: Array, params: Mapping[str, Array],
   kind, core_options = aff.core
   z = x.astype(dtype)
   if kind != 'none':
-    core = REGISTRY[kind]
+    core = definition.registered(kind)
     z, _ = core.apply(z, None, None, mask=None, use_running_average=False,
                       axis_name=None, **core.resolve(core_options))
   if aff.center is not None:

@@ -131,6 +131,11 @@ class NormDefinition:
           common.stateful_apply, self))
     object.__setattr__(self, 'function', _make_function(self))
 
+  @staticmethod
+  def registered(kind: str) -> NormDefinition:
+    """The registered definition of `kind` (e.g. an evaluation core)."""
+    return lookup(kind, 'NormDefinition')
+
   @property
   def defaults(self) -> dict[str, Any]:
     return {o.name: o.default for o in self.options}
