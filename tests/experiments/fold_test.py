@@ -29,14 +29,7 @@ from experiments import train_lib
 from experiments.configs import wmt
 from normjax import functional as nf
 
-PAD, EOS = models.PAD_ID, models.EOS_ID
-VOCAB = 13
-INPUTS = np.array([[5, 6, 7, 8, 9, EOS], [10, 11, EOS, PAD, PAD, PAD],
-                   [4, 12, 6, EOS, PAD, PAD], [7, EOS, PAD, PAD, PAD, PAD]],
-                  np.int32)
-TARGETS = np.array([[3, 4, 5, EOS, PAD], [6, 7, 8, 9, EOS],
-                    [10, EOS, PAD, PAD, PAD], [11, 12, EOS, PAD, PAD]],
-                   np.int32)
+from run_helpers import INPUTS, TARGETS, VOCAB
 
 # As models_test: compile time dominates, so compile without LLVM
 # optimisation or fusion emitters (cheaper than eager op-by-op dispatch,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import checkpointing
+import run_helpers
 from experiments import language_model
 from experiments import models
 from experiments import probing
@@ -215,25 +215,17 @@ def smoke_config(num_steps, preset='ptb_powernorm,smoke', planned=6):
   return c
 
 
-def _checkpoint(workdir, step):
-  """(state, meta) of checkpoint `step` of the run, as saved."""
-  return checkpointing.read(os.path.join(workdir, 'checkpoints'), step)[:2]
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  straight = str(tmp_path_factory.mktemp('lm_straight'))
-  resumed = str(tmp_path_factory.mktemp('lm_resumed'))
-  result = language_model.train_and_evaluate(smoke_config(6), straight)
-  language_model.train_and_evaluate(smoke_config(3), resumed)
-  language_model.train_and_evaluate(smoke_config(6), resumed)
-  return straight, resumed, result
+  return run_helpers.straight_and_resumed(
+      language_model.train_and_evaluate, smoke_config, tmp_path_factory,
+      'lm_')
 
 
 @pytest.mark.slow  # the end-to-end runs: SIGKILL resume in kill_resume_test
 def test_lm_resume_is_exact(runs):
   straight, resumed, _ = runs
-  (a, meta_a), (b, meta_b) = _checkpoint(straight, 6), _checkpoint(resumed, 6)
+  (a, meta_a), (b, meta_b) = run_helpers.checkpoint(straight, 6), run_helpers.checkpoint(resumed, 6)
   assert meta_a['data'] == meta_b['data']
   same = jax.tree.map(np.array_equal, a, b)
   assert all(jax.tree.leaves(same)), 'resumed run diverged'

@@ -13,16 +13,7 @@ import pytest
 import normjax
 from experiments import models
 
-PAD, BOS, EOS = models.PAD_ID, models.BOS_ID, models.EOS_ID
-VOCAB = 13
-
-# Right-padded sources and targets (EOS-terminated), varied lengths.
-INPUTS = np.array([[5, 6, 7, 8, 9, EOS], [10, 11, EOS, PAD, PAD, PAD],
-                   [4, 12, 6, EOS, PAD, PAD], [7, EOS, PAD, PAD, PAD, PAD]],
-                  np.int32)
-TARGETS = np.array([[3, 4, 5, EOS, PAD], [6, 7, 8, 9, EOS],
-                    [10, EOS, PAD, PAD, PAD], [11, 12, EOS, PAD, PAD]],
-                   np.int32)
+from run_helpers import BOS, INPUTS, PAD, TARGETS, VOCAB
 
 NORM_OPTIONS = {
     'layernorm': dict(epsilon=1e-5),

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import run_helpers
 from experiments import average
 from experiments import checkpointing
 from experiments import train_lib
@@ -26,24 +27,15 @@ def smoke_config(num_steps, preset='powernorm,smoke'):
   return c
 
 
-def final_state(workdir, step):
-  """(state, meta) of checkpoint `step` of the run, as saved."""
-  return checkpointing.read(os.path.join(workdir, 'checkpoints'), step)[:2]
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  straight = str(tmp_path_factory.mktemp('straight'))
-  resumed = str(tmp_path_factory.mktemp('resumed'))
-  result = translation.train_and_evaluate(smoke_config(6), straight)
-  translation.train_and_evaluate(smoke_config(3), resumed)
-  translation.train_and_evaluate(smoke_config(6), resumed)  # resumes at 3
-  return straight, resumed, result
+  return run_helpers.straight_and_resumed(
+      translation.train_and_evaluate, smoke_config, tmp_path_factory, '')
 
 
 def test_resume_is_exact(runs):
   straight, resumed, _ = runs
-  (a, meta_a), (b, meta_b) = final_state(straight, 6), final_state(resumed, 6)
+  (a, meta_a), (b, meta_b) = run_helpers.checkpoint(straight, 6), run_helpers.checkpoint(resumed, 6)
   assert meta_a['data'] == meta_b['data']
   chex_equal = jax.tree.map(lambda x, y: np.array_equal(x, y), a, b)
   assert all(jax.tree.leaves(chex_equal)), 'resumed run diverged'
@@ -67,7 +59,7 @@ def test_outputs_and_averaging(runs):
   assert os.listdir(os.path.join(straight, 'tensorboard'))
   steps = average.average_last(straight, 2)
   assert steps == [3, 6]
-  (a, _), (b, _) = final_state(straight, 3), final_state(straight, 6)
+  (a, _), (b, _) = run_helpers.checkpoint(straight, 3), run_helpers.checkpoint(straight, 6)
   avg, _, _ = checkpointing.read(os.path.join(straight, translation.AVERAGED))
   np.testing.assert_allclose(
       avg['params']['shared_embedding']['embedding'],
