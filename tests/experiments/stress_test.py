@@ -21,7 +21,7 @@ from experiments import models
 from experiments import train_lib
 from normjax._src import modules
 
-import bad_input_test  # tests/ is on sys.path: the norms' small options
+import norm_cases  # tests/ is on sys.path: the norms' small options
 
 PAD, EOS = models.PAD_ID, models.EOS_ID
 KINDS = sorted(k for k in modules.MODULES if k != 'none')
@@ -39,7 +39,7 @@ def batch(inputs, targets):
 
 
 def setup(kind, dtype):
-  norm = dict(kind=kind, **bad_input_test.OPTIONS[kind])
+  norm = dict(kind=kind, **norm_cases.module_options(kind))
   cfg = models.TransformerConfig(
       vocab_size=16, d_model=16, num_heads=2, ffn_dim=32,
       num_encoder_layers=1, num_decoder_layers=1, max_len=16, dropout=0.1,
