@@ -286,3 +286,198 @@ def test_stateless_nnx_equals_function(stateless_kind):
   y_n, g_n = nnx.jit(_nnx_step)(model, x, dy, mask)
   chex.assert_trees_all_close(y_n, y_f, **TOL[jnp.float32])
   chex.assert_trees_all_close(g_n, g_f, **TOL[jnp.float32])
+
+
+# ---------------------------------------------------------------------------
+# 3. Train steps and transforms.
+
+
+class _Tiny(nnx.Module):
+  """A dense layer and a norm."""
+
+  def __init__(self, kind, rngs):
+    self.dense = nnx.Linear(C, C, rngs=rngs)
+    self.norm = nnorm.make_norm(kind, **nc.module_options(
+        kind, **_options(kind)))(C, rngs=rngs)
+
+  def __call__(self, x, mask):
+    return self.norm(self.dense(x), mask=mask)
+
+
+def _tiny_loss(model, x, mask):
+  return jnp.mean(jnp.square(model(x, mask) - 1.0))
+
+
+def _optimizer_step(model, optimizer, x, mask):
+  loss, grads = nnorm.value_and_grad(_tiny_loss)(model, x, mask)
+  optimizer.update(model, grads)
+  return loss
+
+
+def test_jit_train_step_with_optimizer_equals_eager():
+  models = [_Tiny('powernorm', nnx.Rngs(0)) for _ in range(2)]
+  optimizers = [nnx.Optimizer(m, optax.adamw(1e-2), wrt=nnx.Param)
+                for m in models]
+  steps = (nnx.jit(_optimizer_step), _optimizer_step)
+  for i in range(2):
+    losses = [step(m, o, nc.x(seed=i), nc.mask())
+              for step, m, o in zip(steps, models, optimizers)]
+    chex.assert_trees_all_close(*losses, **TOL[jnp.float32])
+  chex.assert_trees_all_close(*(nnx.to_pure_dict(nnx.state(m))
+                                for m in models), atol=1e-6, rtol=1e-5)
+  assert np.any(np.asarray(models[0].norm.ema_gz[...]) != 0)
+  # The optimizer holds moments of the params only.
+  paths = {'/'.join(map(str, p)) for p, _ in nnx.to_flat_state(
+      nnx.state(optimizers[0], nnx.OptState))}
+  assert paths and not any(n in p for p in paths
+                           for n in ('ema_gz', 'running_phi', 'step/'))
+
+
+@pytest.mark.parametrize('kind', nc.STATEFUL)
+def test_vmap_axis_name_equals_whole_batch(kind):
+  """Statistics over the mapped axis == the unmapped whole-batch ones."""
+  whole = _model(kind)
+  mapped = _model(kind, axis_name='batch')
+
+  def step(model, x, mask, dy):
+    return _nnx_step(model, x, dy, mask)
+
+  def mapped_step(model, x, mask, dy):
+    y, grads = step(model, x, mask, dy)
+    return y, jax.lax.psum(grads, 'batch')  # per-example grads, summed
+
+  vstep = nnx.jit(nnx.vmap(mapped_step, in_axes=(None, 0, 0, 0),
+                           out_axes=(0, None), axis_name='batch'))
+  for i in range(2):
+    args = (nc.x(seed=i), nc.mask(), nc.cotangent(seed=10 + i))
+    chex.assert_trees_all_close(vstep(mapped, *args),
+                                nnx.jit(step)(whole, *args),
+                                atol=1e-6, rtol=1e-5)
+    chex.assert_trees_all_close(_state_of(mapped), _state_of(whole),
+                                atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['powernorm', 'unified'])
+def test_remat_equals_plain(kind):
+  models = [_model(kind) for _ in range(2)]
+
+  def step(model, x, dy, mask, remat):
+    call = lambda m, x: m(x, mask=mask)
+    call = nnx.remat(call) if remat else call
+    loss = lambda m, x: (lambda y: (_loss(y, dy), y))(call(m, x))
+    return nnorm.value_and_grad(loss, has_aux=True)(model, x)
+
+  step = nnx.jit(step, static_argnames='remat')
+  for i in range(3):
+    args = (nc.x(seed=i), nc.cotangent(seed=10 + i), nc.mask())
+    chex.assert_trees_all_close(*(step(m, *args, remat=r)
+                                  for m, r in zip(models, (True, False))),
+                                **TOL[jnp.float32])
+  chex.assert_trees_all_close(*map(_state_of, models), **TOL[jnp.float32])
+
+
+def test_split_merge_round_trip_and_a_pure_jax_step():
+  model = _model('powernorm')
+  graphdef, params, stats, backward = nnx.split(
+      model, nnx.Param, nnx.BatchStat, nnorm.BackwardStat)
+  assert set(nnx.to_pure_dict(backward)) == {'ema_gz'}
+  twin = nnx.merge(graphdef, params, stats, backward)
+  assert isinstance(twin.ema_gz, nnorm.BackwardStat)
+
+  @jax.jit
+  def pure_step(state, x, dy, mask):  # jax.jit over nnx.split's state
+    model = nnx.merge(graphdef, state)
+    out = _nnx_step(model, x, dy, mask)
+    return out, nnx.state(model)
+
+  state = nnx.state(twin)
+  for i in range(2):
+    args = (nc.x(seed=i), nc.cotangent(seed=10 + i), nc.mask())
+    out, state = pure_step(state, *args)
+    chex.assert_trees_all_close(out, nnx.jit(_nnx_step)(model, *args),
+                                **TOL[jnp.float32])
+  chex.assert_trees_all_close(nnx.to_pure_dict(state),
+                              nnx.to_pure_dict(nnx.state(model)),
+                              **TOL[jnp.float32])
+
+
+def test_bridge_linen_to_nnx_and_nnx_to_linen():
+  """A linen PowerNorm wrapped by ToNNX trains like the nnx one (its
+  grad_stats become BackwardStat); the nnx PowerNorm wrapped by ToLinen
+  has the linen module's variables and outputs."""
+  options = nc.module_options('powernorm', **_options('powernorm'))
+  x, dy, mask = nc.x(), nc.cotangent(), nc.mask()
+  wrapped = nnx.bridge.ToNNX(nl.PowerNorm(param_axes=(), **options),
+                             rngs=nnx.Rngs(0))
+  nnx.bridge.lazy_init(wrapped, x, use_running_average=False, mask=mask)
+  assert isinstance(wrapped.ema_gz, nnorm.BackwardStat)
+  native = _model('powernorm')
+
+  def step(model, x, **kwargs):
+    loss = lambda m, x: (lambda y: (_loss(y, dy), y))(m(x, mask=mask,
+                                                          **kwargs))
+    out, grads = nnorm.value_and_grad(loss, has_aux=True)(model, x)
+    return out, nnx.to_pure_dict(grads)
+
+  for i in range(3):
+    ours = step(native, x + i)
+    theirs = step(wrapped, x + i, use_running_average=False,
+                  mutable=['batch_stats'])
+    chex.assert_trees_all_close(ours, theirs, **TOL[jnp.float32])
+  chex.assert_trees_all_close(
+      _state_of(native), _state_of(wrapped), **TOL[jnp.float32])
+
+  linen = nl.PowerNorm(**options)
+  to_linen = nnx.bridge.to_linen(nnorm.PowerNorm, C, **options)
+  variables = nn.unbox(linen.init(jax.random.key(0), x,
+                                  use_running_average=False))
+  chex.assert_trees_all_equal_structs(
+      to_linen.init(jax.random.key(0), x), variables)
+  outs = [m.apply(variables, x, mask=mask, mutable=['batch_stats'], **kw)
+          for m, kw in ((linen, dict(use_running_average=False)),
+                        (to_linen, {}))]
+  chex.assert_trees_all_close(*outs, **TOL[jnp.float32])
+
+
+# ---------------------------------------------------------------------------
+# The README's nnx example, and the same model with nnx.LayerNorm.
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The lines the README's example changes against the LayerNorm version.
+TO_LAYERNORM = {
+    'from normjax import nnx as nnorm\n': '',
+    'nnorm.PowerNorm(dim, num_groups=4, warmup_steps=8000, rngs=rngs)':
+        'nnx.LayerNorm(dim, rngs=rngs)',
+    'self.norm(x, mask=mask)': 'self.norm(x)',
+    'nnorm.value_and_grad(loss_fn)': 'nnx.value_and_grad(loss_fn)',
+}
+
+
+def _readme_example():
+  text = (ROOT / 'README.md').read_text()
+  return re.search(r'## Flax NNX\n.*?```python\n(.*?)```', text,
+                   re.S).group(1)
+
+
+def _run(code):
+  scope = {}
+  exec(code, scope)  # pylint: disable=exec-used
+  x = jnp.asarray(nc.normal(0, (2, 5, 64)))
+  mask = jnp.arange(5)[None, :] < jnp.array([[5], [3]])
+  losses = [float(scope['train_step'](scope['model'], scope['optimizer'],
+                                      x, mask)) for _ in range(3)]
+  assert losses[-1] < losses[0]
+  return scope['model']
+
+
+def test_readme_example_trains_and_differs_from_layernorm_by_4_lines():
+  code = _readme_example()
+  model = _run(code)
+  assert isinstance(model.norm.ema_gz, nnorm.BackwardStat)
+  assert np.any(np.asarray(model.norm.ema_gz[...]) != 0)
+  layernorm_code = code
+  for ours, theirs in TO_LAYERNORM.items():
+    assert code.count(ours) == 1, ours
+    layernorm_code = layernorm_code.replace(ours, theirs)
+  assert isinstance(_run(layernorm_code).norm, nnx.LayerNorm)
+  assert len(TO_LAYERNORM) == 4
