@@ -12,6 +12,7 @@ evaluation map); `normjax.register` adds a new one to all of the above.
 from normjax import folding
 from normjax import functional
 from normjax import linen
+from normjax import nnx
 from normjax import probes
 from normjax._src.definition import EvalAffine
 from normjax._src.definition import NormDefinition
