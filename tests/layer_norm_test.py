@@ -90,7 +90,8 @@ NO_CUSTOM_RULE = {
     'pn_v': lambda x, p: nf.pn_v(
         x, p, nf.init_pn_v_state(C, jnp.float64), mask=MASK, num_groups=2)[0],
     'unified_window_1': lambda x, p: nf.unified_norm(
-        x, p, nf.init_unified_norm_state(C, 1, jnp.float64), window_size=1)[0],
+        x, p, nf.init_unified_norm_state(C, 1, jnp.float64), window_size=1,
+        freeze_backward_stats=True)[0],
 }
 MASK = np.arange(4)[None] < np.array([[4], [2], [3]])
 

@@ -12,6 +12,7 @@ Conventions (one meaning per word, used by every norm in normjax):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -338,3 +339,83 @@ def evaluate(definition: Any, x: Array, params: Mapping[str, Array],
     z = z - feat(aff.center, z.ndim)
   return (z * feat(aff.scale, z.ndim) + feat(aff.bias, z.ndim)).astype(
       x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Backward-pass statistics must be differentiated, or frozen on purpose.
+
+
+def _is_primal(v: Any) -> bool:
+  return isinstance(v, jax.custom_derivatives.CustomVJPPrimal)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def require_backward_stats(inputs: Any, stats: Any, fn: str,
+                           names: tuple[str, ...]) -> Any:
+  """Returns `inputs`; differentiating them without `stats` is an error.
+
+  PowerNorm's and UN's backward passes return the update of their backward
+  statistics (`names`) as the cotangents of those state leaves. A train step
+  that differentiates the loss with respect to the inputs or parameters but
+  not the statistics would silently train another algorithm (the statistics
+  never move), so this identity raises at trace time, from its forward rule,
+  which JAX calls with each argument's `perturbed` bit (under jit, vmap,
+  remat and sharding alike).
+  """
+  del stats, fn, names
+  return inputs
+
+
+def _require_fwd(inputs, stats, fn, names):
+  leaves = functools.partial(jax.tree.leaves, is_leaf=_is_primal)
+  used = any(p.perturbed for p in leaves(inputs))
+  given = all(p.perturbed for p in leaves(stats))
+  if used and not given:
+    listed = ', '.join(f'state.{n}' for n in names)
+    raise ValueError(
+        f'{fn}: the loss is differentiated with respect to the input or the '
+        f'parameters but not the backward statistics ({listed}), whose '
+        'updates come back as their gradients: they would never move, and '
+        'this would train a different algorithm. Differentiate with respect '
+        'to them too and add the result to them (plain JAX: jax.grad over '
+        "the state's backward leaves, then normjax.apply_backward_stats; "
+        "flax.linen: the 'grad_stats' collection next to 'params'; flax.nnx: "
+        'normjax.nnx.value_and_grad), or pass freeze_backward_stats=True to '
+        'keep them fixed on purpose.')
+  return jax.tree.map(lambda p: p.value, inputs, is_leaf=_is_primal), None
+
+
+def _require_bwd(fn, names, residuals, cotangents):
+  del fn, names, residuals
+  zero = jax.custom_derivatives.SymbolicZero
+  cotangents = jax.tree.map(
+      lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, zero) else c,
+      cotangents, is_leaf=lambda c: isinstance(c, zero))
+  return cotangents, None
+
+
+require_backward_stats.defvjp(_require_fwd, _require_bwd,
+                              symbolic_zeros=True)
+
+
+def guard_backward_stats(x: Array, params: Mapping[str, Array], state: Any,
+                         options: Mapping[str, Any], fn: str,
+                         names: tuple[str, ...]) -> tuple[Array, Any, Any]:
+  """(x, params, state) with the backward statistics `names` checked.
+
+  With `freeze_backward_stats` the statistics are constants (their
+  cotangents are zero, so they stay as they are); otherwise differentiating
+  x or params without them raises (`require_backward_stats`).
+  """
+  if options['freeze_backward_stats']:
+    frozen = {n: jax.lax.stop_gradient(getattr(state, n)) for n in names}
+    return x, params, state._replace(**frozen)
+  stats = tuple(getattr(state, n) for n in names)
+  x, params = require_backward_stats((x, params), stats, fn, names)
+  return x, params, state
+
+
+FREEZE_BACKWARD_STATS_DOC = (
+    'True keeps the backward statistics fixed on purpose (they are used but '
+    'never updated); False (default) makes differentiating the input or '
+    'parameters without them an error, since they would silently stay put.')

@@ -301,8 +301,12 @@ def _power_norm_train(x, mask, state, params, options, axis_name):
   dtype = common.stats_dtype(x)
   t = state.step + 1
   backward = options['backward'] or _BACKWARD.get()
-  forward = _autodiff_forward if backward == 'autodiff' else _approximate
-  y, psi2 = forward(x, mask, state, t, params, options, axis_name)
+  if backward == 'autodiff':
+    y, psi2 = _autodiff_forward(x, mask, state, t, params, options, axis_name)
+  else:
+    xg, pg, sg = common.guard_backward_stats(
+        x, params, state, options, 'power_norm', PowerNormState.BACKWARD_FIELDS)
+    y, psi2 = _approximate(xg, mask, sg, t, pg, options, axis_name)
   has_data = _row_count(x, mask, axis_name) > 0
   phi_prev = state.running_phi.astype(dtype)
   tf = t.astype(dtype)
@@ -352,6 +356,8 @@ POWER_NORM = nd.register(nd.NormDefinition(
         nd.Option('grad_mean_over', 'padded',
                   "'padded' (official) or 'valid' (paper)."),
         _NUM_BATCH_GROUPS,
+        nd.Option('freeze_backward_stats', False,
+                  common.FREEZE_BACKWARD_STATS_DOC),
         nd.Option('backward', None,
                   "'approximate' (the rule above) or 'autodiff': exact "
                   'autodiff of the same forward pass (through psi2 in '

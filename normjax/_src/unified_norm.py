@@ -285,6 +285,9 @@ def _normalize(xf, mask, params, stats, grad_stats, options, axis_name):
 def _unified_norm_train(x, mask, state, params, options, axis_name):
   """One batch group's UN training step."""
   dtype = common.stats_dtype(x)
+  x, params, state = common.guard_backward_stats(
+      x, params, state, options, 'unified_norm',
+      UnifiedNormState.BACKWARD_FIELDS)
   xf = x.astype(dtype)
   s, count = _batch_second_moment(jax.lax.stop_gradient(xf), mask, axis_name)
   sigma2, r, skip, outlier, window = _forward_statistics(s, count, state,
@@ -348,6 +351,8 @@ UNIFIED_NORM = nd.register(nd.NormDefinition(
                   'correction term).'),
         nd.Option('num_batch_groups', 1, 'per-group statistics and state, '
                   'as in `power_norm`.'),
+        nd.Option('freeze_backward_stats', False,
+                  common.FREEZE_BACKWARD_STATS_DOC),
     ),
     doc=UNIFIED_NORM_DOC,
     apply=_apply,

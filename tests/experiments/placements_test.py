@@ -177,12 +177,14 @@ def test_any_norm_in_any_placement_trains(kind, placement):
 
   @jit
   def step(variables):
-    def loss(params):
-      logits, updates = model.apply({**variables, 'params': params}, TOKENS,
-                                    train=True, mutable=['batch_stats'])
+    def loss(params, grad_stats):
+      logits, updates = model.apply(
+          {**variables, 'params': params, 'grad_stats': grad_stats}, TOKENS,
+          train=True, mutable=['batch_stats'])
       return jnp.mean(jax.nn.logsumexp(logits, -1)), updates
-    (value, updates), grads = jax.value_and_grad(loss, has_aux=True)(
-        variables['params'])
+    (value, updates), (grads, _) = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True)(variables['params'],
+                                            variables.get('grad_stats', {}))
     return value, grads, updates
 
   value, grads, _ = step(variables)
