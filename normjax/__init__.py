@@ -4,6 +4,7 @@
     from normjax import linen as nnorm     # Flax modules
     from normjax import probes             # training-dynamics probes
     from normjax import folding            # inference-time folding
+    from normjax import nnx                # Flax NNX modules
 
 Every norm is one `normjax.NormDefinition` (its math, options, state and
 evaluation map); `normjax.register` adds a new one to all of the above.
@@ -26,6 +27,6 @@ __version__ = '0.1.0'
 
 __all__ = [
     'EvalAffine', 'NormDefinition', 'Option', 'ParamSpec',
-    'apply_backward_stats', 'folding', 'functional', 'linen', 'probes',
+    'apply_backward_stats', 'folding', 'functional', 'linen', 'nnx', 'probes',
     'register', 'unregister',
 ]

@@ -17,6 +17,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from normjax._src import common
@@ -54,6 +55,19 @@ class ParamSpec(NamedTuple):
   shape: str = 'features'
   enabled_by: str = ''
   to_value: Callable[[Any, int], float] | None = None
+
+  def initializer(self, value: Any, features: int) -> Callable[..., Any]:
+    """The initialiser a module field's `value` stands for."""
+    if callable(value):
+      return value
+    value = self.to_value(value, features) if self.to_value else value
+    return jax.nn.initializers.constant(value)
+
+  def layout(self, features: int, param_axes: Any) -> tuple[tuple, Any]:
+    """(shape, logical axes): (1,) unannotated, or [C] on `param_axes`."""
+    if self.shape == 'one':
+      return (1,), (None,)
+    return (features,), param_axes
 
 
 class EvalAffine(NamedTuple):

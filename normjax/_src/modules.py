@@ -75,12 +75,8 @@ class _Norm(nn.Module):
     return params
 
   def _extra_param(self, spec: nd.ParamSpec, features: int) -> Array:
-    init = getattr(self, spec.init_field)
-    if not callable(init):
-      value = spec.to_value(init, features) if spec.to_value else init
-      init = nn.initializers.constant(value)
-    shape, axes = (((1,), (None,)) if spec.shape == 'one'
-                   else ((features,), self.param_axes))
+    init = spec.initializer(getattr(self, spec.init_field), features)
+    shape, axes = spec.layout(features, self.param_axes)
     return self.param(spec.name, nn.with_logical_partitioning(init, axes),
                       shape, self.param_dtype)
 

@@ -111,12 +111,8 @@ class _Norm(nnx.Module):
 
   def _extra_param(self, spec: nd.ParamSpec, features: int,
                    rngs: nnx.Rngs) -> nnx.Param:
-    init = getattr(self, spec.init_field)
-    if not callable(init):
-      value = spec.to_value(init, features) if spec.to_value else init
-      init = nnx.initializers.constant(value)
-    shape, axes = (((1,), (None,)) if spec.shape == 'one'
-                   else ((features,), self.param_axes))
+    init = spec.initializer(getattr(self, spec.init_field), features)
+    shape, axes = spec.layout(features, self.param_axes)
     return nnx.Param(init(rngs.params(), shape, self.param_dtype),
                      **_metadata(None if self.param_axes is None else axes))
 
