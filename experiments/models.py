@@ -49,6 +49,7 @@ SITES = ('encoder_attention', 'encoder_ffn', 'encoder_final',
          'decoder_attention', 'decoder_ffn', 'decoder_final')
 
 ACTIVATION_AXES = ('batch', 'length', 'embed')
+NORM_PARAM_AXES = ('embed',)  # the logical axis of every norm's params
 
 
 # ----------------------------------------------------------------------------
@@ -322,9 +323,20 @@ def _constrain(x):
   return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
+def _norm_factory(cfg) -> Any:
+  """`make_norm(**cfg)` with the params on the logical 'embed' axis (the
+  sharding rules need it; normjax annotates nothing by default) where the
+  module has `param_axes` and the config does not set it."""
+  factory = nnorm.make_norm(**cfg)
+  if ('param_axes' in cfg or
+      'param_axes' not in nnorm.module_fields(factory.func)):
+    return factory
+  return functools.partial(factory, param_axes=NORM_PARAM_AXES)
+
+
 def _site_norm(config: TransformerConfig, site: str, name: str):
   """`make(suffix='')` -> the norm module of `site`, named `name + suffix`."""
-  factory = nnorm.make_norm(**config.norms[site])
+  factory = _norm_factory(config.norms[site])
 
   def make(suffix: str = ''):
     return factory(name=f'{name}{suffix}')

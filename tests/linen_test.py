@@ -325,9 +325,14 @@ def test_param_tree_and_collections(kind):
         module, module.clone(dtype=jnp.float32))])(variables, x16)
     assert (y16.dtype, y32.dtype) == (jnp.bfloat16, jnp.float32)
 
-  # Logical partitioning: features are 'embed'; windows (None, 'embed');
+  # Default: plain arrays, as flax (no LogicallyPartitioned boxes). With
+  # param_axes=('embed',): features are 'embed'; windows (None, 'embed');
   # scalar counters replicated.
-  specs = nn.get_partition_spec(boxed)
+  assert jax.tree.structure(boxed) == jax.tree.structure(variables)
+  if kind == 'none':
+    return
+  specs = nn.get_partition_spec(_init(module.clone(param_axes=('embed',)), x,
+                                      use_running_average=False))
   for name in params:
     axes = PARAM_SHAPES.get(name, (None, ('embed',)))[1]
     assert specs['params'][name] == jax.sharding.PartitionSpec(*axes)

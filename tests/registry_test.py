@@ -30,7 +30,9 @@ from normjax._src import definition as nd
 from normjax._src import modules
 
 SHARED_FIELDS = {'dtype', 'param_dtype', 'use_scale', 'use_bias',
-                 'scale_init', 'bias_init', 'axis_name', 'param_axes'}
+                 'scale_init', 'bias_init', 'axis_name', 'param_axes',
+                 'feature_axes', 'use_fast_variance',
+                 'force_float32_reductions', 'axis_index_groups'}
 FIXED_ARGUMENTS = ['x', 'params', 'state', 'mask', 'use_running_average',
                    'axis_name']
 
@@ -45,7 +47,8 @@ def test_module_fields_are_derived_from_the_record(kind):
   defaults = {f.name: f.default for f in dataclasses.fields(cls)}
   options = {o.module_field: o.default for o in definition.options}
   inits = {p.init_field: p.init for p in definition.extra_params}
-  stateful = {'use_running_average'} if definition.stateful else set()
+  stateful = ({'use_running_average', 'axis'} if definition.stateful
+              else set())
   assert nl.module_fields(cls) == (SHARED_FIELDS | set(options) | set(inits)
                                    | stateful)
   for name, default in {**inits, **options}.items():

@@ -5,8 +5,15 @@ module (`module_for(definition)`): its fields are the norm's options (under
 flax's names: `epsilon`, `reduction_axes`) plus the fields every normjax
 module shares, in flax.linen's LayerNorm/BatchNorm conventions: `dtype`,
 `param_dtype`, `use_scale`/`use_bias`, `scale_init`/`bias_init`,
-`axis_name`, `param_axes` and, for stateful norms, `use_running_average`
-(in the constructor or the call, as `nn.BatchNorm`). Params are `scale`/
+`axis_name`, flax's `feature_axes`, `use_fast_variance`,
+`force_float32_reductions`, `axis_index_groups` (the values normjax
+implements only: features last, the two-pass variance, float32 reductions,
+no device groups; others raise naming the field), `param_axes` (logical
+axis names, default None: plain arrays as flax's LayerNorm, no
+`LogicallyPartitioned` boxes) and, for stateful norms,
+`use_running_average` (in the constructor or the call, as `nn.BatchNorm`)
+and `axis` (features last). `help()` on a module lists every field with its
+default and meaning (`SHARED_FIELD_DOCS`). Params are `scale`/
 `bias` (and the norm's extra parameters); forward running statistics live
 in `batch_stats`. Statistics that the backward pass updates (PowerNorm's
 `ema_gz`, UN's `ema_gz`/`bwd_window`) live in the `grad_stats` collection:
@@ -43,6 +50,91 @@ BATCH_STATS = 'batch_stats'
 GRAD_STATS = 'grad_stats'
 
 
+# The meaning of every field the modules share (linen and nnx), for help().
+SHARED_FIELD_DOCS: dict[str, str] = {
+    'dtype': 'dtype of the output; None keeps the dtype of x (flax would '
+             'promote bf16 inputs to the params\' float32).',
+    'param_dtype': 'dtype of the parameters.',
+    'use_scale': 'whether to learn a per-feature `scale` (gamma).',
+    'use_bias': 'whether to learn a per-feature `bias` (beta).',
+    'scale_init': 'initializer of `scale`.',
+    'bias_init': 'initializer of `bias`.',
+    'axis_name': 'name of the mapped axis (vmap/pmap/shard_map) whose '
+                 'devices share the statistics, as flax; None: local.',
+    'param_axes': 'logical axis names of the per-feature parameters and '
+                  "statistics (e.g. ('embed',)) for flax's logical "
+                  'partitioning; None (as flax): plain arrays, no annotation.',
+    'feature_axes': "flax's axes of scale/bias: normjax keeps the features "
+                    'on the last axis, so -1 (or (-1,)) only.',
+    'use_fast_variance': "flax's one-pass variance E[x^2]-E[x]^2: normjax "
+                         'always computes the precise two-pass variance, so '
+                         'False only.',
+    'force_float32_reductions': 'normjax always reduces in float32, so True '
+                                'only.',
+    'axis_index_groups': "flax's device groups of `axis_name`: not "
+                         'supported, None only.',
+    'use_running_average': 'normalise with the running statistics '
+                           '(evaluation) instead of the batch (training); '
+                           'the call argument, when given, wins.',
+    'axis': "nn.BatchNorm's features axis: normjax keeps the features "
+            'last, so -1 only.',
+}
+
+
+def _axes(value: Any) -> tuple[Any, ...]:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+# flax fields with the one value normjax implements: (accepted, fix).
+_FLAX_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'feature_axes': (lambda v: _axes(v) == (-1,),
+                     'normjax keeps the features (scale/bias) on the last '
+                     'axis: pass -1 and move the features last.'),
+    'use_fast_variance': (lambda v: v is False or v == 0,
+                          'normjax always computes the precise two-pass '
+                          'variance E[(x-mean)^2], not the one-pass '
+                          'E[x^2]-E[x]^2: pass False or leave it out.'),
+    'force_float32_reductions': (lambda v: bool(v),
+                                 'normjax always reduces in float32: pass '
+                                 'True or leave it out.'),
+    'axis_index_groups': (lambda v: v is None,
+                          'device groups are not supported: leave it None '
+                          'and give `axis_name` a mesh axis of the group.'),
+    'axis': (lambda v: _axes(v) == (-1,),
+             'normjax keeps the features on the last axis: pass -1 and '
+             'move the features last.'),
+}
+
+
+def check_flax_fields(values: Mapping[str, Any], cls: str) -> None:
+  """Raises a ValueError naming the field and the fix for a flax field
+  with a value normjax does not implement."""
+  for name, (accepted, fix) in _FLAX_FIELDS.items():
+    if name in values and not accepted(values[name]):
+      raise ValueError(f'{cls}: {name}={values[name]!r} is not supported; '
+                       f'{fix}')
+
+
+def attributes_doc(definition: nd.NormDefinition,
+                   defaults: Mapping[str, Any]) -> str:
+  """The `Attributes:` section of a module class: every field (`defaults`,
+  in order) with its default and meaning."""
+  docs = {**SHARED_FIELD_DOCS,
+          **{s.init_field: f'initializer (or value) of the `{s.name}` '
+                           'parameter.' for s in definition.extra_params},
+          **{o.module_field: o.doc for o in definition.options}}
+  lines = [f'    {name} (default {_shown(default)}): {docs[name]}'
+           for name, default in defaults.items()]
+  return '\n\n  Attributes:\n' + '\n'.join(lines) + '\n'
+
+
+def _shown(value: Any) -> str:
+  """A default as help() shows it: functions and dtypes by name."""
+  if callable(value) and hasattr(value, '__name__'):
+    return value.__name__
+  return nd._shown(value)  # pylint: disable=protected-access
+
+
 class _Norm(nn.Module):
   """Fields shared by every normjax norm module (flax.linen names)."""
   dtype: Any = None
@@ -52,9 +144,26 @@ class _Norm(nn.Module):
   scale_init: Initializer = nn.initializers.ones
   bias_init: Initializer = nn.initializers.zeros
   axis_name: Any = None
-  param_axes: tuple[str, ...] = ('embed',)
+  feature_axes: Any = -1
+  use_fast_variance: bool = False
+  force_float32_reductions: bool = True
+  axis_index_groups: Any = None
+  param_axes: tuple[str, ...] | None = None
 
   definition: ClassVar[nd.NormDefinition]
+
+  def __post_init__(self):
+    options = {o.module_field for o in self.definition.options}
+    check_flax_fields({f: getattr(self, f) for f in _FLAX_FIELDS
+                       if hasattr(self, f) and f not in options},
+                      type(self).__name__)
+    super().__post_init__()
+
+  def _annotated(self, init: Initializer, axes: Any) -> Initializer:
+    """`init`, boxed with its logical axes only when `param_axes` is set."""
+    if self.param_axes is None:
+      return init
+    return nn.with_logical_partitioning(init, axes)
 
   def _options(self) -> dict[str, Any]:
     return {o.name: getattr(self, o.module_field)
@@ -70,14 +179,14 @@ class _Norm(nn.Module):
                             ('bias', self.use_bias, self.bias_init)):
       if use:
         params[name] = self.param(
-            name, nn.with_logical_partitioning(init, self.param_axes),
+            name, self._annotated(init, self.param_axes),
             (features,), self.param_dtype)
     return params
 
   def _extra_param(self, spec: nd.ParamSpec, features: int) -> Array:
     init = spec.initializer(getattr(self, spec.init_field), features)
     shape, axes = spec.layout(features, self.param_axes)
-    return self.param(spec.name, nn.with_logical_partitioning(init, axes),
+    return self.param(spec.name, self._annotated(init, axes),
                       shape, self.param_dtype)
 
   def _out(self, y: Array) -> Array:
@@ -102,6 +211,7 @@ class _StatelessNorm(_Norm):
 class _StatefulNorm(_Norm):
   """Reads the state variables, calls the function, writes the forward state."""
   use_running_average: bool | None = None
+  axis: Any = -1
 
   def _variables(self, features: int) -> tuple[type[Any], dict[str, Any]]:
     """(state type, the state leaves as grad_stats/batch_stats variables)."""
@@ -111,9 +221,9 @@ class _StatefulNorm(_Norm):
     variables = {}
     for name in fresh._fields:
       value = getattr(fresh, name)
-      axes = ((None,) * (value.ndim - 1) + tuple(self.param_axes)
+      axes = ((None,) * (value.ndim - 1) + tuple(self.param_axes or ())
               if value.ndim else ())
-      init = nn.with_logical_partitioning(lambda v=value: v, axes)
+      init = self._annotated(lambda v=value: v, axes)
       variables[name] = self.variable(
           GRAD_STATS if name in backward else BATCH_STATS, name, init)
     return type(fresh), variables
@@ -162,12 +272,15 @@ def module_for(definition: nd.NormDefinition) -> type[nn.Module]:
       '__annotations__': {k: Any for k in fields}, **fields,
       'definition': definition, '__module__': 'normjax.linen',
       '__qualname__': definition.module,
-      '__doc__': (f'{definition.doc.splitlines()[0]}\n\n  Flax linen module '
-                  f'of `normjax.functional.{definition.name}` (see its '
-                  'docstring for the formula and the options).'),
   }
   base = _StatefulNorm if definition.stateful else _StatelessNorm
   cls = type(definition.module, (base,), namespace)
+  cls.__doc__ = (f'{definition.doc.splitlines()[0]}\n\n  Flax linen module '
+                 f'of `normjax.functional.{definition.name}` (see its '
+                 'docstring for the formula).' + attributes_doc(
+                     definition, {f.name: f.default
+                                  for f in dataclasses.fields(cls)
+                                  if f.name not in ('parent', 'name')}))
   _CLASSES[definition.kind] = (definition, cls)
   return cls
 
@@ -199,6 +312,14 @@ class _Modules(Mapping):
 
 
 MODULES: Mapping[str, type[nn.Module]] = _Modules()
+
+
+def shared_defaults(stateful: bool) -> dict[str, Any]:
+  """The fields every normjax module shares (and, if `stateful`, those of
+  the stateful ones) with their linen defaults."""
+  base = _StatefulNorm if stateful else _Norm
+  return {f.name: f.default for f in dataclasses.fields(base)
+          if f.name not in ('parent', 'name')}
 
 
 def module_fields(cls: type[nn.Module]) -> set[str]:

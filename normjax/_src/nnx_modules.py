@@ -3,8 +3,11 @@
 Every norm of the registry (`normjax._src.definition.REGISTRY`) gets an
 `nnx.Module` class (`nnx_module_for(definition)`), in flax.nnx's
 conventions: `Cls(num_features, *, rngs, <options under their flax field
-names>, dtype, param_dtype, use_scale, use_bias, scale_init, bias_init,
-axis_name, param_axes)` and, for stateful norms, `use_running_average`
+names>, the fields of the linen modules with the same defaults (dtype,
+param_dtype, use_scale, use_bias, scale_init, bias_init, axis_name, flax's
+feature_axes/use_fast_variance/force_float32_reductions/axis_index_groups,
+param_axes; `help()` lists them)` and, for stateful norms, `axis` and
+`use_running_average`
 (toggled by `model.train()`/`model.eval()`, `nnx.view`). Parameters are
 `nnx.Param` attributes (`scale`, `bias`, the norm's extra parameters);
 forward running statistics are `nnx.BatchStat`; the statistics that the
@@ -56,10 +59,10 @@ def _shared_fields(definition: nd.NormDefinition) -> dict[str, Any]:
   fields = {o.module_field: o.default for o in definition.options}
   for spec in definition.extra_params:
     fields.setdefault(spec.init_field, spec.init)
-  fields.update(
-      dtype=None, param_dtype=jnp.float32, use_scale=definition.use_scale,
-      use_bias=definition.use_bias, scale_init=nnx.initializers.ones,
-      bias_init=nnx.initializers.zeros, axis_name=None, param_axes=None)
+  fields.update(use_scale=definition.use_scale,
+                use_bias=definition.use_bias)
+  fields.update({k: v for k, v in linen_modules.shared_defaults(
+      definition.stateful).items() if k not in ('use_scale', 'use_bias')})
   if definition.stateful:
     fields['use_running_average'] = False
   return fields
@@ -81,6 +84,10 @@ class _Norm(nnx.Module):
     if unknown:
       raise TypeError(f'{type(self).__name__}: unknown arguments {unknown}; '
                       f'it accepts {sorted(self.fields)}.')
+    options = {o.module_field for o in self.definition.options}
+    linen_modules.check_flax_fields(
+        {k: v for k, v in kwargs.items() if k not in options},
+        type(self).__name__)
     for name, value in {**self.fields, **kwargs}.items():
       setattr(self, name, value)
     self.num_features = num_features
@@ -207,7 +214,7 @@ def nnx_module_for(definition: nd.NormDefinition) -> type[nnx.Module]:
       '__doc__': (f'{definition.doc.splitlines()[0]}\n\n  Flax NNX module '
                   f'of `normjax.functional.{definition.name}` (see its '
                   'docstring for the formula).'
-                  + nd._options_doc(definition)),  # pylint: disable=protected-access
+                  + linen_modules.attributes_doc(definition, fields)),
   }
   cls = type(definition.module, (base,), namespace)
   _CLASSES[definition.kind] = (definition, cls)
