@@ -22,11 +22,13 @@ from normjax._src.definition import ParamSpec
 from normjax._src.definition import register
 from normjax._src.definition import unregister
 from normjax._src.training import apply_backward_stats
+from normjax._src.training import backward_stats
+from normjax._src.training import with_backward_stats
 
 __version__ = '0.1.0'
 
 __all__ = [
     'EvalAffine', 'NormDefinition', 'Option', 'ParamSpec',
     'apply_backward_stats', 'folding', 'functional', 'linen', 'nnx', 'probes',
-    'register', 'unregister',
+    'register', 'unregister', 'backward_stats', 'with_backward_stats',
 ]

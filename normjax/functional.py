@@ -51,6 +51,9 @@ from normjax._src.registry import FUNCTIONS
 from normjax._src.registry import get_definition
 from normjax._src.registry import get_norm
 from normjax._src.registry import init_state
+from normjax._src.training import apply_backward_stats
+from normjax._src.training import backward_stats
+from normjax._src.training import with_backward_stats
 from normjax._src.unified_norm import UnifiedNormState
 from normjax._src.unified_norm import init_unified_norm_state
 from normjax._src.unified_norm import unified_norm
@@ -58,7 +61,8 @@ from normjax._src.unified_norm import unified_norm
 __all__ = [
     'BatchNormState', 'CONDITIONAL_FUNCTIONS', 'EmptyState', 'FUNCTIONS',
     'PNVState', 'PowerNormState', 'UnifiedNormState', 'ada_ln_zero',
-    'adaln_modulation', 'batch_norm', 'crms_norm', 'dimr_tau', 'dyt',
+    'adaln_modulation', 'apply_backward_stats', 'backward_stats',
+    'batch_norm', 'crms_norm', 'dimr_tau', 'dyt',
     'dyt_alpha_init', 'evonorm_num_groups', 'evonorm_s0', 'gated_residual',
     'get_definition', 'get_norm', 'group_norm', 'group_scaling', 'init_batch_norm_state',
     'init_pn_v_state', 'init_power_norm_state', 'init_state',
@@ -66,5 +70,5 @@ __all__ = [
     'layer_norm_scaling', 'layer_norm_scaling_factor', 'modulate', 'pn_v',
     'power_norm', 'power_norm_autodiff', 'qk_norm', 'rms_norm',
     'td_layer_norm', 'td_parameter',
-    'td_rms_norm', 'unified_norm',
+    'td_rms_norm', 'unified_norm', 'with_backward_stats',
 ]

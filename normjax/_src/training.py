@@ -28,3 +28,40 @@ def apply_backward_stats(grad_stats: Any, cotangents: Any) -> Any:
   """
   return jax.tree.map(lambda s, d: s + d.astype(s.dtype), grad_stats,
                       cotangents)
+
+
+def _is_state(node: Any) -> bool:
+  return hasattr(type(node), 'BACKWARD_FIELDS')
+
+
+def backward_stats(states: Any) -> Any:
+  """The backward-pass statistics of a state or of any pytree of states.
+
+  Each state whose type declares `BACKWARD_FIELDS` (PowerNorm's `ema_gz`,
+  UN's `ema_gz` and `bwd_window`) becomes a dict of those fields; every
+  other leaf becomes None (an empty subtree). The result is one argument
+  to differentiate with respect to, without the integer counters:
+
+      stats = normjax.backward_stats(states)
+      grads, stat_updates = jax.grad(loss_fn, argnums=(0, 1))(params, stats)
+      states = normjax.with_backward_stats(
+          states, normjax.apply_backward_stats(stats, stat_updates))
+
+  where `loss_fn(params, stats)` calls the norms with
+  `with_backward_stats(states, stats)`.
+  """
+  return jax.tree.map(
+      lambda s: ({f: getattr(s, f) for f in type(s).BACKWARD_FIELDS}
+                 if _is_state(s) else None), states, is_leaf=_is_state)
+
+
+def with_backward_stats(states: Any, stats: Any) -> Any:
+  """`states` with the backward statistics of `stats` put in their places.
+
+  The inverse of `backward_stats`: `with_backward_stats(states,
+  backward_stats(states))` equals `states`, for one state or any pytree
+  of states (a dict of per-layer states, an equinox module).
+  """
+  return jax.tree.map(
+      lambda s, b: s._replace(**b) if _is_state(s) else s, states, stats,
+      is_leaf=_is_state)

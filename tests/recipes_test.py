@@ -1,0 +1,166 @@
+"""The plain-JAX, equinox and NNX recipes: `normjax.backward_stats` /
+`with_backward_stats`, the three example scripts (they learn and move
+`ema_gz`), the optimizer never holding `ema_gz`, and forgetting the
+backward statistics failing loudly in each style."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import normjax
+from backward_stats_test import MESSAGE
+from normjax import functional as nf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'examples'))
+import train_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_tiny_equinox  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_tiny_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_tiny_nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def nested_states():
+  """A dict of per-layer states: PowerNorm, UN, LayerNorm's empty state and
+  a plain array, in nested containers."""
+  pn = nf.init_power_norm_state(8)
+  un = nf.init_unified_norm_state(8)
+  return {'layers': [pn._replace(ema_gz=jnp.arange(8.)), un],
+          'ln': nf.EmptyState(), 'other': (jnp.ones(3), {'pn': pn})}
+
+
+def test_backward_stats_holds_only_the_backward_fields():
+  stats = normjax.backward_stats(nested_states())
+  assert stats['layers'][0].keys() == {'ema_gz'}
+  assert stats['layers'][1].keys() == {'ema_gz', 'bwd_window'}
+  assert stats['other'][0] is None and stats['other'][1]['pn'].keys() == {
+      'ema_gz'}
+  np.testing.assert_array_equal(stats['layers'][0]['ema_gz'], np.arange(8.))
+  # No integer counter: the whole tree is one argument of jax.grad.
+  assert all(jnp.issubdtype(leaf.dtype, jnp.floating)
+             for leaf in jax.tree.leaves(stats))
+
+
+def test_with_backward_stats_round_trips_and_replaces():
+  states = nested_states()
+  same = normjax.with_backward_stats(states, normjax.backward_stats(states))
+  assert jax.tree.structure(same) == jax.tree.structure(states)
+  jax.tree.map(np.testing.assert_array_equal, same, states)
+  moved = jax.tree.map(lambda s: s + 1, normjax.backward_stats(states))
+  out = normjax.with_backward_stats(states, moved)
+  np.testing.assert_array_equal(out['layers'][0].ema_gz, np.arange(8.) + 1)
+  np.testing.assert_array_equal(out['layers'][1].bwd_window,
+                                states['layers'][1].bwd_window + 1)
+  assert out['layers'][0].step.dtype == jnp.int32
+  np.testing.assert_array_equal(out['other'][0], states['other'][0])
+
+
+def test_grad_over_backward_stats_is_each_norms_cotangent():
+  """jax.grad over `backward_stats(states)` of a two-layer functional model
+  gives, per layer, the cotangent of that layer's `ema_gz` taken directly."""
+  x = jax.random.normal(jax.random.key(0), (4, 6, 8))
+  states = {'a': nf.init_power_norm_state(8), 'b': nf.init_power_norm_state(8)}
+  norm = lambda x, s: nf.power_norm(x, None, s, num_groups=2)[0]
+
+  def loss(x, stats):
+    s = normjax.with_backward_stats(states, stats)
+    return jnp.sum(jnp.sin(norm(norm(x, s['a']), s['b'])))
+
+  def loss_direct(x, ema_a, ema_b):
+    a = states['a']._replace(ema_gz=ema_a)
+    b = states['b']._replace(ema_gz=ema_b)
+    return jnp.sum(jnp.sin(norm(norm(x, a), b)))
+
+  _, stat_grads = jax.grad(loss, argnums=(0, 1))(
+      x, normjax.backward_stats(states))
+  _, ga, gb = jax.grad(loss_direct, argnums=(0, 1, 2))(
+      x, states['a'].ema_gz, states['b'].ema_gz)
+  np.testing.assert_allclose(stat_grads['a']['ema_gz'], ga, rtol=1e-6)
+  np.testing.assert_allclose(stat_grads['b']['ema_gz'], gb, rtol=1e-6)
+  assert np.abs(ga).max() > 0 and np.abs(gb).max() > 0
+
+
+@pytest.mark.parametrize('script', ['train_tiny_jax.py',
+                                    'train_tiny_equinox.py',
+                                    'train_tiny_nnx.py'])
+def test_example_learns_and_moves_ema_gz(script):
+  out = subprocess.run(
+      [sys.executable, f'examples/{script}', '--norm=powernorm',
+       '--steps=30'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      check=True).stdout
+  first, last = re.search(r'loss ([\d.]+) -> ([\d.]+)', out).groups()
+  assert float(last) < 0.8 * float(first), out
+  before, after = re.search(r'ema_gz \|mean\| (\S+) -> (\S+)', out).groups()
+  assert float(before) == 0.0 and float(after) > 0.0, out
+
+
+def equinox_model():
+  return train_tiny_equinox.TinyEncoder(
+      *train_tiny_jax.init(jax.random.key(0), 'powernorm'), 'powernorm')
+
+
+def test_equinox_optimizer_state_has_no_ema_gz():
+  model = equinox_model()
+  tx = optax.adamw(3e-3, weight_decay=1e-4)
+  opt_state = tx.init(eqx.filter(model, train_tiny_equinox.trainable(model)))
+  paths = [jax.tree_util.keystr(p)
+           for p, _ in jax.tree_util.tree_leaves_with_path(opt_state)]
+  assert not [p for p in paths if 'states' in p or 'ema_gz' in p]
+  # Adam's two moments per parameter array, plus its step counter.
+  assert len(paths) == 2 * len(jax.tree.leaves(model.params)) + 1
+  # One step: ema_gz is its plain-JAX value (stats + cotangent), which no
+  # optimizer sees, so AdamW's decay and moments left it alone.
+  data = train_tiny.make_batch(np.random.default_rng(0), 8)
+  new, _, _ = train_tiny_equinox.make_train_step(tx)(model, opt_state, data)
+  _, plain, _, _ = train_tiny_jax.make_train_step('powernorm', tx)(
+      model.params, model.states, tx.init(model.params), data)
+  for site in train_tiny_jax.SITES:
+    assert np.abs(new.states[site].ema_gz).max() > 0
+    np.testing.assert_allclose(new.states[site].ema_gz,
+                               plain[site].ema_gz, rtol=1e-5, atol=1e-12)
+
+
+def batch():
+  return train_tiny.make_batch(np.random.default_rng(0), 4)
+
+
+def test_forgetting_the_stats_fails_in_plain_jax():
+  params, states = train_tiny_jax.init(jax.random.key(0), 'powernorm')
+  tokens, mask, targets = batch()
+
+  def loss(params):
+    logits, _ = train_tiny_jax.forward(params, states, tokens, mask, True,
+                                       'powernorm')
+    return train_tiny_jax.masked_ce(logits, targets, mask)
+
+  with pytest.raises(ValueError, match=MESSAGE):
+    jax.jit(jax.grad(loss))(params)
+
+
+def test_forgetting_the_stats_fails_in_equinox():
+  """The optimizer's partition differentiated alone (the statistics kept out
+  of the optimizer, and out of the gradient too) raises."""
+  model = equinox_model()
+  params, rest = eqx.partition(model, train_tiny_equinox.trainable(model))
+  tokens, mask, targets = batch()
+
+  def loss(params):
+    logits, _ = eqx.combine(params, rest)(tokens, mask, True)
+    return train_tiny_jax.masked_ce(logits, targets, mask)
+
+  with pytest.raises(ValueError, match=MESSAGE):
+    eqx.filter_jit(jax.grad(loss))(params)
+
+
+def test_forgetting_the_stats_fails_in_nnx():
+  model = train_tiny_nnx.TinyEncoder('powernorm', nnx.Rngs(0))
+  with pytest.raises(ValueError, match=MESSAGE):
+    nnx.jit(nnx.grad(train_tiny_nnx.loss_fn))(model, *batch())
