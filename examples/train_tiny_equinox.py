@@ -1,12 +1,14 @@
-"""The task of `train_tiny.py` with an equinox model holding normjax state.
+"""The task of `train_tiny.py` with an equinox model and normjax state.
 
     python examples/train_tiny_equinox.py [--norm=powernorm] [--steps=600]
 
-`TinyEncoder` is an `eqx.Module` whose fields are the params and the norm
-states of `train_tiny_jax.py`. The optimizer sees only the trainable leaves
-(`trainable(model)`: the inexact arrays outside the norm states), so Adam and
-weight decay never touch `ema_gz`; the backward statistics are differentiated
-as a second argument and added with `normjax.apply_backward_stats`.
+`TinyEncoder` is an `eqx.Module` holding the params of `train_tiny_jax.py`;
+the norm states travel beside it, as equinox's own `eqx.nn.State` does
+(`model(tokens, mask, train, states) -> (logits, states)`). So the optimizer
+(`eqx.filter(model, eqx.is_inexact_array)`) never holds `ema_gz`: Adam and
+weight decay cannot touch it. The train step differentiates the pair
+`(model, normjax.backward_stats(states))` and adds the statistics' updates
+with `normjax.apply_backward_stats`.
 """
 
 import equinox as eqx
@@ -18,56 +20,46 @@ from train_tiny_jax import forward, init, masked_ce, parse_args, run
 
 
 class TinyEncoder(eqx.Module):
-  """The two-block encoder; `__call__` returns (logits, new norm states)."""
+  """The two-block encoder of `train_tiny_jax.py` as an equinox module."""
   params: dict
-  states: dict
   kind: str = eqx.field(static=True)
 
-  def __call__(self, tokens, mask, train):
-    return forward(self.params, self.states, tokens, mask, train, self.kind)
-
-
-def trainable(model):
-  """The filter of the optimizer's leaves: no norm state, so no `ema_gz`."""
-  spec = jax.tree.map(eqx.is_inexact_array, model)
-  return eqx.tree_at(lambda m: m.states, spec, replace=False)
+  def __call__(self, tokens, mask, train, states):
+    return forward(self.params, states, tokens, mask, train, self.kind)
 
 
 def make_train_step(tx):
-  """The jitted `(model, opt_state, batch) -> (model, opt_state, loss)`."""
+  """The jitted `(model, states, opt_state, batch) -> (..., loss)`."""
 
   @eqx.filter_jit
-  def train_step(model, opt_state, batch):
+  def train_step(model, states, opt_state, batch):
     tokens, mask, targets = batch
-    params, rest = eqx.partition(model, trainable(model))
-    stats = normjax.backward_stats(model.states)
 
-    def loss_fn(params, stats):
-      model = eqx.combine(params, rest)
-      model = eqx.tree_at(lambda m: m.states, model,
-                          normjax.with_backward_stats(model.states, stats))
-      logits, states = model(tokens, mask, True)
-      return masked_ce(logits, targets, mask), states
+    def loss_fn(diff):  # diff = (model, backward statistics)
+      logits, new_states = diff[0](
+          tokens, mask, True, normjax.with_backward_stats(states, diff[1]))
+      return masked_ce(logits, targets, mask), new_states
 
-    (loss, states), (grads, stat_updates) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(params, stats)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    stats = normjax.backward_stats(states)
+    (loss, states), (grads, stat_updates) = eqx.filter_value_and_grad(
+        loss_fn, has_aux=True)((model, stats))
+    updates, opt_state = tx.update(
+        grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
     states = normjax.with_backward_stats(
         states, normjax.apply_backward_stats(stats, stat_updates))
-    model = eqx.tree_at(lambda m: m.states, eqx.apply_updates(model, updates),
-                        states)
-    return model, opt_state, loss
+    return eqx.apply_updates(model, updates), states, opt_state, loss
 
   return train_step
 
 
 def main():
   args = parse_args()
-  model = TinyEncoder(*init(jax.random.key(0), args.norm), args.norm)
+  params, states = init(jax.random.key(0), args.norm)
+  model = TinyEncoder(params, args.norm)
   tx = optax.adamw(3e-3, weight_decay=1e-4)
-  opt_state = tx.init(eqx.filter(model, trainable(model)))
-  run(args, make_train_step(tx), (model, opt_state),
-      lambda carry: carry[0].states)
+  opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+  run(args, make_train_step(tx), (model, states, opt_state),
+      lambda carry: carry[1])
 
 
 if __name__ == '__main__':

@@ -103,29 +103,31 @@ def test_example_learns_and_moves_ema_gz(script):
 
 
 def equinox_model():
-  return train_tiny_equinox.TinyEncoder(
-      *train_tiny_jax.init(jax.random.key(0), 'powernorm'), 'powernorm')
+  params, states = train_tiny_jax.init(jax.random.key(0), 'powernorm')
+  return train_tiny_equinox.TinyEncoder(params, 'powernorm'), states
 
 
 def test_equinox_optimizer_state_has_no_ema_gz():
-  model = equinox_model()
+  model, states = equinox_model()
   tx = optax.adamw(3e-3, weight_decay=1e-4)
-  opt_state = tx.init(eqx.filter(model, train_tiny_equinox.trainable(model)))
+  opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
   paths = [jax.tree_util.keystr(p)
            for p, _ in jax.tree_util.tree_leaves_with_path(opt_state)]
-  assert not [p for p in paths if 'states' in p or 'ema_gz' in p]
+  assert not [p for p in paths if 'ema_gz' in p or 'norm' in p and
+              'scale' not in p and 'bias' not in p]
   # Adam's two moments per parameter array, plus its step counter.
   assert len(paths) == 2 * len(jax.tree.leaves(model.params)) + 1
   # One step: ema_gz is its plain-JAX value (stats + cotangent), which no
   # optimizer sees, so AdamW's decay and moments left it alone.
   data = train_tiny.make_batch(np.random.default_rng(0), 8)
-  new, _, _ = train_tiny_equinox.make_train_step(tx)(model, opt_state, data)
+  _, new, _, _ = train_tiny_equinox.make_train_step(tx)(
+      model, states, opt_state, data)
   _, plain, _, _ = train_tiny_jax.make_train_step('powernorm', tx)(
-      model.params, model.states, tx.init(model.params), data)
+      model.params, states, tx.init(model.params), data)
   for site in train_tiny_jax.SITES:
-    assert np.abs(new.states[site].ema_gz).max() > 0
-    np.testing.assert_allclose(new.states[site].ema_gz,
-                               plain[site].ema_gz, rtol=1e-5, atol=1e-12)
+    assert np.abs(new[site].ema_gz).max() > 0
+    np.testing.assert_allclose(new[site].ema_gz, plain[site].ema_gz,
+                               rtol=1e-5, atol=1e-12)
 
 
 def batch():
@@ -146,18 +148,17 @@ def test_forgetting_the_stats_fails_in_plain_jax():
 
 
 def test_forgetting_the_stats_fails_in_equinox():
-  """The optimizer's partition differentiated alone (the statistics kept out
-  of the optimizer, and out of the gradient too) raises."""
-  model = equinox_model()
-  params, rest = eqx.partition(model, train_tiny_equinox.trainable(model))
+  """The usual `eqx.filter_grad` over the model alone raises."""
+  model, states = equinox_model()
   tokens, mask, targets = batch()
 
-  def loss(params):
-    logits, _ = eqx.combine(params, rest)(tokens, mask, True)
+  @eqx.filter_grad
+  def grads(model):
+    logits, _ = model(tokens, mask, True, states)
     return train_tiny_jax.masked_ce(logits, targets, mask)
 
   with pytest.raises(ValueError, match=MESSAGE):
-    eqx.filter_jit(jax.grad(loss))(params)
+    eqx.filter_jit(grads)(model)
 
 
 def test_forgetting_the_stats_fails_in_nnx():
