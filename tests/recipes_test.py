@@ -165,3 +165,46 @@ def test_forgetting_the_stats_fails_in_nnx():
   model = train_tiny_nnx.TinyEncoder('powernorm', nnx.Rngs(0))
   with pytest.raises(ValueError, match=MESSAGE):
     nnx.jit(nnx.grad(train_tiny_nnx.loss_fn))(model, *batch())
+
+
+def readme_blocks():
+  """The plain-JAX and the equinox train steps of the README."""
+  text = (ROOT / 'README.md').read_text()
+  section = re.search(r'## Plain JAX and Equinox\n(.*?)\n## ', text,
+                      re.S).group(1)
+  return re.findall(r'```python\n(.*?)```', section, re.S)
+
+
+def run_readme_block(code, make_carry):
+  """Execs `code`, runs three train steps and returns (losses, state)."""
+  scope = {'loss': lambda y: jnp.mean(jnp.square(y - 1.0)),
+           'tx': optax.adam(1e-2)}
+  exec(code, scope)  # pylint: disable=exec-used
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  mask = jnp.arange(5)[None, :] < jnp.array([[5], [3]])
+  carry, losses = make_carry(scope), []
+  for _ in range(3):
+    *carry, loss = scope['train_step'](*carry, x, mask)
+    losses.append(float(loss))
+  return losses, carry
+
+
+def test_readme_recipes_train_and_move_ema_gz():
+  plain, equinox = readme_blocks()
+  norm = {'scale': jnp.ones(8), 'bias': jnp.zeros(8)}
+  w = jax.random.normal(jax.random.key(1), (8, 8))
+  state = nf.init_power_norm_state(8)
+
+  def plain_carry(scope):
+    params = {'norm': norm, 'w': w}
+    return params, {'norm': state}, scope['tx'].init(params)
+
+  def equinox_carry(scope):
+    model = scope['Model'](w, norm)
+    return model, state, scope['tx'].init(
+        eqx.filter(model, eqx.is_inexact_array))
+
+  losses, (_, states, _) = run_readme_block(plain, plain_carry)
+  assert losses[-1] < losses[0] and np.abs(states['norm'].ema_gz).max() > 0
+  losses, (_, state_, _) = run_readme_block(equinox, equinox_carry)
+  assert losses[-1] < losses[0] and np.abs(state_.ema_gz).max() > 0
