@@ -20,18 +20,20 @@
 # arithmetic and geometric means drift apart (AM - GM > M_f rho), keeping
 # the running statistic R instead.
 #
-# Here `normjax.functional.unified_norm` is fed a stream of batches whose
+# Here the Flax NNX module `normjax.nnx.UnifiedNorm` (in training mode, its
+# running statistics updated in place) is fed a stream of batches whose
 # scale fluctuates (log-normal, as text activations do) with three outlier
 # batches 30x larger. The statistic UN actually normalised with is read off its
 # output: sigma2 + eps = mean(x^2) / mean(y^2) per channel (no affine).
 
 # %%
-import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-import normjax.functional as nf
+from flax import nnx
+
+from normjax import nnx as nnorm
 from experiments import dynamics
 
 STEPS, FEATURES, ROWS, WINDOW, WARMUP = 120, 4, 256, 4, 20
@@ -43,18 +45,19 @@ batches = scale[:, None, None] * rng.standard_normal((STEPS, ROWS, FEATURES))
 
 
 def stream(filtration):
-  state = nf.init_unified_norm_state(FEATURES, WINDOW)
-  step = jax.jit(lambda x, st: nf.unified_norm(
-      x, None, st, window_size=WINDOW, warmup_steps=WARMUP,
-      outlier_filtration=filtration, compensation_delay=WARMUP))
+  norm = nnorm.UnifiedNorm(
+      FEATURES, window_size=WINDOW, warmup_steps=WARMUP,
+      outlier_filtration=filtration, compensation_delay=WARMUP,
+      use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
+  step = nnx.jit(lambda norm, x: norm(x))  # train mode: updates its BatchStats
   batch_stat, used, running, skips = [], [], [], []
   for t in range(STEPS):
     x = jnp.asarray(batches[t], jnp.float32)  # the same stream for both
-    y, state = step(x, state)
+    y = step(norm, x)
     batch_stat.append(float(jnp.mean(x**2)))
     used.append(float(jnp.mean(jnp.mean(x**2, 0) / jnp.mean(y**2, 0))))
-    running.append(float(jnp.mean(state.running_var)))
-    skips.append(int(state.skip_count))
+    running.append(float(jnp.mean(norm.running_var[...])))
+    skips.append(int(norm.skip_count[...]))
   return dict(batch=np.array(batch_stat), used=np.array(used),
               running=np.array(running), skips=np.array(skips))
 
