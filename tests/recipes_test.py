@@ -189,22 +189,80 @@ def run_readme_block(code, make_carry):
   return losses, carry
 
 
-def test_readme_recipes_train_and_move_ema_gz():
-  plain, equinox = readme_blocks()
+# The lines each README recipe changes against the same code with LayerNorm
+# (None: a line LayerNorm does not need).
+PLAIN_TO_LAYERNORM = {
+    'import jax, optax, normjax': 'import jax, optax',
+    "  y, states['norm'] = nf.power_norm(x, params['norm'], states['norm'], "
+    'mask=mask,':
+        "  y, states['norm'] = nf.layer_norm(x, params['norm'], "
+        "states['norm'], mask=mask)",
+    '                                    num_groups=4, warmup_steps=8000)':
+        None,
+    '  def loss_fn(params, stats):': '  def loss_fn(params):',
+    '    y, new_states = model(params, normjax.with_backward_stats(states, '
+    'stats), x, mask)': '    y, new_states = model(params, states, x, mask)',
+    '  stats = normjax.backward_stats(states)         # the ema_gz leaves '
+    'only': None,
+    '  (l, states), (grads, stat_updates) = jax.value_and_grad(':
+        '  (l, states), grads = jax.value_and_grad(',
+    '      loss_fn, argnums=(0, 1), has_aux=True)(params, stats)':
+        '      loss_fn, has_aux=True)(params)',
+    '  states = normjax.with_backward_stats(states, '
+    'normjax.apply_backward_stats(stats, stat_updates))': None,
+}
+EQUINOX_TO_LAYERNORM = {
+    'import equinox as eqx, jax, optax, normjax':
+        'import equinox as eqx, jax, optax',
+    '    y, state = nf.power_norm(x, self.norm, state, mask=mask, '
+    'num_groups=4, warmup_steps=8000)':
+        '    y, state = nf.layer_norm(x, self.norm, state, mask=mask)',
+    '  def loss_fn(diff):                             # diff = (model, '
+    'backward statistics)': '  def loss_fn(model):',
+    '    y, new_state = diff[0](x, mask, normjax.with_backward_stats(state, '
+    'diff[1]))': '    y, new_state = model(x, mask, state)',
+    '  stats = normjax.backward_stats(state)': None,
+    '  (l, state), (grads, stat_updates) = eqx.filter_value_and_grad('
+    'loss_fn, has_aux=True)((model, stats))':
+        '  (l, state), grads = eqx.filter_value_and_grad(loss_fn, '
+        'has_aux=True)(model)',
+    '  state = normjax.with_backward_stats(state, '
+    'normjax.apply_backward_stats(stats, stat_updates))': None,
+}
+
+
+def to_layernorm(code, changes):
+  """`code` with each line of `changes` replaced (or dropped if None)."""
+  lines = code.splitlines()
+  for line in changes:
+    assert lines.count(line) == 1, line
+  return '\n'.join(changes.get(l, l) for l in lines
+                   if changes.get(l, l) is not None)
+
+
+@pytest.mark.parametrize('recipe,changes,count', [
+    (0, PLAIN_TO_LAYERNORM, 9), (1, EQUINOX_TO_LAYERNORM, 7)])
+def test_readme_recipe_trains_and_differs_from_layernorm_as_stated(
+    recipe, changes, count):
+  """The recipe trains and moves ema_gz; the same code with LayerNorm (the
+  README's count of changed lines) trains too."""
+  code = readme_blocks()[recipe]
   norm = {'scale': jnp.ones(8), 'bias': jnp.zeros(8)}
   w = jax.random.normal(jax.random.key(1), (8, 8))
-  state = nf.init_power_norm_state(8)
 
-  def plain_carry(scope):
-    params = {'norm': norm, 'w': w}
-    return params, {'norm': state}, scope['tx'].init(params)
-
-  def equinox_carry(scope):
+  def carry(scope, state):
+    if recipe == 0:
+      params = {'norm': norm, 'w': w}
+      return params, {'norm': state}, scope['tx'].init(params)
     model = scope['Model'](w, norm)
     return model, state, scope['tx'].init(
         eqx.filter(model, eqx.is_inexact_array))
 
-  losses, (_, states, _) = run_readme_block(plain, plain_carry)
-  assert losses[-1] < losses[0] and np.abs(states['norm'].ema_gz).max() > 0
-  losses, (_, state_, _) = run_readme_block(equinox, equinox_carry)
-  assert losses[-1] < losses[0] and np.abs(state_.ema_gz).max() > 0
+  losses, (_, states, _) = run_readme_block(
+      code, lambda scope: carry(scope, nf.init_power_norm_state(8)))
+  ema_gz = states['norm'].ema_gz if recipe == 0 else states.ema_gz
+  assert losses[-1] < losses[0] and np.abs(ema_gz).max() > 0
+  assert len(changes) == count
+  losses, _ = run_readme_block(to_layernorm(code, changes),
+                               lambda scope: carry(scope, nf.EmptyState()))
+  assert losses[-1] < losses[0]
