@@ -378,7 +378,7 @@ def _require_fwd(inputs, stats, fn, names):
         'updates come back as their gradients: they would never move, and '
         'this would train a different algorithm. Differentiate with respect '
         'to them too and add the result to them (plain JAX: jax.grad over '
-        "the state's backward leaves, then normjax.apply_backward_stats; "
+        'normjax.backward_stats(state), then normjax.apply_backward_stats; '
         "flax.linen: the 'grad_stats' collection next to 'params'; flax.nnx: "
         'normjax.nnx.value_and_grad), or pass freeze_backward_stats=True to '
         'keep them fixed on purpose.')
