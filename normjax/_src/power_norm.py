@@ -233,16 +233,29 @@ def _row_count(x: Array, mask: Array | None, axis_name: Any) -> Array:
   return count
 
 
+def _denominators(xs, mask, phi_prev, t, options, axis_name):
+  """(psi2, has_data, batch denominator, forward denominator) of step t.
+
+  psi2 is the masked quadratic mean of `xs` (phi_{t-1} without real
+  tokens); the forward divides by the batch's sqrt(psi2 + eps) in warmup
+  and by sqrt(phi_{t-1} + eps) after it.
+  """
+  eps = options['eps']
+  psi2, count = common.masked_row_mean(jnp.square(xs), mask, axis_name)
+  has_data = count > 0
+  psi2 = jnp.where(has_data, psi2, phi_prev)
+  batch_denom = jnp.sqrt(psi2 + eps)
+  denom = jnp.where(t <= options['warmup_steps'], batch_denom,
+                    jnp.sqrt(phi_prev + eps))
+  return psi2, has_data, batch_denom, denom
+
+
 def _autodiff_forward(x, mask, state, t, params, options, axis_name):
   """(y, psi2) of PowerNorm's forward, for exact autodiff through it."""
   dtype = common.stats_dtype(x)
-  eps = options['eps']
   xs = _prescale(x, dtype, options)
-  phi_prev = state.running_phi.astype(dtype)
-  psi2, count = common.masked_row_mean(jnp.square(xs), mask, axis_name)
-  psi2 = jnp.where(count > 0, psi2, phi_prev)
-  denom = jnp.where(t <= options['warmup_steps'], jnp.sqrt(psi2 + eps),
-                    jnp.sqrt(phi_prev + eps))
+  psi2, _, _, denom = _denominators(
+      xs, mask, state.running_phi.astype(dtype), t, options, axis_name)
   y = common.affine(xs / common.feat(denom, xs.ndim), params, dtype)
   return y, jax.lax.stop_gradient(psi2)
 
@@ -250,16 +263,10 @@ def _autodiff_forward(x, mask, state, t, params, options, axis_name):
 def _xla_approximate(x, mask, state, t, scale, bias, options, axis_name):
   """(y, psi2) of the approximate rule, in jnp (`_pn_core`)."""
   dtype = common.stats_dtype(x)
-  eps = options['eps']
   xs = _prescale(x, dtype, options)
-  phi_prev = state.running_phi.astype(dtype)
-  psi2, count = common.masked_row_mean(
-      jnp.square(jax.lax.stop_gradient(xs)), mask, axis_name)
-  has_data = count > 0
-  psi2 = jnp.where(has_data, psi2, phi_prev)
-  batch_denom = jnp.sqrt(psi2 + eps)
-  denom = jnp.where(t <= options['warmup_steps'], batch_denom,
-                    jnp.sqrt(phi_prev + eps))
+  psi2, has_data, batch_denom, denom = _denominators(
+      jax.lax.stop_gradient(xs), mask, state.running_phi.astype(dtype), t,
+      options, axis_name)
   bwd_denom = (batch_denom if options['backward_denominator'] == 'batch'
                else denom)
   row_weight = None

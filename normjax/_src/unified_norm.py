@@ -283,7 +283,9 @@ def _normalize(xf, mask, params, stats, grad_stats, options, axis_name):
 
 
 def _unified_norm_train(x, mask, state, params, options, axis_name):
-  """One batch group's UN training step."""
+  """One batch group's UN training step ('padded': the mask is ignored)."""
+  if options['mean_over'] == 'padded':
+    mask = None
   dtype = common.stats_dtype(x)
   x, params, state = common.guard_backward_stats(
       x, params, state, options, 'unified_norm',
@@ -311,16 +313,6 @@ def _check(options, features, fn):
   _windows(options['window_size'], fn)
   common.check_choice(options['mean_over'], 'mean_over', ('padded', 'valid'),
                       fn)
-
-
-def _apply(x, params, state, *, mask, mean_over, **rest):
-  """UN through the stateful skeleton; 'padded' ignores the mask."""
-  if mask is not None:
-    common.check_mask(mask, common.check_input(x, 'unified_norm', min_rank=2),
-                      'unified_norm')
-  return common.stateful_apply(UNIFIED_NORM, x, params, state,
-                               mask=None if mean_over == 'padded' else mask,
-                               mean_over=mean_over, **rest)
 
 
 def _eval_affine(params, state, options, xp):
@@ -355,7 +347,6 @@ UNIFIED_NORM = nd.register(nd.NormDefinition(
                   common.FREEZE_BACKWARD_STATS_DOC),
     ),
     doc=UNIFIED_NORM_DOC,
-    apply=_apply,
     train=_unified_norm_train,
     check=_check,
     init_state=lambda features, dtype, o: init_unified_norm_state(
