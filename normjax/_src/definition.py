@@ -22,9 +22,6 @@ import jax.numpy as jnp
 
 from normjax._src import common
 
-REQUIRED = inspect.Parameter.empty  # an option without a default
-
-
 class Option(NamedTuple):
   """One option of a norm: its keyword, default and meaning.
 
@@ -160,17 +157,13 @@ class NormDefinition:
 
   def resolve(self, given: Mapping[str, Any], fn: str | None = None
               ) -> dict[str, Any]:
-    """The defaults updated with `given`; unknown or missing options raise."""
+    """The defaults updated with `given`; unknown options raise."""
     fn = fn or self.name
     unknown = sorted(set(given) - set(self.defaults))
     if unknown:
       raise TypeError(f'{fn}: unknown options {unknown}; {fn} accepts '
                       f'{sorted(self.defaults)}.')
-    options = {**self.defaults, **given}
-    missing = [k for k, v in options.items() if v is REQUIRED]
-    if missing:
-      raise TypeError(f'{fn}: the option(s) {missing} are required.')
-    return options
+    return {**self.defaults, **given}
 
   def new_state(self, features: int, dtype=jnp.float32, **options) -> Any:
     """A fresh state; `options` may hold any option (the rest default)."""
@@ -210,13 +203,9 @@ def _make_function(definition: NormDefinition) -> Callable[..., Any]:
 def _options_doc(definition: NormDefinition) -> str:
   if not definition.options:
     return ''
-  lines = [f'    {o.name} (default {_shown(o.default)}): {o.doc}'
+  lines = [f'    {o.name} (default {o.default!r}): {o.doc}'
            for o in definition.options]
   return '\n\n  Options:\n' + '\n'.join(lines) + '\n'
-
-
-def _shown(value: Any) -> str:
-  return 'required' if value is REQUIRED else repr(value)
 
 
 # The registry: every norm that fills a norm slot, by kind.

@@ -132,7 +132,7 @@ def _shown(value: Any) -> str:
   """A default as help() shows it: functions and dtypes by name."""
   if callable(value) and hasattr(value, '__name__'):
     return value.__name__
-  return nd._shown(value)  # pylint: disable=protected-access
+  return repr(value)
 
 
 class _Norm(nn.Module):
@@ -166,8 +166,7 @@ class _Norm(nn.Module):
     return nn.with_logical_partitioning(init, axes)
 
   def _options(self) -> dict[str, Any]:
-    return {o.name: getattr(self, o.module_field)
-            for o in self.definition.options}
+    return options_of(self.definition, self)
 
   def _params(self, features: int) -> dict[str, Array]:
     """`scale`/`bias` and the norm's extra parameters, as the fields say."""
@@ -221,9 +220,8 @@ class _StatefulNorm(_Norm):
     variables = {}
     for name in fresh._fields:
       value = getattr(fresh, name)
-      axes = ((None,) * (value.ndim - 1) + tuple(self.param_axes or ())
-              if value.ndim else ())
-      init = self._annotated(lambda v=value: v, axes)
+      init = self._annotated(lambda v=value: v,
+                             state_leaf_axes(value.ndim, self.param_axes))
       variables[name] = self.variable(
           GRAD_STATS if name in backward else BATCH_STATS, name, init)
     return type(fresh), variables
@@ -251,6 +249,31 @@ class _StatefulNorm(_Norm):
     return self._out(y)
 
 
+def norm_fields(definition: nd.NormDefinition) -> dict[str, Any]:
+  """The module fields particular to `definition`, with their defaults: the
+  options (flax names), the extra parameters' initialisers and
+  `use_scale`/`use_bias` (linen and nnx alike)."""
+  fields = {o.module_field: o.default for o in definition.options}
+  for spec in definition.extra_params:
+    fields.setdefault(spec.init_field, spec.init)
+  fields.update(use_scale=definition.use_scale, use_bias=definition.use_bias)
+  return fields
+
+
+def options_of(definition: nd.NormDefinition, module: Any) -> dict[str, Any]:
+  """The norm's options (function names) read off a module's fields."""
+  return {o.name: getattr(module, o.module_field)
+          for o in definition.options}
+
+
+def state_leaf_axes(ndim: int, param_axes: Any) -> tuple[Any, ...]:
+  """Logical axes of a state leaf: features on `param_axes`, the leading
+  (batch-group, window) axes unnamed; () for scalars (`step`)."""
+  if not ndim:
+    return ()
+  return (None,) * (ndim - 1) + tuple(param_axes or ())
+
+
 _CLASSES: dict[str, tuple[nd.NormDefinition, type[nn.Module]]] = {}
 
 
@@ -264,10 +287,7 @@ def module_for(definition: nd.NormDefinition) -> type[nn.Module]:
   cached = _CLASSES.get(definition.kind)
   if cached and cached[0] is definition:
     return cached[1]
-  fields = {o.module_field: o.default for o in definition.options}
-  for spec in definition.extra_params:
-    fields.setdefault(spec.init_field, spec.init)
-  fields.update(use_scale=definition.use_scale, use_bias=definition.use_bias)
+  fields = norm_fields(definition)
   namespace = {
       '__annotations__': {k: Any for k in fields}, **fields,
       'definition': definition, '__module__': 'normjax.linen',

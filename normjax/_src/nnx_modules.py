@@ -56,11 +56,7 @@ def _shared_fields(definition: nd.NormDefinition) -> dict[str, Any]:
   """The constructor keywords of `definition`'s module and their defaults:
   the options (flax names), the extra params' initialisers, then the
   fields every normjax module shares."""
-  fields = {o.module_field: o.default for o in definition.options}
-  for spec in definition.extra_params:
-    fields.setdefault(spec.init_field, spec.init)
-  fields.update(use_scale=definition.use_scale,
-                use_bias=definition.use_bias)
+  fields = linen_modules.norm_fields(definition)
   fields.update({k: v for k, v in linen_modules.shared_defaults(
       definition.stateful).items() if k not in ('use_scale', 'use_bias')})
   if definition.stateful:
@@ -95,8 +91,7 @@ class _Norm(nnx.Module):
     self._param_names = self._make_params(num_features, rngs)
 
   def _options(self) -> dict[str, Any]:
-    return {o.name: getattr(self, o.module_field)
-            for o in self.definition.options}
+    return linen_modules.options_of(self.definition, self)
 
   def _make_params(self, features: int, rngs: nnx.Rngs) -> tuple[str, ...]:
     """Creates `scale`/`bias` and the extra params as the fields say."""
@@ -155,8 +150,7 @@ class _StatefulNorm(_Norm):
     for name in fresh._fields:
       value = getattr(fresh, name)
       axes = (None if self.param_axes is None else
-              (None,) * (value.ndim - 1) + tuple(self.param_axes)
-              if value.ndim else ())
+              linen_modules.state_leaf_axes(value.ndim, self.param_axes))
       if hasattr(self, name) or hasattr(nnx.Module, name):
         raise TypeError(f'normjax.nnx: the state leaf {name!r} of '
                         f'{type(self).__name__} shadows an attribute.')
