@@ -6,9 +6,10 @@
 the norm states travel beside it, as equinox's own `eqx.nn.State` does
 (`model(tokens, mask, train, states) -> (logits, states)`). So the optimizer
 (`eqx.filter(model, eqx.is_inexact_array)`) never holds `ema_gz`: Adam and
-weight decay cannot touch it. The train step differentiates the pair
-`(model, normjax.backward_stats(states))` and adds the statistics' updates
-with `normjax.apply_backward_stats`.
+weight decay cannot touch it. `normjax.value_and_grad(loss_fn,
+eqx.filter_value_and_grad)` differentiates the model and the states'
+backward statistics and returns the model's gradients and the updated
+states.
 """
 
 import equinox as eqx
@@ -35,18 +36,14 @@ def make_train_step(tx):
   def train_step(model, states, opt_state, batch):
     tokens, mask, targets = batch
 
-    def loss_fn(diff):  # diff = (model, backward statistics)
-      logits, new_states = diff[0](
-          tokens, mask, True, normjax.with_backward_stats(states, diff[1]))
-      return masked_ce(logits, targets, mask), new_states
+    def loss_fn(model, states):
+      logits, states = model(tokens, mask, True, states)
+      return masked_ce(logits, targets, mask), states
 
-    stats = normjax.backward_stats(states)
-    (loss, states), (grads, stat_updates) = eqx.filter_value_and_grad(
-        loss_fn, has_aux=True)((model, stats))
+    (loss, states), grads = normjax.value_and_grad(
+        loss_fn, eqx.filter_value_and_grad)(model, states)
     updates, opt_state = tx.update(
         grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
-    states = normjax.with_backward_stats(
-        states, normjax.apply_backward_stats(stats, stat_updates))
     return eqx.apply_updates(model, updates), states, opt_state, loss
 
   return train_step

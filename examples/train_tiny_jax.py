@@ -3,10 +3,10 @@
     python examples/train_tiny_jax.py [--norm=powernorm] [--steps=600]
 
 The model is a params dict and a dict of norm states (one per norm site).
-The train step differentiates the loss with respect to `(params, stats)`,
-where `stats = normjax.backward_stats(states)` holds only the backward-pass
-statistics (PowerNorm's `ema_gz`; no integer counters): optax updates the
-params, `normjax.apply_backward_stats` adds the statistics' updates.
+`normjax.value_and_grad` differentiates the loss with respect to the params
+and the states' backward-pass statistics (PowerNorm's `ema_gz`), returns
+the params' gradients for optax and the states with the statistics' updates
+added.
 """
 
 import argparse
@@ -93,18 +93,12 @@ def make_train_step(kind, tx):
   def train_step(params, states, opt_state, batch):
     tokens, mask, targets = batch
 
-    def loss_fn(params, stats):
-      logits, new_states = forward(
-          params, normjax.with_backward_stats(states, stats), tokens, mask,
-          True, kind)
-      return masked_ce(logits, targets, mask), new_states
+    def loss_fn(params, states):
+      logits, states = forward(params, states, tokens, mask, True, kind)
+      return masked_ce(logits, targets, mask), states
 
-    stats = normjax.backward_stats(states)
-    (loss, states), (grads, stat_updates) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(params, stats)
+    (loss, states), grads = normjax.value_and_grad(loss_fn)(params, states)
     updates, opt_state = tx.update(grads, opt_state, params)
-    states = normjax.with_backward_stats(
-        states, normjax.apply_backward_stats(stats, stat_updates))
     return optax.apply_updates(params, updates), states, opt_state, loss
 
   return train_step

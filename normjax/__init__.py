@@ -23,6 +23,7 @@ from normjax._src.definition import register
 from normjax._src.definition import unregister
 from normjax._src.training import apply_backward_stats
 from normjax._src.training import backward_stats
+from normjax._src.training import value_and_grad
 from normjax._src.training import with_backward_stats
 
 __version__ = '0.1.0'
@@ -30,5 +31,6 @@ __version__ = '0.1.0'
 __all__ = [
     'EvalAffine', 'NormDefinition', 'Option', 'ParamSpec',
     'apply_backward_stats', 'folding', 'functional', 'linen', 'nnx', 'probes',
-    'register', 'unregister', 'backward_stats', 'with_backward_stats',
+    'register', 'unregister', 'backward_stats', 'value_and_grad',
+    'with_backward_stats',
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -65,3 +66,55 @@ def with_backward_stats(states: Any, stats: Any) -> Any:
   return jax.tree.map(
       lambda s, b: s._replace(**b) if _is_state(s) else s, states, stats,
       is_leaf=_is_state)
+
+
+def value_and_grad(fun: Callable[..., Any],
+                   transform: Callable[..., Any] = jax.value_and_grad, *,
+                   has_aux: bool = False) -> Callable[..., Any]:
+  """`transform(fun)` over the params and the states' backward statistics.
+
+  `fun(params, states, *args)` returns `(loss, new_states)`, or
+  `(loss, (new_states, aux))` with `has_aux`. The returned
+  `step(params, states, *args) -> ((loss, new_states[, aux]), grads)`
+  differentiates `fun` with respect to `params` and
+  `backward_stats(states)` together, returns the gradients of `params`
+  only, and gives `new_states` with the statistics' updates added
+  (`apply_backward_stats`): the train step of plain JAX and equinox in one
+  call, the statistics never reaching the optimizer.
+
+  `transform(f, has_aux=True)` makes the value-and-grad of a one-argument
+  function: `jax.value_and_grad` (the default) or, for an equinox model,
+  `eqx.filter_value_and_grad`. A `params` that holds norm states itself
+  (an equinox model with its states inside) is refused: the optimizer
+  would take their updates for gradients.
+  """
+
+  def step(params, states, *args, **kwargs):
+    check_params_hold_no_backward_stats(params)
+    stats = backward_stats(states)
+
+    def diff_fun(diff):
+      return fun(diff[0], with_backward_stats(states, diff[1]), *args,
+                 **kwargs)
+
+    (loss, out), (grads, updates) = transform(diff_fun, has_aux=True)(
+        (params, stats))
+    new_states, *aux = out if has_aux else (out,)
+    new_states = with_backward_stats(
+        new_states, apply_backward_stats(stats, updates))
+    return (loss, new_states, *aux), grads
+
+  return step
+
+
+def check_params_hold_no_backward_stats(params: Any) -> None:
+  """Raises if `params` holds a norm state with backward statistics."""
+  held = [jax.tree_util.keystr(path) for path, _ in
+          jax.tree_util.tree_leaves_with_path(backward_stats(params))]
+  if held:
+    raise ValueError(
+        f'normjax.value_and_grad: the differentiated params hold backward '
+        f'statistics ({", ".join(held[:3])}); the optimizer would take their '
+        f'updates for gradients. Keep the norm states beside the params or '
+        f'model and pass them as the second argument, `step(params, states, '
+        f'...)`, as equinox does with eqx.nn.State.')
