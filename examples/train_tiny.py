@@ -4,9 +4,10 @@
 
 The task: reverse a padded batch of variable-length token sequences, which
 needs attention over positions. Every norm site is a `normjax` norm built by
-`make_norm`, and the train step is the idiom of the README: differentiate
-with respect to `params` and `grad_stats`, fold the backward-pass statistics
-back with `apply_backward_stats`, and keep `batch_stats` from the forward.
+`make_norm`, and the train step is the idiom of the README:
+`normjax.value_and_grad` differentiates `params` and the `grad_stats`
+collection, adds the backward-pass statistics' updates to `grad_stats`, and
+`batch_stats` comes from the forward pass.
 """
 
 import argparse
@@ -76,42 +77,34 @@ def main():
   tokens, mask, _ = make_batch(rng)
   variables = nn.unbox(model.init(jax.random.key(0), tokens, mask, False))
   params = variables['params']
-  batch_stats = variables.get('batch_stats', {})
-  grad_stats = variables.get('grad_stats', {})
+  state = {k: v for k, v in variables.items() if k != 'params'}
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
 
   @jax.jit
-  def train_step(params, batch_stats, grad_stats, opt_state, batch):
+  def train_step(params, state, opt_state, batch):
     tokens, mask, targets = batch
 
-    def loss_fn(params, grad_stats):
-      logits, updates = model.apply(
-          {'params': params, 'batch_stats': batch_stats,
-           'grad_stats': grad_stats}, tokens, mask, True,
-          mutable=['batch_stats'])
+    def loss_fn(params, state):
+      logits, updates = model.apply({'params': params, **state}, tokens, mask,
+                                    True, mutable=['batch_stats'])
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-      return jnp.sum(ce * mask) / jnp.sum(mask), updates
+      return jnp.sum(ce * mask) / jnp.sum(mask), {**state, **updates}
 
-    (loss, updates), (grads, stat_updates) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(params, grad_stats)
-    updates_opt, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates_opt)
-    grad_stats = normjax.apply_backward_stats(grad_stats, stat_updates)
-    return (params, updates.get('batch_stats', {}), grad_stats, opt_state,
-            loss)
+    (loss, state), grads = normjax.value_and_grad(loss_fn)(params, state)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), state, opt_state, loss
 
   start = time.time()
   first = None
   for step in range(1, args.steps + 1):
-    params, batch_stats, grad_stats, opt_state, loss = train_step(
-        params, batch_stats, grad_stats, opt_state, make_batch(rng))
+    params, state, opt_state, loss = train_step(params, state, opt_state,
+                                                make_batch(rng))
     first = float(loss) if first is None else first
     if step % 50 == 0 or step == 1:
       print(f'step {step:4d}  loss {float(loss):.4f}', flush=True)
   tokens, mask, targets = make_batch(np.random.default_rng(123), 256)
-  logits = model.apply({'params': params, 'batch_stats': batch_stats,
-                        'grad_stats': grad_stats}, tokens, mask, False)
+  logits = model.apply({'params': params, **state}, tokens, mask, False)
   accuracy = jnp.sum((logits.argmax(-1) == targets) * mask) / jnp.sum(mask)
   print(f'{args.norm}: loss {first:.3f} -> {float(loss):.3f}, held-out '
         f'token accuracy (eval mode) {float(accuracy):.3f}, '

@@ -301,3 +301,51 @@ def test_value_and_grad_refuses_params_that_hold_states():
   with pytest.raises(ValueError, match=r"\['states'\]\['attn_norm_0'\]"
                      r"\['ema_gz'\].*beside the params or model"):
     step(model, {})
+
+
+LINEN_TO_LAYERNORM = {
+    'import flax.linen as nn, jax, optax, normjax':
+        'import flax.linen as nn, jax, optax',
+    "    norm = nnorm.PowerNorm(num_groups=4, warmup_steps=8000, name='norm')":
+        "    norm = nnorm.LayerNorm(name='norm')",
+    '    return x + nn.Dense(x.shape[-1])(norm(x, use_running_average=not '
+    'train, mask=mask))': '    return x + nn.Dense(x.shape[-1])(norm(x, '
+                          'mask=mask))',
+    "def train_step(params, state, opt_state, x, mask):   # state: "
+    "{'batch_stats': ..., 'grad_stats': ...}":
+        'def train_step(params, opt_state, x, mask):',
+    '  def loss_fn(params, state):': '  def loss_fn(params):',
+    "    y, new = model.apply({'params': params, **state}, x, mask, True, "
+    "mutable=['batch_stats'])":
+        "    y = model.apply({'params': params}, x, mask, True)",
+    '    return loss(y), {**state, **new}': '    return loss(y)',
+    '  (l, state), grads = normjax.value_and_grad(loss_fn)(params, state)   '
+    '# grad_stats never reach tx':
+        '  l, grads = jax.value_and_grad(loss_fn)(params)',
+    '  return optax.apply_updates(params, updates), state, opt_state, l':
+        '  return optax.apply_updates(params, updates), opt_state, l',
+}
+
+
+def test_readme_linen_recipe_trains_and_differs_from_layernorm_by_9_lines():
+  text = (ROOT / 'README.md').read_text()
+  section = re.search(r'## PowerNorm in your model\n(.*?)\n## ', text,
+                      re.S).group(1)
+  code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+  def carry(scope):
+    scope['model'] = model = scope['Block']()
+    variables = model.init(jax.random.key(0), jnp.ones((2, 5, 8)),
+                           jnp.ones((2, 5), bool), False)
+    params = variables.pop('params')
+    opt_state = scope['tx'].init(params)
+    return (params, opt_state) if not variables else (params, variables,
+                                                      opt_state)
+
+  losses, (_, state, _) = run_readme_block(code, carry)
+  assert losses[-1] < losses[0]
+  assert np.abs(state['grad_stats']['norm']['ema_gz']).max() > 0
+  assert int(state['batch_stats']['norm']['step']) == 3
+  assert len(LINEN_TO_LAYERNORM) == 9
+  losses, _ = run_readme_block(to_layernorm(code, LINEN_TO_LAYERNORM), carry)
+  assert losses[-1] < losses[0]

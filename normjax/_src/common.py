@@ -377,11 +377,11 @@ def _require_fwd(inputs, stats, fn, names):
         f'parameters but not the backward statistics ({listed}), whose '
         'updates come back as their gradients: they would never move, and '
         'this would train a different algorithm. Differentiate with respect '
-        'to them too and add the result to them (plain JAX: jax.grad over '
-        'normjax.backward_stats(state), then normjax.apply_backward_stats; '
-        "flax.linen: the 'grad_stats' collection next to 'params'; flax.nnx: "
-        'normjax.nnx.value_and_grad), or pass freeze_backward_stats=True to '
-        'keep them fixed on purpose.')
+        'to them too and add the result to them (plain JAX, equinox and '
+        'flax.linen: normjax.value_and_grad(loss_fn)(params, states), with '
+        "the states or linen's 'grad_stats' collection beside the params; "
+        'flax.nnx: normjax.nnx.value_and_grad), or pass '
+        'freeze_backward_stats=True to keep them fixed on purpose.')
   return jax.tree.map(lambda p: p.value, inputs, is_leaf=_is_primal), None
 
 

@@ -42,12 +42,12 @@ from normjax._src import probes
 # Importing the registry registers the built-in norms.
 from normjax._src import registry  # pylint: disable=unused-import
 from normjax._src.conditional_modules import CONDITIONAL_MODULES
+from normjax._src.training import GRAD_STATS
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
 BATCH_STATS = 'batch_stats'
-GRAD_STATS = 'grad_stats'
 
 
 # The meaning of every field the modules share (linen and nnx), for help().

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -31,17 +31,36 @@ def apply_backward_stats(grad_stats: Any, cotangents: Any) -> Any:
                       cotangents)
 
 
+# The flax.linen collection of the backward-pass statistics.
+GRAD_STATS = 'grad_stats'
+
+
 def _is_state(node: Any) -> bool:
-  return hasattr(type(node), 'BACKWARD_FIELDS')
+  """A functional norm state, or a linen variables dict with GRAD_STATS."""
+  return (hasattr(type(node), 'BACKWARD_FIELDS') or
+          isinstance(node, Mapping) and GRAD_STATS in node)
+
+
+def _stats_of(state: Any) -> Any:
+  if isinstance(state, Mapping):
+    return {GRAD_STATS: state[GRAD_STATS]}
+  return {f: getattr(state, f) for f in type(state).BACKWARD_FIELDS}
+
+
+def _with_stats(state: Any, stats: Any) -> Any:
+  if isinstance(state, Mapping):
+    return type(state)({**state, **stats})
+  return state._replace(**stats)
 
 
 def backward_stats(states: Any) -> Any:
   """The backward-pass statistics of a state or of any pytree of states.
 
   Each state whose type declares `BACKWARD_FIELDS` (PowerNorm's `ema_gz`,
-  UN's `ema_gz` and `bwd_window`) becomes a dict of those fields; every
-  other leaf becomes None (an empty subtree). The result is one argument
-  to differentiate with respect to, without the integer counters:
+  UN's `ema_gz` and `bwd_window`) becomes a dict of those fields, and each
+  flax.linen variables dict its `'grad_stats'` collection; every other
+  leaf becomes None (an empty subtree). The result is one argument to
+  differentiate with respect to, without the integer counters:
 
       stats = normjax.backward_stats(states)
       grads, stat_updates = jax.grad(loss_fn, argnums=(0, 1))(params, stats)
@@ -51,9 +70,8 @@ def backward_stats(states: Any) -> Any:
   where `loss_fn(params, stats)` calls the norms with
   `with_backward_stats(states, stats)`.
   """
-  return jax.tree.map(
-      lambda s: ({f: getattr(s, f) for f in type(s).BACKWARD_FIELDS}
-                 if _is_state(s) else None), states, is_leaf=_is_state)
+  return jax.tree.map(lambda s: _stats_of(s) if _is_state(s) else None,
+                      states, is_leaf=_is_state)
 
 
 def with_backward_stats(states: Any, stats: Any) -> Any:
@@ -63,9 +81,8 @@ def with_backward_stats(states: Any, stats: Any) -> Any:
   backward_stats(states))` equals `states`, for one state or any pytree
   of states (a dict of per-layer states, an equinox module).
   """
-  return jax.tree.map(
-      lambda s, b: s._replace(**b) if _is_state(s) else s, states, stats,
-      is_leaf=_is_state)
+  return jax.tree.map(lambda s, b: _with_stats(s, b) if _is_state(s) else s,
+                      states, stats, is_leaf=_is_state)
 
 
 def value_and_grad(fun: Callable[..., Any],
@@ -80,7 +97,9 @@ def value_and_grad(fun: Callable[..., Any],
   `backward_stats(states)` together, returns the gradients of `params`
   only, and gives `new_states` with the statistics' updates added
   (`apply_backward_stats`): the train step of plain JAX and equinox in one
-  call, the statistics never reaching the optimizer.
+  call, the statistics never reaching the optimizer. For flax.linen,
+  `states` is the variables dict without `'params'` (`{'batch_stats': ...,
+  'grad_stats': ...}`): its `'grad_stats'` collection is differentiated.
 
   `transform(f, has_aux=True)` makes the value-and-grad of a one-argument
   function: `jax.value_and_grad` (the default) or, for an equinox model,
