@@ -21,12 +21,13 @@ _LAST = flags.DEFINE_integer('last', 5, 'How many of the newest checkpoints.')
 
 
 def average_last(workdir: str, last: int) -> list[int]:
-  """Averages the newest `last` checkpoints of <workdir>/checkpoints into
-  <workdir>/averaged; returns their steps."""
+  """Averages the newest `last` cadence checkpoints of <workdir>/checkpoints
+  (`checkpointing.averaging_steps`: never a preemption checkpoint) into
+  <workdir>/averaged, replacing it; returns their steps."""
   if last < 1:
     raise ValueError(f'--last={last}: average 1 or more checkpoints.')
   directory = os.path.join(workdir, 'checkpoints')
-  steps = checkpointing.steps(directory)[-last:]
+  steps = checkpointing.averaging_steps(directory, last)
   restored = [checkpointing.read(directory, s)[:2] for s in steps]
   fingerprints = {meta.get('vocab_fingerprint') for _, meta in restored}
   if len(fingerprints) > 1:

@@ -8,10 +8,17 @@ a run that resumes with another vocabulary or model stops with a message
 naming what differs instead of training on garbage.
 
 A checkpoint counts only when it is complete (`problem`: orbax's commit
-marker and metadata present) and restores (`restore_newest`): a truncated or
-half-written one is moved aside, never deleted, and the run falls back to
-the next newer valid one. Orbax deletes old checkpoints (`keep`) only after
-a newer one is committed.
+marker and metadata present), restores, and its state has the checksum its
+record holds (`checksum`, `restore_newest`): a truncated, half-written or
+corrupted one is moved aside, never deleted, and the run falls back to the
+next older valid one.
+
+Each record says why the checkpoint was written (`kind`): on the cadence,
+at the end of the run, or on a preemption signal. `prune` keeps the newest
+`keep` cadence/final checkpoints plus the newest of all, deleting old ones
+only once a newer one is committed, so a preemption checkpoint never
+displaces a cadence one nor enters the averaging set (`averaging_steps`):
+a preempted and resumed run ends with the files of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -44,6 +52,8 @@ IDENTITY = ('seed', 'model', 'data')
 MOVABLE = ('data.path', 'data.tfds_data_dir')
 COMMIT_MARKER = 'commit_success.txt'
 INVALID_DIR = 'invalid_checkpoints'
+# Why a checkpoint was written (its record's 'kind').
+CADENCE, FINAL, PREEMPTED = 'cadence', 'final', 'preempted'
 
 
 def run_identity(config: Any) -> dict[str, Any]:
@@ -62,20 +72,64 @@ def run_identity(config: Any) -> dict[str, Any]:
   return {'config': json.loads(json.dumps(flat, default=str))}
 
 
-def manager(directory: str, keep: int, async_save: bool = True
-            ) -> ocp.CheckpointManager:
-  """Keeps `keep` checkpoints; half-written temporary ones of a killed save
-  (never complete, never restored) are removed on start."""
+def manager(directory: str, keep: int | None = None,
+            async_save: bool = True) -> ocp.CheckpointManager:
+  """A manager of `directory`; half-written temporary directories of a
+  killed save (never complete, never restored) are removed on start.
+
+  Orbax keeps everything: `prune(mngr, keep)` (called by the training loop
+  before each save) decides which old checkpoints go. `keep` is accepted
+  for callers that write a single checkpoint and ignored.
+  """
+  del keep
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+      max_to_keep=None, enable_async_checkpointing=async_save, create=True,
       cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any,
          meta: dict) -> None:
+  """Saves `state` with `meta` plus the state's `checksum`."""
+  meta = dict(meta, checksum=checksum(state))
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The raw bits of `x` as uint32 (64-bit values give two words each)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[
+      x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """sum(bits) and sum(bits * (position-dependent odd weight)), mod 2^32."""
+  bits = _bits(jnp.asarray(x))
+  position = jnp.zeros(bits.shape, jnp.uint32)
+  for dim in range(bits.ndim):
+    position = (position * jnp.uint32(bits.shape[dim])
+                + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim))
+  weight = position * jnp.uint32(2654435761) + jnp.uint32(1)
+  return (jnp.sum(bits, dtype=jnp.uint32) ^
+          jnp.sum(bits * weight, dtype=jnp.uint32))
+
+
+@jax.jit
+def _checksum(leaves):
+  return sum((_leaf_checksum(x) for x in leaves), jnp.uint32(0))
+
+
+def checksum(state: Any) -> str:
+  """A checksum of every array of `state`, independent of the containers
+  (a TrainState and the nested dicts it restores as agree): the sum over
+  leaves of each leaf's position-weighted sum of its bits, mod 2^32."""
+  leaves = jax.tree.leaves(state)
+  return f'{int(_checksum(leaves)):08x}/{len(leaves)}'
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:
@@ -120,10 +174,22 @@ def restore(mngr: ocp.CheckpointManager, step: int,
   meta = mngr.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta']
   meta = dict(meta or {})
-  check_meta(f'{mngr.directory}/{step}', meta, expect or {})
+  where = f'{mngr.directory}/{step}'
+  check_meta(where, meta, expect or {})
   state = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))['state']
+  verify_checksum(where, state, meta)
   return state, meta
+
+
+def verify_checksum(where: str, state: Any, meta: dict) -> None:
+  """Raises CheckpointCorrupt if `state` is not what was saved at `where`
+  (records written before checksums existed are accepted)."""
+  want = meta.get('checksum')
+  if want is not None and checksum(state) != want:
+    raise CheckpointCorrupt(
+        f'checkpoint {where}: its data does not match the checksum saved '
+        f'with it ({want}); the files were altered or damaged after saving.')
 
 
 def steps(directory: str) -> list[int]:
@@ -190,14 +256,17 @@ def restore_newest(mngr: ocp.CheckpointManager, abstract_state: Any,
   for step in sorted(mngr.all_steps(), reverse=True):
     reason = problem(directory, step)
     if reason is None:
-      with _quiet_asyncio():
+      with quiet_asyncio():
         try:
           state, meta = restore(mngr, step, abstract_state, expect)
-          if int(meta.get('step', step)) != step or int(state.step) != step:
-            reason = (f'its state is at step {int(state.step)}, its record '
-                      f'at {meta.get("step")}')
+          at = int(state['step'] if isinstance(state, dict) else state.step)
+          if int(meta.get('step', step)) != step or at != step:
+            reason = (f'its state is at step {at}, its record at '
+                      f'{meta.get("step")}')
         except CheckpointMismatch:
           raise
+        except CheckpointCorrupt:
+          reason = 'its data does not match its checksum'
         except Exception as e:  # pylint: disable=broad-except
           reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
     if reason is None:
@@ -216,7 +285,7 @@ def restore_newest(mngr: ocp.CheckpointManager, abstract_state: Any,
 
 
 @contextlib.contextmanager
-def _quiet_asyncio():
+def quiet_asyncio():
   """A failed orbax read leaves futures whose errors asyncio would print at
   garbage collection, pages of them; the one-line reason is reported."""
   logger = logging.getLogger('asyncio')
@@ -239,6 +308,58 @@ def _move_aside(directory: str, step: int, why: str) -> None:
   shutil.move(os.path.join(directory, str(step)), dest)
   print(f'warning: checkpoint {directory}/{step} is invalid ({why}); moved to '
         f'{dest}, resuming from an older one.', file=sys.stderr, flush=True)
+
+
+def kind(directory: str, step: int) -> str:
+  """Why checkpoint `step` was written (CADENCE for records without)."""
+  path = os.path.join(str(directory), str(step), 'meta', 'metadata')
+  try:
+    with open(path) as f:
+      return json.load(f).get('kind', CADENCE)
+  except (OSError, ValueError):
+    return CADENCE
+
+
+def prune(mngr: ocp.CheckpointManager, keep: int) -> None:
+  """Deletes the complete checkpoints that are neither among the newest
+  `keep` cadence/final ones nor the newest of all (the one to resume from).
+
+  Call it when no save is in flight, or before `mngr.save` (which first
+  waits for the previous save): only committed checkpoints are considered.
+  """
+  directory = str(mngr.directory)
+  complete = [s for s in sorted(mngr.all_steps())
+              if problem(directory, s) is None]
+  regular = [s for s in complete if kind(directory, s) != PREEMPTED]
+  wanted = set(regular[-keep:]) | set(complete[-1:])
+  for step in complete:
+    if step not in wanted:
+      mngr.delete(step)
+
+
+def averaging_steps(directory: str, last: int) -> list[int]:
+  """The newest `last` cadence/final checkpoints of `directory` (never a
+  preemption checkpoint): the set an uninterrupted run would average."""
+  regular = [s for s in steps(directory) if kind(directory, s) != PREEMPTED]
+  return regular[-last:]
+
+
+def write_single(path: str, state: Any, meta: dict) -> None:
+  """Writes `state` and `meta` as the only checkpoint (step 0) of `path`,
+  replacing what is there only once the new one is complete: it is written
+  to <path>.tmp, then swapped in."""
+  path = os.path.abspath(path)
+  tmp, old = path + '.tmp', path + '.old'
+  for leftover in (tmp, old):
+    shutil.rmtree(leftover, ignore_errors=True)
+  with ocp.CheckpointManager(tmp, options=ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False)) as m:
+    save(m, 0, state, meta)
+    m.wait_until_finished()
+  if os.path.exists(path):
+    os.rename(path, old)
+  os.rename(tmp, path)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def average(states: list[Any]) -> Any:

@@ -1,8 +1,10 @@
 """What a long run needs to survive faults: preemption, non-finite steps, and
 a per-step record that a resumed run continues exactly.
 
-* `Preemption`: SIGTERM (a preemptible pod being reclaimed) sets a flag; the
-  training loop then writes a final checkpoint and raises `Preempted`.
+* `Preemption`: SIGTERM (a preemptible pod being reclaimed) or SIGINT
+  (Ctrl-C) sets a flag; the training loop then writes a checkpoint and
+  raises `Preempted`. A second signal stops at once.
+* `WorkdirLock`: one training process per workdir.
 * `NonFiniteError`: a step whose loss or gradient norm is NaN/Inf, with
   `locate` naming where the non-finite values first appear (the probes of
   the same step: norm inputs in the model's forward order, per-layer
@@ -15,10 +17,13 @@ a per-step record that a resumed run continues exactly.
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import re
 import signal
+import socket
 import threading
+import time
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -29,42 +34,104 @@ import normjax
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a final checkpoint was written at `step`."""
+  """SIGTERM or SIGINT arrived; a checkpoint was written at `step`."""
 
-  def __init__(self, step: int, directory: str):
+  def __init__(self, step: int, directory: str, signum: int):
+    self.step, self.signal = step, signal.Signals(signum).name
     super().__init__(
-        f'stopped by SIGTERM after step {step}; checkpoint {directory}/{step} '
-        'is complete: rerun the same command to resume.')
-    self.step = step
+        f'stopped by {self.signal} after step {step}; checkpoint '
+        f'{directory}/{step} is complete: rerun the same command to resume.')
+
+  @property
+  def exit_code(self) -> int:
+    """128 + the signal number, as the shell reports a signalled process."""
+    return 128 + signal.Signals[self.signal].value
 
 
 class NonFiniteError(FloatingPointError):
-  """A step produced a NaN or Inf loss or gradient."""
+  """A step produced a NaN or Inf loss or gradient, or the run diverged."""
+
+
+class SaveError(OSError):
+  """Writing a checkpoint failed (a full disk, a lost mount)."""
 
 
 class Preemption:
-  """`with Preemption() as p:` ... `p.requested` is True after a SIGTERM.
+  """`with Preemption() as p:` ... `p.requested` is the signal number after
+  a SIGTERM or SIGINT (else 0).
 
-  Only the main thread may install signal handlers; elsewhere (a test
-  thread) this is a no-op. The previous handler comes back on exit.
+  The first signal only sets the flag; the handlers that were there before
+  come back at once, so a second signal acts as it would have (SIGINT
+  raises KeyboardInterrupt, SIGTERM ends the process). Only the main thread
+  may install signal handlers; elsewhere (a test thread) this is a no-op.
   """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = 0
+    self._previous = {}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.requested = signum
+    self._restore()
+
+  def _restore(self) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
 
   def __enter__(self) -> Preemption:
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle)
+                        for s in self.SIGNALS}
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    self._restore()
+
+
+class WorkdirLock:
+  """`with WorkdirLock(workdir):` holds <workdir>/.lock for this process.
+
+  The lock is an `fcntl.flock` on the file, which the operating system
+  drops when the process dies however it dies, so a lock file left by a
+  dead process is simply taken over. A second process gets a one-line
+  ValueError naming the holder (pid, host, start time). On a multi-host run
+  only process 0 takes it (the others follow process 0).
+  """
+
+  def __init__(self, workdir: str, take: bool = True):
+    self.path = os.path.join(workdir, '.lock')
+    self.take = take
+    self._file = None
+
+  def __enter__(self) -> WorkdirLock:
+    if not self.take:
+      return self
+    f = open(self.path, 'a+')  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      f.close()
+      raise ValueError(
+          f'{os.path.dirname(self.path)} is in use by {holder}; wait for '
+          'that run to end, or give this one another --workdir.') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()} since '
+            f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    f.flush()
+    self._file = f
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
 
 
 # ------------------------------------------------------- the step record --
@@ -191,4 +258,44 @@ def locate(probes: Mapping[str, Any], params: Any = None) -> str:
     found.append('non-finite gradients in '
                  f'{", ".join(grads[-3:][::-1])}'
                  f'{" ..." if len(grads) > 3 else ""} (backward order)')
+  return '; '.join(found) if found else 'no probe located it'
+
+
+# ------------------------------------------------------------ divergence --
+
+
+class DivergenceWatch:
+  """Flags a loss above `factor` times the median of the last `window`
+  finite step losses, once there are 10 (factor 0: never)."""
+
+  def __init__(self, factor: float, window: int = 100):
+    self.factor, self.window = float(factor), window
+    self.losses: list[float] = []
+
+  def check(self, loss: float) -> str | None:
+    """A phrase naming the divergence, or None (and `loss` is recorded)."""
+    recent = self.losses[-self.window:]
+    if self.factor > 0 and len(recent) >= min(10, self.window):
+      median = float(np.median(recent))
+      if loss > self.factor * median:
+        return (f'loss {loss:.4g} is {loss / median:.3g} times the median '
+                f'{median:.4g} of the last {len(recent)} steps (limit '
+                f'{self.factor:g}x)')
+    self.losses = recent + [loss]
+    return None
+
+
+def largest(probes: Mapping[str, Any]) -> str:
+  """The layer with the largest gradient norm and the norm with the largest
+  input, from one step's probes, as a phrase for an error message."""
+  def top(metric):
+    values = {k.rsplit('/', 1)[0]: float(v) for k, v in probes.items()
+              if k.endswith('/' + metric) and not k.startswith('model/')}
+    return max(values.items(), key=lambda kv: kv[1]) if values else None
+  found = []
+  grad, act = top('grad_norm'), top('act_max')
+  if grad:
+    found.append(f'largest gradient norm {grad[1]:.3g} in {grad[0]}')
+  if act:
+    found.append(f'largest norm input {act[1]:.3g} at {act[0]}')
   return '; '.join(found) if found else 'no probe located it'

@@ -30,6 +30,7 @@ class Experiment(train_lib.Experiment):
   model_inputs = ('inputs',)
   checkpoint_choices = ("'latest' or a step number (the language model "
                         'keeps no averaged checkpoint)')
+  min_split_size = 2  # a stream of n tokens has n - 1 targets
 
   def load_data(self, cache_dir: str) -> lm_data.LMData:
     return lm_data.load_lm(self.config.data, cache_dir=cache_dir)
@@ -75,8 +76,8 @@ def evaluate(config, workdir: str, checkpoint: str = 'latest',
              split: str = 'test') -> dict[str, float]:
   """Perplexity of checkpoint 'latest' or a step number on `split`."""
   exp = Experiment(config, workdir)
-  state, step = exp.load_checkpoint(checkpoint)
+  state, what = exp.load_checkpoint(checkpoint)
   result = exp.perplexity(state, split)
-  print(f'{split} (step {step}): ' + train_lib.format_metrics(result),
+  print(f'{split} ({what}): ' + train_lib.format_metrics(result),
         flush=True)
   return result

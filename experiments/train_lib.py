@@ -142,10 +142,10 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
   `probe` the metrics also hold 'probes' (`experiments.probing`), and with
   `exact_gradient` the cosine of the gradient with exact autodiff.
 
-  A step whose loss or gradient norm is not finite changes nothing but the
-  step counter (metrics['finite'] is False): the parameters, optimizer
-  state and norm statistics stay those of the last good step, and `fit`
-  stops or skips (config.train.nonfinite).
+  A step whose loss, gradient norm or updated state (parameters, optimizer
+  state, norm statistics) is not finite changes nothing but the step
+  counter (metrics['finite'] is False): the state stays that of the last
+  good step, and `fit` stops or skips (config.train.nonfinite).
   """
   mutable = ['batch_stats', normjax.probes.PROBES] if probe else [
       'batch_stats']
@@ -180,7 +180,8 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
         grad_stats=normjax.apply_backward_stats(state.grad_stats,
                                                 stat_updates))
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & all_finite(new_state))
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                              new_state, state).replace(step=new_state.step)
     metrics = dict(loss=loss / denom, nll=nll / denom, ntokens=ntokens,
@@ -194,6 +195,13 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
     return new_state, metrics
 
   return train_step
+
+
+def all_finite(tree: Any) -> Array:
+  """True if every floating-point value of `tree` is finite."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 def make_eval_step(logits_fn: Callable[..., Array], label_smoothing: float):
@@ -256,6 +264,7 @@ class Experiment(abc.ABC):
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules(config.mesh)
     self.data = self.load_data(os.path.join(workdir, 'vocab'))
+    self.check_splits()
     self.model = self._make_model()
     self.eval_model = self._make_model(deterministic=True)
     self.schedule = make_schedule(config.schedule)
@@ -267,6 +276,24 @@ class Experiment(abc.ABC):
   @abc.abstractmethod
   def load_data(self, cache_dir: str) -> Any:
     """The run's data: splits, `vocab` and `fingerprint`."""
+
+  min_split_size = 1  # examples (translation) or tokens (an LM stream)
+
+  def check_splits(self) -> None:
+    """Raises ValueError, before anything compiles, if a split is too small
+    to train on or to score (an empty file, a filter that kept nothing)."""
+    cfg = self.config.data
+    source = cfg.get('source', 'local')
+    where = (f"data.path={cfg.get('path')}" if source == 'local'
+             else f'data.source={source}')
+    for split in ('train', 'valid', 'test'):
+      size = len(getattr(self.data, split))
+      if size < self.min_split_size:
+        raise ValueError(
+            f'the {split} split of {where} has {size} '
+            f'{"tokens" if self.min_split_size > 1 else "examples"} (at '
+            f'least {self.min_split_size} needed); check its file, or the '
+            'length filters and max_*_examples settings.')
 
   @abc.abstractmethod
   def make_batcher(self) -> Any:
@@ -330,7 +357,7 @@ class Experiment(abc.ABC):
     try:
       return self.finish(state, mngr, expect, writer)
     finally:
-      mngr.close()
+      close_run(mngr)
 
   def checkpoint_location(self, checkpoint: str) -> tuple[str, int | None]:
     """(directory, step) of a --checkpoint: 'latest' (step None: the
@@ -343,16 +370,19 @@ class Experiment(abc.ABC):
     raise ValueError(f'--checkpoint={checkpoint}: choose '
                      f'{self.checkpoint_choices}.')
 
-  def load_checkpoint(self, checkpoint: str) -> tuple[TrainState, int]:
-    """(state, step) of a --checkpoint (`checkpoint_location`), restored
-    into this run's shardings; its vocabulary must be this run's."""
+  def load_checkpoint(self, checkpoint: str) -> tuple[TrainState, str]:
+    """(state, what it is) of a --checkpoint (`checkpoint_location`),
+    restored into this run's shardings; its vocabulary must be this run's.
+    `what` names the training step, or the steps an average holds."""
     directory, step = self.checkpoint_location(checkpoint)
-    state, _, step = checkpointing.read(
+    state, meta, step = checkpointing.read(
         directory, step,
         abstract_state=checkpointing.abstract_like(self.state,
                                                    self.state_shardings),
         expect={'vocab_fingerprint': self.data.fingerprint})
-    return state, step
+    if 'steps' in meta:
+      return state, f'{checkpoint}: the average of steps {meta["steps"]}'
+    return state, f'step {step}'
 
 
 def save_results(workdir: str, result: dict,
@@ -415,42 +445,40 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
   (`experiments.probing`); every `eval_every` steps `exp.validate`; every
   `checkpoint_every` steps (and at the end, or at an early stop after
   `early_stop_patience` evaluations without a better valid loss) the whole
-  state with `expect`, the data position and the preset as metadata.
+  state with `expect`, the data position and the preset as metadata, the
+  old ones pruned to `keep_checkpoints` (`checkpointing.prune`).
   `state` is where to start (default: `restore_or_init`); `step_log` gets
   every step's values (`faults.StepLog`).
 
-  Faults: a SIGTERM writes a checkpoint after the current step and raises
-  `faults.Preempted`. A step with a non-finite loss or gradient norm (which
-  the train step leaves without effect) raises `faults.NonFiniteError`
-  naming the step and where the values first went bad, or with
-  `nonfinite='skip'` is skipped, up to `nonfinite_max_skips` in a row.
+  Faults: a SIGTERM or SIGINT writes a checkpoint after the current step
+  (kind 'preempted': it never enters the averaging set) and raises
+  `faults.Preempted`. A step with a non-finite loss, gradient norm or
+  updated state (which the train step leaves without effect) raises
+  `faults.NonFiniteError` naming the step and where the values first went
+  bad, or with `nonfinite='skip'` is skipped, up to `nonfinite_max_skips`
+  in a row; so does a loss above `divergence_factor` times the median of
+  the last 100 (`faults.DivergenceWatch`) and a non-finite validation
+  metric. A checkpoint that failed to save raises `faults.SaveError` at
+  the next step.
   """
   cfg = train_cfg
   if state is None:
     state = restore_or_init(exp, mngr, expect)
-  step = int(state.step)
-  skipped = 0
-  best, stale = float('inf'), 0
+  loop = _Loop(exp, cfg, mngr, expect, preset, int(state.step))
   batches: Iterator = iter(exp.batcher)
   window = _new_window()
-  bar = tqdm.tqdm(total=cfg.num_steps, initial=step, desc='train',
+  bar = tqdm.tqdm(total=cfg.num_steps, initial=loop.step, desc='train',
                   disable=jax.process_index() != 0, mininterval=5)
   with jax.set_mesh(exp.mesh), faults.Preemption() as preemption:
-    while step < cfg.num_steps:
+    while loop.step < cfg.num_steps:
+      loop.check_saves()
       host_batch = next(batches)
       batch = sharding.global_batch(host_batch, exp.mesh)
-      probed = cfg.probe_every > 0 and (step + 1) % cfg.probe_every == 0
+      probed = cfg.probe_every > 0 and (loop.step + 1) % cfg.probe_every == 0
       state, metrics = (exp.probe_step if probed else exp.train_step)(
           state, batch)
-      step += 1
-      if not bool(metrics['finite']):
-        skipped = _nonfinite_step(exp, cfg, mngr, state, batch, metrics,
-                                  step, skipped)
-        bar.write(f'step {step}: skipped, loss {float(metrics["loss"])}, '
-                  f'grad_norm {float(metrics["grad_norm"])} '
-                  f'({skipped} in a row)')
-      else:
-        skipped = 0
+      step = loop.step = loop.step + 1
+      loop.check_step(state, batch, metrics, bar)
       if step_log is not None:
         step_log.write(step, metrics, faults.batch_crc(host_batch))
       if probed:
@@ -459,7 +487,7 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
         if probe_log is not None:
           probe_log.write(step, values)
       bar.update(1)
-      if not skipped:
+      if not loop.skipped:
         window['steps'] += 1
         for k in ('loss', 'nll', 'ntokens'):
           window[k] += float(metrics[k])
@@ -471,31 +499,115 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
         bar.write(f'step {step}: ' + format_metrics(logged))
         log_scalars(writer, step, 'train', logged)
         window = _new_window()
+      stop = False
       if step % cfg.eval_every == 0 or step == cfg.num_steps:
-        result = exp.validate(state)
-        bar.write(f'step {step} valid: ' + format_metrics(result))
-        log_scalars(writer, step, 'valid', result)
-        if result['loss'] < best:
-          best, stale = result['loss'], 0
-        else:
-          stale += 1
-      stop = bool(cfg.early_stop_patience) and (
-          stale >= cfg.early_stop_patience)
-      if (stop or preemption.requested or step % cfg.checkpoint_every == 0
-          or step == cfg.num_steps):
-        checkpointing.save(mngr, step, state, dict(
-            expect, data=exp.batcher.state(), step=step, preset=preset))
+        stop = loop.validate(state, writer, bar)
+      if stop or preemption.requested or step % cfg.checkpoint_every == 0 \
+          or step == cfg.num_steps:
+        loop.save(state, checkpointing.PREEMPTED if preemption.requested
+                  else checkpointing.CADENCE if step % cfg.checkpoint_every
+                  == 0 else checkpointing.FINAL)
       if preemption.requested:
         bar.close()
-        mngr.wait_until_finished()
-        raise faults.Preempted(step, str(mngr.directory))
+        loop.finish_saves()
+        raise faults.Preempted(step, str(mngr.directory),
+                               preemption.requested)
       if stop:
         bar.write(f'early stop at step {step}: valid loss did not improve for '
-                  f'{stale} evaluations')
+                  f'{loop.stale} evaluations')
         break
   bar.close()
-  mngr.wait_until_finished()
+  loop.finish_saves()
   return state
+
+
+class _Loop:
+  """What `fit` tracks between steps: the step, the non-finite steps
+  skipped in a row, early stopping, divergence, and the checkpoints (the
+  newest known good one; saves that failed)."""
+
+  def __init__(self, exp, cfg, mngr, expect, preset, step):
+    self.exp, self.cfg, self.mngr = exp, cfg, mngr
+    self.expect, self.preset, self.step = expect, preset, step
+    self.skipped, self.best, self.stale = 0, float('inf'), 0
+    self.divergence = faults.DivergenceWatch(cfg.get('divergence_factor',
+                                                     10.0))
+    # A checkpoint is good once a step from it was finite.
+    self.good, self.unconfirmed = None, step if step else None
+
+  def check_step(self, state, batch, metrics, bar) -> None:
+    """Stops (NonFiniteError) or counts a non-finite or diverging step."""
+    if not bool(metrics['finite']):
+      self.skipped = _nonfinite_step(self.exp, self.cfg, state, batch,
+                                     metrics, self.step, self.skipped,
+                                     self.last_good())
+      bar.write(f'step {self.step}: skipped, loss {float(metrics["loss"])}, '
+                f'grad_norm {float(metrics["grad_norm"])} '
+                f'({self.skipped} in a row)')
+      return
+    self.skipped = 0
+    if self.unconfirmed is not None:
+      self.good, self.unconfirmed = self.unconfirmed, None
+    problem = self.divergence.check(float(metrics['loss']))
+    if problem:
+      where = faults.largest(_probe(self.exp, state, batch))
+      raise faults.NonFiniteError(
+          f'step {self.step}: {problem}; {where}. The run diverged; the last '
+          f'good checkpoint is {self.last_good()}; lower the learning rate, '
+          'or raise --config.train.divergence_factor (0 turns this off).')
+
+  def validate(self, state, writer, bar) -> bool:
+    """Runs `exp.validate`; True if early stopping says stop."""
+    result = self.exp.validate(state)
+    bar.write(f'step {self.step} valid: ' + format_metrics(result))
+    log_scalars(writer, self.step, 'valid', result)
+    bad = [k for k, v in result.items()
+           if isinstance(v, float) and not np.isfinite(v)]
+    if bad:
+      raise faults.NonFiniteError(
+          f'step {self.step}: validation {", ".join(bad)} not finite '
+          f'({format_metrics(result)}): the model diverged; the last good '
+          f'checkpoint is {self.last_good()}; lower the learning rate.')
+    if result['loss'] < self.best:
+      self.best, self.stale = result['loss'], 0
+    else:
+      self.stale += 1
+    return bool(self.cfg.early_stop_patience) and (
+        self.stale >= self.cfg.early_stop_patience)
+
+  def save(self, state, kind: str) -> None:
+    """Prunes old checkpoints (the previous save is committed first), then
+    saves this step's asynchronously."""
+    self.check_saves()
+    checkpointing.prune(self.mngr, self.cfg.keep_checkpoints)
+    checkpointing.save(self.mngr, self.step, state, dict(
+        self.expect, data=self.exp.batcher.state(), step=self.step,
+        preset=self.preset, kind=kind))
+    self.unconfirmed = self.step
+
+  def check_saves(self) -> None:
+    """Raises faults.SaveError if a save in flight failed."""
+    try:
+      self.mngr.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise faults.SaveError(
+          f'saving a checkpoint in {self.mngr.directory} failed: '
+          f'{type(e).__name__}: {str(e).splitlines()[0][:200]}; the last '
+          f'complete checkpoint is {self.last_good()}; free space or fix the '
+          'directory, then rerun the same command to resume.') from None
+
+  def finish_saves(self) -> None:
+    """Waits for the save in flight, checks it, prunes."""
+    try:
+      self.mngr.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    self.check_saves()
+    checkpointing.prune(self.mngr, self.cfg.keep_checkpoints)
+
+  def last_good(self) -> str:
+    """The newest checkpoint known good, as a path (or 'none')."""
+    return 'none' if self.good is None else f'{self.mngr.directory}/{self.good}'
 
 
 def train(exp: Experiment, config: Any, workdir: str):
@@ -505,8 +617,14 @@ def train(exp: Experiment, config: Any, workdir: str):
   <workdir>/tensorboard, per-step losses in <workdir>/losses.csv, probes
   (if on) in <workdir>/probes.csv. Returns (state, manager, expect,
   writer); the caller evaluates and closes the manager."""
-  mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
-                               config.train.keep_checkpoints)
+  lock = faults.WorkdirLock(workdir, take=jax.process_index() == 0)
+  lock.__enter__()
+  try:
+    mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'))
+  except BaseException:
+    lock.__exit__()
+    raise
+  mngr.lock = lock  # released by close_run
   expect = {'vocab_fingerprint': exp.data.fingerprint,
             **checkpointing.run_identity(config)}
   step_log = writer = None
@@ -521,7 +639,7 @@ def train(exp: Experiment, config: Any, workdir: str):
     state = fit(exp, config.train, mngr, expect, writer, config.preset,
                 probe_log, state=state, step_log=step_log)
   except BaseException:
-    mngr.close()  # waits for a save in flight; the last good one stays
+    close_run(mngr)  # waits for a save in flight; the last good one stays
     if writer is not None:
       writer.close()
     raise
@@ -531,9 +649,21 @@ def train(exp: Experiment, config: Any, workdir: str):
   return state, mngr, expect, writer
 
 
-def _nonfinite_step(exp: Experiment, cfg: Any, mngr, state: TrainState,
-                    batch: dict, metrics: dict, step: int, skipped: int
-                    ) -> int:
+def close_run(mngr) -> None:
+  """Closes the checkpoint manager of `train` (waiting for a save in
+  flight, whose failure was reported already) and releases the workdir."""
+  try:
+    with checkpointing.quiet_asyncio():
+      mngr.close()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  finally:
+    mngr.lock.__exit__()
+
+
+def _nonfinite_step(exp: Experiment, cfg: Any, state: TrainState,
+                    batch: dict, metrics: dict, step: int, skipped: int,
+                    last_good: str) -> int:
   """Raises NonFiniteError, or returns the count of steps skipped in a row."""
   skipped += 1
   policy = cfg.get('nonfinite', 'stop')
@@ -542,8 +672,6 @@ def _nonfinite_step(exp: Experiment, cfg: Any, mngr, state: TrainState,
                      "'skip'.")
   if policy == 'skip' and skipped <= cfg.get('nonfinite_max_skips', 10):
     return skipped
-  mngr.wait_until_finished()
-  last = mngr.latest_step()
   # The step left the state as it was: probe the same batch from it.
   where = faults.locate(_probe(exp, state.replace(step=state.step - 1),
                                batch), state.params)
@@ -553,9 +681,8 @@ def _nonfinite_step(exp: Experiment, cfg: Any, mngr, state: TrainState,
   raise faults.NonFiniteError(
       f'step {step}: loss {float(metrics["loss"])}, gradient norm '
       f'{float(metrics["grad_norm"])}; {where}. Nothing of this step was '
-      f'saved; the last good checkpoint is '
-      f'{"none" if last is None else f"{mngr.directory}/{last}"}; '
-      f'{hint}lower the learning rate or check the data.')
+      f'saved; the last good checkpoint is {last_good}; {hint}lower the '
+      'learning rate or check the data.')
 
 
 def _probe(exp: Experiment, state: TrainState, batch: dict) -> dict:

@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import sacrebleu
 import tqdm
 
@@ -112,7 +111,8 @@ class Experiment(train_lib.Experiment):
   def finish(self, state, mngr, expect, writer) -> dict[str, Any]:
     """Averages the last `decode.average_last` checkpoints into
     <workdir>/averaged and scores the test set with it."""
-    steps = sorted(mngr.all_steps())[-self.config.decode.average_last:]
+    steps = checkpointing.averaging_steps(str(mngr.directory),
+                                          self.config.decode.average_last)
     abstract = checkpointing.abstract_like(self.state, self.state_shardings)
     states = [checkpointing.restore(mngr, s, abstract, expect)[0]
               for s in steps]
@@ -141,20 +141,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 
 def save_averaged(workdir: str, state, meta: dict) -> None:
-  path = os.path.join(workdir, AVERAGED)
-  with ocp.CheckpointManager(os.path.abspath(path), options=
-                             ocp.CheckpointManagerOptions(max_to_keep=1,
-                                                          create=True)) as m:
-    checkpointing.save(m, 0, state, meta)
-    m.wait_until_finished()
+  """<workdir>/averaged, replaced atomically; `meta['steps']` records the
+  checkpoints it averages."""
+  checkpointing.write_single(os.path.join(workdir, AVERAGED), state, meta)
 
 
 def evaluate(config, workdir: str, checkpoint: str = AVERAGED,
              split: str = 'test') -> dict[str, float]:
   """Scores `checkpoint` ('averaged', 'latest' or a step) on `split`."""
   exp = Experiment(config, workdir)
-  state, _ = exp.load_checkpoint(checkpoint)
+  state, what = exp.load_checkpoint(checkpoint)
   result, _ = exp.score(state, split)
-  print(f'{split} ({checkpoint}): ' + train_lib.format_metrics(result),
+  print(f'{split} ({what}): ' + train_lib.format_metrics(result),
         flush=True)
   return result

@@ -129,14 +129,10 @@ def _existing(directory: str, name: str) -> str | None:
 
 def local_files(cfg: Any) -> dict[str, str]:
   """The path of each split's file (see the module docstring)."""
-  directory = os.path.expanduser(str(sources.cfg_get(cfg, 'path',
-                                                     required=True)))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(
-        f'cfg.path: data directory {directory} does not exist (cwd '
-        f'{os.getcwd()}); point cfg.path at a directory with '
-        'ptb.{train,valid,test}.txt, wiki.{train,valid,test}.tokens or '
-        '{train,valid,test}.txt files.')
+  directory = sources.readable_directory(
+      str(sources.cfg_get(cfg, 'path', required=True)), 'cfg.path',
+      'point cfg.path at a directory with ptb.{train,valid,test}.txt, '
+      'wiki.{train,valid,test}.tokens or {train,valid,test}.txt files.')
   names = {split: sources.cfg_get(cfg, f'{split}_file', '') or ''
            for split in SPLITS}
   auto = [split for split in SPLITS if not names[split]]

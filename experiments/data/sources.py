@@ -93,6 +93,24 @@ def read_lines(path: str, allow_empty: bool = False) -> list[str]:
   return lines
 
 
+def readable_directory(directory: str, setting: str, hint: str) -> str:
+  """`directory` (user-expanded) if it is a directory this process may
+  list; else FileNotFoundError or PermissionError naming `setting`."""
+  directory = os.path.expanduser(directory)
+  try:
+    os.listdir(directory)
+  except PermissionError:
+    raise PermissionError(
+        f'{setting}: permission denied listing data directory {directory} '
+        f'(user {os.getuid()}); make it readable, or point {setting} at a '
+        'copy.') from None
+  except (FileNotFoundError, NotADirectoryError):
+    raise FileNotFoundError(
+        f'{setting}: data directory {directory} does not exist (cwd '
+        f'{os.getcwd()}); {hint}') from None
+  return directory
+
+
 def _find_file(directory: str, name: str, split: str) -> str:
   for candidate in (name, name + '.gz'):
     path = os.path.join(directory, candidate)
@@ -106,12 +124,10 @@ def _find_file(directory: str, name: str, split: str) -> str:
 
 def read_local(cfg: Any) -> Splits:
   """fairseq layout: {path}/{prefix}{suffix}.{src_lang|tgt_lang}[.gz]."""
-  directory = os.path.expanduser(str(cfg_get(cfg, 'path', required=True)))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(
-        f'cfg.path: data directory {directory} does not exist (cwd '
-        f'{os.getcwd()}); point cfg.path at a directory with '
-        f'train/valid/test.{{src_lang,tgt_lang}} files.')
+  directory = readable_directory(
+      str(cfg_get(cfg, 'path', required=True)), 'cfg.path',
+      'point cfg.path at a directory with train/valid/test.{src_lang,'
+      'tgt_lang} files.')
   src_lang = cfg_get(cfg, 'src_lang', required=True)
   tgt_lang = cfg_get(cfg, 'tgt_lang', required=True)
   splits = {}

@@ -57,7 +57,7 @@ def run(workdir, c=None, poison=None):
       return step_fn(state, batch)
     exp.train_step = poisoned
   state, mngr, _, _ = train_lib.train(exp, c or config(), workdir)
-  mngr.close()
+  train_lib.close_run(mngr)
   return state
 
 
