@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax._src import common
+from normjax._src import common, rules
 from normjax._src import definition as nd
 
 Array = jax.Array
@@ -51,7 +51,9 @@ DOC = """Masked BatchNorm (Ioffe & Szegedy, 2015, https://arxiv.org/abs/1502.031
 
   Returns:
     `(y, new_state)`. A batch without real tokens is normalised with the
-    running statistics and leaves the state unchanged.
+    running statistics and leaves the state unchanged. A batch whose real
+    tokens hold a NaN or an infinity leaves it unchanged too (its output is
+    the user's non-finite input normalised by the batch statistics).
   """
 
 
@@ -63,6 +65,7 @@ def _train(x, mask, state, params, options, axis_name):
   var, _ = common.masked_row_mean(
       jnp.square(xf - common.feat(mu, xf.ndim)), mask, axis_name)
   has_data = count > 0
+  update = has_data & common.all_finite(mu, var)
   mu = jnp.where(has_data, mu, state.mean.astype(dtype))
   var = jnp.where(has_data, var, state.var.astype(dtype))
   z = (xf - common.feat(mu, xf.ndim)) * common.feat(
@@ -72,7 +75,7 @@ def _train(x, mask, state, params, options, axis_name):
   m = options['momentum']
   new = BatchNormState(mean=m * state.mean + (1 - m) * mu,
                        var=m * state.var + (1 - m) * var)
-  return y, common.keep_if(has_data, new, state)
+  return y, common.keep_if(update, new, state)
 
 
 def _eval_affine(params, state, options, xp):
@@ -85,12 +88,14 @@ def _eval_affine(params, state, options, xp):
 BATCH_NORM = nd.register(nd.NormDefinition(
     kind='batchnorm', name='batch_norm', module='BatchNorm',
     options=(
-        nd.Option('momentum', 0.99, 'decay of the running averages (flax).'),
-        nd.Option('eps', 1e-5, 'added to the variance.', field='epsilon'),
+        nd.Option('momentum', 0.99, 'decay of the running averages (flax); '
+                  '1 freezes them.', check=rules.DECAY),
+        nd.Option('eps', 1e-5, 'added to the variance.', field='epsilon',
+                  check=rules.EPS),
         nd.Option('num_batch_groups', 1,
                   'split the batch axis into this many groups with their own '
                   'statistics and running state (a virtual per-device '
-                  'batch).'),
+                  'batch).', check=rules.COUNT),
     ),
     doc=DOC,
     train=_train,

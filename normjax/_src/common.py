@@ -270,6 +270,18 @@ def first_group(state: NamedTuple, num_batch_groups: int) -> NamedTuple:
   return jax.tree.map(lambda v: v[0], state)
 
 
+def all_finite(*arrays: Array) -> Array:
+  """One bool scalar: True when no entry of `arrays` is NaN or infinite.
+
+  The stateful norms test their per-feature batch statistics with it (a [C]
+  reduction, not one over x): a non-finite real token makes its feature's
+  statistic non-finite, and statistics are already summed over `axis_name`,
+  so every member of the axis sees the same answer.
+  """
+  return functools.reduce(
+      jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in arrays])
+
+
 def keep_if(pred: Array, new: NamedTuple, old: NamedTuple) -> NamedTuple:
   """Leafwise `where(pred, new, old)`, keeping the old dtypes."""
   return jax.tree.map(

@@ -21,17 +21,22 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import common
+from normjax._src import rules
+
 
 class Option(NamedTuple):
-  """One option of a norm: its keyword, default and meaning.
+  """One option of a norm: its keyword, default, meaning and valid values.
 
   `field` names the linen module field when flax spells it differently
-  (`eps` is flax's `epsilon`, `axis` its `reduction_axes`).
+  (`eps` is flax's `epsilon`, `axis` its `reduction_axes`). `check` is the
+  `rules.Rule` its value must satisfy (None: checked by the norm itself);
+  the record applies it to every call (`NormDefinition.check_options`).
   """
   name: str
   default: Any
   doc: str
   field: str = ''
+  check: rules.Rule | None = None
 
   @property
   def module_field(self) -> str:
@@ -137,9 +142,8 @@ class NormDefinition:
           f'NormDefinition {self.kind!r}: a stateful norm needs the option '
           "Option('num_batch_groups', 1, ...): the shared skeleton splits "
           'the batch into that many groups with their own state.')
-    if self.apply is None:
-      object.__setattr__(self, 'apply', functools.partial(
-          common.stateful_apply, self))
+    apply = self.apply or functools.partial(common.stateful_apply, self)
+    object.__setattr__(self, 'apply', _checked_apply(self, apply))
     object.__setattr__(self, 'function', _make_function(self))
 
   @staticmethod
@@ -163,7 +167,27 @@ class NormDefinition:
     if unknown:
       raise TypeError(f'{fn}: unknown options {unknown}; {fn} accepts '
                       f'{sorted(self.defaults)}.')
-    return {**self.defaults, **given}
+    resolved = {**self.defaults, **given}
+    self.check_options(resolved, fn)
+    return resolved
+
+  def check_options(self, options: Mapping[str, Any], fn: str | None = None,
+                    *, fields: bool = False) -> None:
+    """Raises a ValueError naming the first option its rule rejects.
+
+    `options` is keyed by option names; `fields=True` names the option by
+    its module field in the message (`epsilon` for a module's `eps`).
+    """
+    fn = fn or self.name
+    for option in self.options:
+      rule = option.check
+      if rule is None or option.name not in options:
+        continue
+      value = options[option.name]
+      if not rule.accepts(value):
+        name = option.module_field if fields else option.name
+        raise ValueError(f'{fn}: `{name}` must be {rule.expected}, got '
+                         f'{value!r}.')
 
   def new_state(self, features: int, dtype=jnp.float32, **options) -> Any:
     """A fresh state; `options` may hold any option (the rest default)."""
@@ -174,6 +198,22 @@ class NormDefinition:
 
 
 _P = inspect.Parameter
+
+
+def _checked_apply(definition: NormDefinition,
+                   apply: Callable[..., Any]) -> Callable[..., Any]:
+  """`apply` with the options checked first: the one funnel of the function,
+  the modules and evaluation cores."""
+  if getattr(apply, 'checked_for', None) is definition:
+    return apply
+
+  @functools.wraps(apply)
+  def checked(x, params, state, **kwargs):
+    definition.check_options(kwargs, definition.name)
+    return apply(x, params, state, **kwargs)
+
+  checked.checked_for = definition
+  return checked
 
 
 def _make_function(definition: NormDefinition) -> Callable[..., Any]:
@@ -204,6 +244,7 @@ def _options_doc(definition: NormDefinition) -> str:
   if not definition.options:
     return ''
   lines = [f'    {o.name} (default {o.default!r}): {o.doc}'
+           + (f' Must be {o.check.expected}.' if o.check else '')
            for o in definition.options]
   return '\n\n  Options:\n' + '\n'.join(lines) + '\n'
 

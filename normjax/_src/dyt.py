@@ -7,12 +7,14 @@ official code jiachenzhu/DyT (`dynamic_tanh.py`,
 
 from __future__ import annotations
 
+import math
 
 import jax
 import jax.numpy as jnp
 
 from normjax._src import common
 from normjax._src import definition as nd
+from normjax._src import rules
 
 Array = jax.Array
 
@@ -119,7 +121,10 @@ DYT = nd.register(nd.NormDefinition(
         "initial alpha; a float or a site name of `dyt_alpha_init` "
         "('default', 'attention', 'ffn', 'final', resolved with the width of "
         '`x`, the LLaMA recipe). The LLaMA variant has no bias: '
-        '`use_bias=False`.', field='alpha_init'),),
+        '`use_bias=False`.', field='alpha_init',
+        check=rules.either(rules.number(-math.inf, math.inf, low_open=True,
+                                        high_open=True),
+                           rules.one_of(*SITES))),),
     doc=DYT_DOC, apply=_dyt,
     extra_params=(nd.ParamSpec('alpha', 'alpha_init', DEFAULT_ALPHA,
                                shape='one', to_value=_alpha_value),)))

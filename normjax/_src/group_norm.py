@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from normjax._src import common
 from normjax._src import definition as nd
 from normjax._src import layer_norm as ln_lib
+from normjax._src import rules
 
 Array = jax.Array
 
@@ -76,8 +77,7 @@ EVONORM_S0_DOC = """EvoNorm-S0, per token.
 
 
 def check_group_count(num_groups: Any, features: int, fn: str) -> None:
-  if isinstance(num_groups, bool) or not isinstance(num_groups, int) or (
-      num_groups < 1):
+  if not rules.COUNT.accepts(num_groups):
     raise ValueError(f'{fn}: `num_groups` must be a positive int, got '
                      f'{num_groups!r}.')
   if features % num_groups:
@@ -116,9 +116,9 @@ def _group_norm(x, params, state, *, mask, use_running_average, axis_name,
 GROUP_NORM = nd.register(nd.NormDefinition(
     kind='groupnorm', name='group_norm', module='GroupNorm',
     options=(nd.Option('num_groups', 32, 'G, must divide the features '
-                       "(flax's default 32)."),
+                       "(flax's default 32).", check=rules.COUNT),
              nd.Option('eps', 1e-6, "added to the variance (flax's GroupNorm "
-                       'default 1e-6).', field='epsilon')),
+                       'default 1e-6).', field='epsilon', check=rules.EPS)),
     doc=GROUP_NORM_DOC, apply=_group_norm))
 group_norm = GROUP_NORM.function
 
@@ -141,10 +141,6 @@ def _evonorm_s0(x, params, state, *, mask, use_running_average, axis_name,
       params, fn, {'v': (features,), 'scale': (features,),
                    'bias': (features,)}, features)
   common.check_mask(mask, x, fn)
-  if isinstance(num_groups, bool) or not isinstance(num_groups, int) or (
-      num_groups < 1):
-    raise ValueError(f'{fn}: `num_groups` must be a positive int, got '
-                     f'{num_groups!r}.')
   dtype = common.stats_dtype(x)
   xs = x.astype(dtype)
   v = params.pop('v', None)
@@ -162,11 +158,12 @@ def _evonorm_s0(x, params, state, *, mask, use_running_average, axis_name,
 
 EVONORM_S0 = nd.register(nd.NormDefinition(
     kind='evonorm_s0', name='evonorm_s0', module='EvoNormS0',
-    options=(nd.Option('num_groups', 32, 'starting G (official 32).'),
+    options=(nd.Option('num_groups', 32, 'starting G (official 32).',
+                       check=rules.COUNT),
              nd.Option('nonlinearity', True, 'False for the official '
-                       'affine-only variant.'),
+                       'affine-only variant.', check=rules.FLAG),
              nd.Option('eps', 1e-5, 'added to the group variance (official '
-                       '1e-5).', field='epsilon')),
+                       '1e-5).', field='epsilon', check=rules.EPS)),
     doc=EVONORM_S0_DOC, apply=_evonorm_s0,
     extra_params=(nd.ParamSpec('v', 'v_init', 1.0,
                                enabled_by='nonlinearity'),)))

@@ -13,6 +13,7 @@ import numpy as np
 from normjax._src import common
 from normjax._src import cpu_kernel
 from normjax._src import definition as nd
+from normjax._src import rules
 
 Array = jax.Array
 
@@ -226,7 +227,8 @@ def _own_affine(kind: str):
 _AXIS = nd.Option('axis', -1, 'reduction axes; must include -1.',
                   field='reduction_axes')
 _PER_TOKEN_EPS = nd.Option('eps', 1e-6, 'added to the variance (flax 1e-6; '
-                           'fairseq uses 1e-5).', field='epsilon')
+                           'fairseq uses 1e-5).', field='epsilon',
+                           check=rules.EPS)
 
 LAYER_NORM = nd.register(nd.NormDefinition(
     kind='layernorm', name='layer_norm', module='LayerNorm',
@@ -258,7 +260,7 @@ def group_scale(x: Array, num_groups: int, eps: float = 1e-5) -> Array:
 
 
 def check_num_groups(num_groups: Any, features: int, fn: str) -> None:
-  if not isinstance(num_groups, int) or num_groups < 1:
+  if not rules.COUNT.accepts(num_groups):
     raise ValueError(f'{fn}: `num_groups` must be a positive int, got '
                      f'{num_groups!r}.')
   if features % num_groups:
@@ -285,9 +287,9 @@ def _group_scaling(x, params, state, *, mask, use_running_average,
 GROUP_SCALING = nd.register(nd.NormDefinition(
     kind='group_scaling', name='group_scaling', module='GroupScaling',
     options=(nd.Option('num_groups', 1, 'groups of features, each divided '
-                       'by its root mean square.'),
+                       'by its root mean square.', check=rules.COUNT),
              nd.Option('eps', 1e-5, 'added to the mean square (PowerNorm '
-                       '1e-5).', field='epsilon')),
+                       '1e-5).', field='epsilon', check=rules.EPS)),
     doc=GROUP_SCALING_DOC, apply=_group_scaling, use_scale=False,
     use_bias=False, eval_affine=_own_affine('group_scaling')))
 group_scaling = GROUP_SCALING.function
@@ -387,7 +389,8 @@ LAYER_NORM_SCALING = nd.register(nd.NormDefinition(
         nd.Option('layer_index', None, 'l >= 1, a Python int or a scalar '
                   'array; required (block 1 is the unscaled one).'),
         nd.Option('base', 'layernorm', "'layernorm' or 'rmsnorm' (the "
-                  "official code scales LLaMA's RMSNorm)."),
+                  "official code scales LLaMA's RMSNorm).",
+                  check=rules.one_of('layernorm', 'rmsnorm')),
         _AXIS, _PER_TOKEN_EPS),
     doc=LAYER_NORM_SCALING_DOC, apply=_layer_norm_scaling))
 layer_norm_scaling = LAYER_NORM_SCALING.function

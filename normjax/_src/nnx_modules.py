@@ -87,6 +87,8 @@ class _Norm(nnx.Module):
     for name, value in {**self.fields, **kwargs}.items():
       setattr(self, name, value)
     self.num_features = num_features
+    self.definition.check_options(self._options(), type(self).__name__,
+                                  fields=True)
     self.definition.resolve(self._options(), type(self).__name__)
     self._param_names = self._make_params(num_features, rngs)
 

@@ -84,6 +84,7 @@ ffi::Error Stats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
           r = 1.0f / std::sqrt(q / static_cast<float>(cg) + gs_eps);
         }
         rp[i * ng + g] = r;
+        if (wi == 0.0f) continue;  // a pad: a NaN there must not enter psi2
         const float wr2 = wi * r * r;
         float* ag = acc + g * cg;
 #pragma omp simd
@@ -166,7 +167,7 @@ void BackwardImpl(const float* __restrict xp, const float* __restrict rp,
           const float z = xs * dg[j];
           const float gy = gg[j];
           const float gh = kDx ? gy * sg[j] - cg_[j] * z * cw : gy * sg[j];
-          ug[j] += cw * gh * z;
+          ug[j] += cw != 0.0f ? cw * gh * z : 0.0f;  // pads: NaN-proof
           vg[j] += gy * z;
           wg[j] += gy;
           if (kDx && kGroupScaled) a += gh * bg[j] * xs;

@@ -190,7 +190,8 @@ def _pn_backward(opts, res, cotangents):
   dy, _ = cotangents  # psi2 is a statistic: no gradient flows through it
   dx, du, dscale, dbias = backward(x, rs, inv_d, inv_bd, scale, corr, cw,
                                     dy, opts.num_groups > 0)
-  du = jnp.where(has_data, du / jnp.maximum(jnp.sum(cw), 1), 0)
+  du = jnp.where(has_data & jnp.all(jnp.isfinite(du)),
+                 du / jnp.maximum(jnp.sum(cw), 1), 0)
   return (dx, dscale, dbias, None, None, jnp.zeros_like(corr), du, None)
 
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax._src import common, power_kernel
+from normjax._src import common, power_kernel, rules
 from normjax._src import definition as nd
 from normjax._src.layer_norm import check_num_groups, group_scale
 
@@ -81,7 +81,8 @@ def _pn_core(xs, denom, bwd_denom, row_weight, has_data, ema_gz, alpha_bkw,
     row_weight: None (every row counts in the gradient statistic and gets the
       correction term, the official behaviour) or a 0/1 [...] array of the
       rows that do.
-    has_data: bool scalar; without real tokens the statistic does not move.
+    has_data: bool scalar; without real tokens the statistic does not move,
+      nor when its update is not finite (a non-finite input or cotangent).
     ema_gz: [C] u_{t-1}; the cotangent returned for it is u_t - u_{t-1}.
   """
   del bwd_denom, row_weight, has_data, ema_gz
@@ -103,7 +104,7 @@ def _pn_core_bwd(alpha_bkw, axis_name, res, g):
     correction = correction * row_weight[..., None]
   g_hat = g - correction
   du, _ = common.masked_row_mean(g_hat * z, row_weight, axis_name)
-  du = jnp.where(has_data, du, 0).astype(u.dtype)
+  du = jnp.where(has_data & common.all_finite(du), du, 0).astype(u.dtype)
   return g_hat / common.feat(bwd_denom, z.ndim), None, None, None, None, du
 
 
@@ -152,7 +153,9 @@ POWER_NORM_DOC = """PowerNorm (Shen et al., 2020, https://arxiv.org/abs/2003.078
     `(y, new_state)`, `y` in the dtype of `x`. `new_state.ema_gz` is
     `state.ema_gz`: its update is the cotangent of `state.ema_gz` (see the
     module docstring). A batch without real tokens is normalised with phi and
-    leaves the whole state unchanged.
+    leaves the whole state unchanged. So does, for the state and u, a batch
+    whose real tokens hold a NaN or an infinity, and u ignores an update
+    made non-finite by the cotangent.
   """
 
 PN_V_DOC = """PN-V: batch quadratic-mean normalisation (Shen et al., 2020, §4.1, https://arxiv.org/abs/2003.07845).
@@ -213,16 +216,6 @@ def _check_group_scaling(options: dict[str, Any], features: int,
     check_num_groups(options['num_groups'], features, fn)
 
 
-def _check_power_norm(options: dict[str, Any], features: int,
-                      fn: str) -> None:
-  _check_group_scaling(options, features, fn)
-  common.check_choice(options['backward_denominator'], 'backward_denominator',
-                      ('batch', 'running'), fn)
-  common.check_choice(options['grad_mean_over'], 'grad_mean_over',
-                      ('padded', 'valid'), fn)
-  backward = options['backward']
-  if backward is not None:
-    common.check_choice(backward, 'backward', ('approximate', 'autodiff'), fn)
 
 
 def _row_count(x: Array, mask: Array | None, axis_name: Any) -> Array:
@@ -314,7 +307,7 @@ def _power_norm_train(x, mask, state, params, options, axis_name):
     xg, pg, sg = common.guard_backward_stats(
         x, params, state, options, 'power_norm', PowerNormState.BACKWARD_FIELDS)
     y, psi2 = _approximate(xg, mask, sg, t, pg, options, axis_name)
-  has_data = _row_count(x, mask, axis_name) > 0
+  update = (_row_count(x, mask, axis_name) > 0) & common.all_finite(psi2)
   phi_prev = state.running_phi.astype(dtype)
   tf = t.astype(dtype)
   phi = jnp.where(t < options['warmup_steps'],
@@ -322,23 +315,23 @@ def _power_norm_train(x, mask, state, params, options, axis_name):
   a_f = options['alpha_fwd']
   phi = a_f * phi + (1 - a_f) * psi2
   new = state._replace(running_phi=phi, step=t)
-  return y, common.keep_if(has_data, new, state)
+  return y, common.keep_if(update, new, state)
 
 
 _GROUP_SCALING_OPTIONS = (
     nd.Option('num_groups', 1, 'GroupScaling groups (the official runs use '
-              'the head count).'),
+              'the head count).', check=rules.COUNT),
     nd.Option('use_group_scaling', True, 'False drops GroupScaling (an '
-              'ablation).'),
+              'ablation).', check=rules.FLAG),
     nd.Option('group_scaling_eps', 1e-5, "GroupScaling's eps (hard-wired to "
-              '1e-5 officially).'),
+              '1e-5 officially).', check=rules.EPS),
 )
 _NUM_BATCH_GROUPS = nd.Option(
     'num_batch_groups', 1,
     'split the batch axis into this many groups, each with its own '
     'statistics and state, to reproduce the official per-GPU behaviour '
     "whatever the device count. Evaluation uses group 0's state, as the "
-    "official checkpoints held rank 0's buffers.")
+    "official checkpoints held rank 0's buffers.", check=rules.COUNT)
 
 
 def _probe(x, state, options):
@@ -352,29 +345,35 @@ POWER_NORM = nd.register(nd.NormDefinition(
     options=(
         nd.Option('warmup_steps', 10000, 'W; official class default 10000, '
                   'the fairseq layers use the learning-rate warmup (8000), '
-                  'the final stack norm 1000.'),
-        nd.Option('alpha_fwd', 0.9, 'decay of phi (official 0.9).'),
-        nd.Option('alpha_bkw', 0.9, 'decay of u (official 0.9).'),
+                  'the final stack norm 1000; 0: no warmup.',
+                  check=rules.STEPS),
+        nd.Option('alpha_fwd', 0.9, 'decay of phi (official 0.9); 1 freezes '
+                  'phi at its warmup value.', check=rules.DECAY),
+        nd.Option('alpha_bkw', 0.9, 'decay of u (official 0.9); 1 drops the '
+                  'correction term.', check=rules.DECAY),
         nd.Option('eps', 1e-5, 'added to the quadratic mean.',
-                  field='epsilon'),
+                  field='epsilon', check=rules.EPS),
         *_GROUP_SCALING_OPTIONS,
         nd.Option('backward_denominator', 'batch',
-                  "'batch' (official) or 'running' (paper)."),
+                  "'batch' (official) or 'running' (paper).",
+                  check=rules.one_of('batch', 'running')),
         nd.Option('grad_mean_over', 'padded',
-                  "'padded' (official) or 'valid' (paper)."),
+                  "'padded' (official) or 'valid' (paper).",
+                  check=rules.one_of('padded', 'valid')),
         _NUM_BATCH_GROUPS,
         nd.Option('freeze_backward_stats', False,
-                  common.FREEZE_BACKWARD_STATS_DOC),
+                  common.FREEZE_BACKWARD_STATS_DOC, check=rules.FLAG),
         nd.Option('backward', None,
                   "'approximate' (the rule above) or 'autodiff': exact "
                   'autodiff of the same forward pass (through psi2 in '
                   'warmup; after it phi_{t-1} is a constant), leaving u '
                   "unchanged. None: 'approximate', or 'autodiff' inside "
-                  '`normjax.functional.power_norm_autodiff()`.'),
+                  '`normjax.functional.power_norm_autodiff()`.',
+                  check=rules.one_of(None, 'approximate', 'autodiff')),
     ),
     doc=POWER_NORM_DOC,
     train=_power_norm_train,
-    check=_check_power_norm,
+    check=_check_group_scaling,
     init_state=lambda features, dtype, o: init_power_norm_state(
         features, dtype, o['num_batch_groups']),
     backward_stats=PowerNormState.BACKWARD_FIELDS,
@@ -391,21 +390,23 @@ def _pn_v_train(x, mask, state, params, options, axis_name):
   xs = _prescale(x, dtype, options)
   psi2, count = common.masked_row_mean(jnp.square(xs), mask, axis_name)
   has_data = count > 0
+  update = has_data & common.all_finite(psi2)
   psi2 = jnp.where(has_data, psi2, state.running_phi.astype(dtype))
   y = common.affine(
       xs * common.feat(jax.lax.rsqrt(psi2 + options['eps']), xs.ndim),
       params, dtype)
   m = options['momentum']
   phi = m * state.running_phi + (1 - m) * jax.lax.stop_gradient(psi2)
-  return y, common.keep_if(has_data, PNVState(running_phi=phi), state)
+  return y, common.keep_if(update, PNVState(running_phi=phi), state)
 
 
 PN_V = nd.register(nd.NormDefinition(
     kind='pn_v', name='pn_v', module='PNV',
     options=(
-        nd.Option('momentum', 0.9, 'decay of the running quadratic mean.'),
+        nd.Option('momentum', 0.9, 'decay of the running quadratic mean.',
+                  check=rules.DECAY),
         nd.Option('eps', 1e-5, 'added to the quadratic mean.',
-                  field='epsilon'),
+                  field='epsilon', check=rules.EPS),
         *_GROUP_SCALING_OPTIONS,
         _NUM_BATCH_GROUPS,
     ),

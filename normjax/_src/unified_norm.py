@@ -14,12 +14,13 @@ core as inputs, and their updates come back as their cotangents; see
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from normjax._src import common, power_kernel
+from normjax._src import common, power_kernel, rules
 from normjax._src import definition as nd
 
 Array = jax.Array
@@ -61,7 +62,10 @@ UNIFIED_NORM_DOC = """Unified Normalization (Yang et al., 2022, https://arxiv.or
   Returns:
     `(y, new_state)`; `new_state.ema_gz` and `new_state.bwd_window` are those
     of `state` (their updates are cotangents). A batch without real tokens
-    ('valid' mode) is normalised with R and leaves the state unchanged.
+    ('valid' mode) is normalised with R and leaves the state unchanged. So
+    does, for the whole state, a batch whose statistic rows ('valid': the
+    real tokens; 'padded': every row) hold a NaN or an infinity, and nu and
+    H ignore an update made non-finite by the cotangent.
   """
 
 
@@ -140,6 +144,15 @@ def _gradient_statistics(q, t, skip, nu_prev, window_prev, momentum,
   return jnp.where(skip, mu, nu), nu, window
 
 
+def _updates(has_data, q, nu, nu_prev, window, window_prev):
+  """The cotangents of nu and H: their updates, or 0 when the batch does
+  not count (`has_data` false) or q is not finite (a non-finite input or
+  cotangent)."""
+  keep = has_data & common.all_finite(q)
+  return (jnp.where(keep, nu - nu_prev, 0),
+          jnp.where(keep, window - window_prev, 0))
+
+
 def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
   z, var, r, skip, t, row_weight, has_data, nu_prev, window_prev = res
   g = common.feat(r, dz.ndim) * dz
@@ -150,8 +163,7 @@ def _un_core_bwd(momentum, warmup_steps, axis_name, res, dz):
   if row_weight is not None:
     correction = correction * row_weight[..., None]
   dx = (g - correction) * common.feat(jax.lax.rsqrt(var), z.ndim)
-  d_nu = jnp.where(has_data, nu - nu_prev, 0)
-  d_window = jnp.where(has_data, window - window_prev, 0)
+  d_nu, d_window = _updates(has_data, q, nu, nu_prev, window, window_prev)
   return dx, None, None, None, None, None, None, d_nu, d_window
 
 
@@ -189,8 +201,7 @@ def _un_fused_bwd(momentum, warmup_steps, res, dy):
   dx, _, _, _ = power_kernel.backward(
       x, jnp.ones(x.shape[:-1] + (1,), x.dtype), inv, inv, g_scale, coef, cw,
       dy, False)
-  d_nu = jnp.where(has_data, nu - nu_prev, 0)
-  d_window = jnp.where(has_data, window - window_prev, 0)
+  d_nu, d_window = _updates(has_data, q, nu, nu_prev, window, window_prev)
   return (dx, r * dscale, dbias, None, None, None, None, None, None, d_nu,
           d_window)
 
@@ -295,9 +306,9 @@ def _unified_norm_train(x, mask, state, params, options, axis_name):
   sigma2, r, skip, outlier, window = _forward_statistics(s, count, state,
                                                          options)
   t = state.step + 1
-  has_data = count > 0
+  update = (count > 0) & common.all_finite(s)
   stats = (sigma2 + options['eps'], r, skip, t)
-  grad_stats = (has_data, state.ema_gz.astype(dtype),
+  grad_stats = (update, state.ema_gz.astype(dtype),
                 state.bwd_window.astype(dtype))
   y = _normalize(xf, mask, params, stats, grad_stats, options, axis_name)
   m = options['momentum']
@@ -305,14 +316,7 @@ def _unified_norm_train(x, mask, state, params, options, axis_name):
       running_var=m * state.running_var.astype(dtype) + (1 - m) * sigma2,
       fwd_window=window, step=t,
       skip_count=state.skip_count + outlier.astype(jnp.int32))
-  return y, common.keep_if(has_data, new, state)
-
-
-def _check(options, features, fn):
-  del features
-  _windows(options['window_size'], fn)
-  common.check_choice(options['mean_over'], 'mean_over', ('padded', 'valid'),
-                      fn)
+  return y, common.keep_if(update, new, state)
 
 
 def _eval_affine(params, state, options, xp):
@@ -326,29 +330,34 @@ def _eval_affine(params, state, options, xp):
 UNIFIED_NORM = nd.register(nd.NormDefinition(
     kind='unified', name='unified_norm', module='UnifiedNorm',
     options=(
-        nd.Option('window_size', 4, 'M, or (M_f, M_b) (official 4).'),
-        nd.Option('warmup_steps', 4000, 'W (official 4000).'),
-        nd.Option('momentum', 0.9, 'm for R and nu (0.9).'),
-        nd.Option('eps', 1e-5, 'added to the statistics.', field='epsilon'),
+        nd.Option('window_size', 4, 'M, or (M_f, M_b) (official 4).',
+                  check=rules.positive_int_or_pair()),
+        nd.Option('warmup_steps', 4000, 'W (official 4000); 0: no warmup.',
+                  check=rules.STEPS),
+        nd.Option('momentum', 0.9, 'm for R and nu (0.9).',
+                  check=rules.DECAY),
+        nd.Option('eps', 1e-5, 'added to the statistics.', field='epsilon',
+                  check=rules.EPS),
         nd.Option('outlier_filtration', False, 'the adaptive outlier filter '
-                  '(official: off for translation, on for vision).'),
+                  '(official: off for translation, on for vision).',
+                  check=rules.FLAG),
         nd.Option('compensation_delay', 1000, 'r stays 1 up to step '
-                  'max(this, W) (official 1000).'),
+                  'max(this, W) (official 1000).', check=rules.STEPS),
         nd.Option('compensation_clamp', 5.0, 'r is clipped to [1/c, c] '
-                  '(official 5).'),
+                  '(official 5), so c >= 1; inf: no clipping.',
+                  check=rules.number(1, math.inf)),
         nd.Option('mean_over', 'padded',
                   "'padded' (official: every statistic over all rows, the "
                   "mask is ignored, so padding changes the statistics) or "
                   "'valid' (real tokens only; pads are normalised but get no "
-                  'correction term).'),
+                  'correction term).', check=rules.one_of('padded', 'valid')),
         nd.Option('num_batch_groups', 1, 'per-group statistics and state, '
-                  'as in `power_norm`.'),
+                  'as in `power_norm`.', check=rules.COUNT),
         nd.Option('freeze_backward_stats', False,
-                  common.FREEZE_BACKWARD_STATS_DOC),
+                  common.FREEZE_BACKWARD_STATS_DOC, check=rules.FLAG),
     ),
     doc=UNIFIED_NORM_DOC,
     train=_unified_norm_train,
-    check=_check,
     init_state=lambda features, dtype, o: init_unified_norm_state(
         features, o['window_size'], dtype, o['num_batch_groups']),
     backward_stats=UnifiedNormState.BACKWARD_FIELDS,
