@@ -11,6 +11,7 @@ from absl import flags
 from experiments import cli
 from experiments import runtime
 from experiments import sharding
+from experiments.configs import validate
 
 WORKDIR = cli.workdir_flag('Run directory: checkpoints, TensorBoard events, '
                            'vocabulary, results. Default: '
@@ -30,6 +31,8 @@ def run(experiment: str, config_flag: flags.FlagHolder,
   """Parses flags and runs `train(config, workdir)` (--mode=train) or
   `evaluate(config, workdir, checkpoint, split)` (--mode=eval).
 
+  The config is checked first (`validate.checked`: every range, choice and
+  divisibility, all problems in one line), before any data or compilation.
   User errors end in one line; the exit codes are `cli.run`'s: 2 a user
   error (bad flag, config, data, or a checkpoint of another run), 3 a
   non-finite step, 143 stopped by SIGTERM after a final checkpoint.
@@ -37,7 +40,7 @@ def run(experiment: str, config_flag: flags.FlagHolder,
 
   def work():
     runtime.tune_malloc()
-    config = config_flag.value
+    config = validate.checked(config_flag.value)
     workdir = WORKDIR.value or os.path.join(
         'runs', f'{experiment}_{config.preset.replace(",", "_")}')
     sharding.maybe_initialize_distributed()

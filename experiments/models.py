@@ -194,6 +194,9 @@ class TransformerConfig:
   untie_output: bool = False
   center_positions: bool = False
   compressed_stream: bool = False
+  # The compute dtype (activations, matmuls; config.model.dtype): params stay
+  # float32, the norms compute their statistics in float32 and return this
+  # dtype, the logits come back float32.
   dtype: Any = jnp.float32
   deterministic: bool = False
   decode: bool = False
@@ -201,9 +204,12 @@ class TransformerConfig:
   @classmethod
   def from_config(cls, model_cfg: Any, vocab_size: int,
                   **overrides) -> TransformerConfig:
-    """From an experiment's `config.model` (extra keys are ignored)."""
+    """From an experiment's `config.model` (extra keys are ignored; `dtype`
+    may be a name, 'bfloat16')."""
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in model_cfg.to_dict().items() if k in fields}
+    if 'dtype' in kwargs:
+      kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
     kwargs['norms'] = {site: dict(norm) for site, norm in
                        model_cfg.norms.to_dict().items()}
     if 'adaptive_softmax_cutoffs' in kwargs:

@@ -7,6 +7,9 @@
 module (experiments/configs/<experiment>.py); the long form
 `--config=experiments/configs/wmt.py:powernorm` works too. Dotted overrides
 are type-checked and an unknown key is an error, because the config is locked.
+Where a preset lets one value follow another (`common.follows`: PowerNorm's
+groups follow `model.num_heads`), an override sets that value alone.
+`validate.checked` fixes the values and checks them all at start-up.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ import importlib.util
 import os
 import re
 import sys
+import warnings
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
 from experiments.configs import common
+
+# Modules of this package that hold no experiment's presets.
+HELPERS = ('__init__', 'common', 'validate')
 
 
 class ConfigError(ValueError):
@@ -77,10 +84,9 @@ def expand_spec(spec: str, experiment: str | None = None) -> str:
   if experiment is not None:
     return f'{_experiment_path(experiment)}:{spec}'
   name, _, preset = spec.partition(':')
-  if not os.path.isfile(_experiment_path(name)):
+  if name in HELPERS or not os.path.isfile(_experiment_path(name)):
     known = sorted(f[:-3] for f in os.listdir(os.path.dirname(__file__))
-                   if f.endswith('.py') and f not in ('__init__.py',
-                                                      'common.py'))
+                   if f.endswith('.py') and f[:-3] not in HELPERS)
     raise ConfigError(f'--config={spec}: no experiment {name!r}; expected '
                       f'<experiment>:<preset> with an experiment of {known} '
                       '(e.g. wmt:powernorm or lm:ptb_layernorm,small).')
@@ -98,6 +104,22 @@ def from_spec(spec: str) -> ml_collections.ConfigDict:
   config = module.get_config(preset) if preset else module.get_config()
   config.lock()
   return config
+
+
+def from_args(experiment: str, args: list[str]) -> ml_collections.ConfigDict:
+  """The checked config of command-line `args` (`--config=<preset>` and
+  dotted overrides), built as `experiment`'s entry point builds it."""
+  # validate imports this package (ConfigError), so it comes when used.
+  from experiments.configs import validate
+  argv = ['from_args', *expand_argv(experiment, args)]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      'config', _experiment_path(experiment), flag_values=flag_values,
+      lock_config=True, sys_argv=argv)
+  with warnings.catch_warnings():  # config_flags loads with load_module()
+    warnings.filterwarnings('ignore', 'the load_module', DeprecationWarning)
+    flag_values(argv)
+  return validate.checked(flag_values.config)
 
 
 def expand_argv(experiment: str | None, argv: list[str]) -> list[str]:

@@ -39,7 +39,8 @@ def translation_base() -> ml_collections.ConfigDict:
       d_model=512, num_heads=4, ffn_dim=1024, num_encoder_layers=6,
       num_decoder_layers=6, dropout=0.3, attention_dropout=0.1,
       activation_dropout=0.1, share_embeddings=True, placement='pre',
-      max_len=1024))
+      max_len=1024,
+      dtype='float32'))  # compute dtype; params and norm statistics float32
   c.model.norms = ml_collections.ConfigDict({s: layernorm() for s in SITES})
 
   c.data = ml_collections.ConfigDict(dict(
@@ -84,15 +85,29 @@ def mesh() -> ml_collections.ConfigDict:
              ('kv', None), ('length', None)]))
 
 
+def follows(section: ml_collections.ConfigDict, field: str
+            ) -> ml_collections.FieldReference:
+  """A default that follows `section.<field>` until it is set itself.
+
+  Each call makes a reference of its own (a derived FieldReference), so
+  setting the follower, e.g. `--config.model.norms.encoder_ffn.num_groups=2`,
+  changes that value only, never `field` or another follower; setting
+  `field` moves every follower not set itself.
+  """
+  return section.get_ref(field).identity()
+
+
 def powernorm_site(c: ml_collections.ConfigDict, warmup=None):
   """The official PowerNorm: groups = heads, warmup = the lr warmup.
 
-  Both are references (fairseq's NormSelect ties them), so overriding
-  `schedule.warmup_steps` or `model.num_heads` moves the norms too.
+  Both follow (`follows`; fairseq's NormSelect ties them): overriding
+  `schedule.warmup_steps` or `model.num_heads` moves the norms not set
+  themselves.
   """
   return ml_collections.ConfigDict(dict(
-      kind='powernorm', epsilon=1e-5, num_groups=c.model.get_ref('num_heads'),
-      warmup_steps=(c.schedule.get_ref('warmup_steps') if warmup is None
+      kind='powernorm', epsilon=1e-5,
+      num_groups=follows(c.model, 'num_heads'),
+      warmup_steps=(follows(c.schedule, 'warmup_steps') if warmup is None
                     else warmup),
       alpha_fwd=0.9, alpha_bkw=0.9, backward_denominator='batch',
       grad_mean_over='padded'))
@@ -126,7 +141,7 @@ def set_batchnorm(c):
 def set_pn_v(c):
   """Transformer_PN-V: batch quadratic mean in the encoder (paper: 35.5 / 28.5)."""
   encoder_norms(c, lambda: ml_collections.ConfigDict(dict(
-      kind='pn_v', epsilon=1e-5, num_groups=c.model.get_ref('num_heads'),
+      kind='pn_v', epsilon=1e-5, num_groups=follows(c.model, 'num_heads'),
       momentum=0.9)))
 
 

@@ -44,7 +44,8 @@ def ptb_base() -> ml_collections.ConfigDict:
       d_model=256, num_heads=1, head_dim=40, ffn_dim=2100,
       num_decoder_layers=3, dropout=0.3, attention_dropout=0.0,
       activation_dropout=0.3, share_embeddings=True, placement='post',
-      max_len=512, adaptive_softmax_cutoffs=[]))
+      max_len=512, adaptive_softmax_cutoffs=(),
+      dtype='float32'))  # compute dtype; params and norm statistics float32
   c.model.norms = ml_collections.ConfigDict(
       {s: common.layernorm() for s in SITES})
   c.data = ml_collections.ConfigDict(dict(
@@ -68,7 +69,7 @@ def ptb_base() -> ml_collections.ConfigDict:
       nonfinite='stop', nonfinite_max_skips=10))
   c.schedule = ml_collections.ConfigDict(dict(
       kind='cosine', peak_lr=2.5e-4, warmup_steps=0, min_lr=0.0,
-      decay_steps=c.train.get_ref('num_steps'), warmup_init_lr=0.0))
+      decay_steps=common.follows(c.train, 'num_steps'), warmup_init_lr=0.0))
   c.mesh = common.mesh()
   return c
 
@@ -79,7 +80,7 @@ def wt103_base() -> ml_collections.ConfigDict:
   c = ptb_base()
   c.model.update(dict(num_decoder_layers=6, dropout=0.1,
                       activation_dropout=0.1,
-                      adaptive_softmax_cutoffs=[20000, 40000, 200000]))
+                      adaptive_softmax_cutoffs=(20000, 40000, 200000)))
   c.data.update(dict(source='tfds', path='data/wikitext-103', batch_size=60,
                      seq_len=80, eval_batch_size=10, eval_seq_len=80))
   c.train.update(dict(num_steps=200000, eval_every=4000, checkpoint_every=4000))
@@ -100,8 +101,8 @@ def norm(kind: str, c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                                           momentum=0.95))
   if kind == 'pn_v':
     return ml_collections.ConfigDict(dict(
-        kind='pn_v', epsilon=1e-5, num_groups=c.model.get_ref('num_heads'),
-        momentum=0.9))
+        kind='pn_v', epsilon=1e-5,
+        num_groups=common.follows(c.model, 'num_heads'), momentum=0.9))
   if kind == 'powernorm':
     return common.powernorm_site(c, warmup=1000)
   if kind == 'unified':
@@ -158,7 +159,7 @@ def demo(c):
                      eval_batch_size=32, eval_seq_len=64))
   c.model.update(dict(d_model=128, head_dim=0, num_heads=2, ffn_dim=256,
                       num_decoder_layers=2, dropout=0.1,
-                      activation_dropout=0.0, adaptive_softmax_cutoffs=[]))
+                      activation_dropout=0.0, adaptive_softmax_cutoffs=()))
   c.schedule.update(dict(peak_lr=2e-3, warmup_steps=50))
   c.train.update(dict(num_steps=400, log_every=50, eval_every=200,
                       checkpoint_every=100, keep_checkpoints=2))
