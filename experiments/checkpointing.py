@@ -50,6 +50,8 @@ class CheckpointCorrupt(ValueError):
 # mesh) may change on resume. Paths may move between machines.
 IDENTITY = ('seed', 'model', 'data')
 MOVABLE = ('data.path', 'data.tfds_data_dir')
+# Settings added since some checkpoints were written: their value then.
+ADDED = {'model.dtype': 'float32'}
 COMMIT_MARKER = 'commit_success.txt'
 INVALID_DIR = 'invalid_checkpoints'
 # Why a checkpoint was written (its record's 'kind').
@@ -146,6 +148,7 @@ def check_meta(where: str, meta: dict, expect: dict) -> None:
     if key == 'config':
       if got is None:  # written before run identities were recorded
         continue
+      got = {**ADDED, **got}
       diff = [k for k in sorted(set(got) | set(want))
               if got.get(k, '<absent>') != want.get(k, '<absent>')]
       if diff:

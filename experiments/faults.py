@@ -98,16 +98,19 @@ class WorkdirLock:
   drops when the process dies however it dies, so a lock file left by a
   dead process is simply taken over. A second process gets a one-line
   ValueError naming the holder (pid, host, start time). On a multi-host run
-  only process 0 takes it (the others follow process 0).
+  only process 0 takes it (the others follow process 0). Re-entrant within
+  a process: an inner `WorkdirLock` of a workdir this process holds is a
+  no-op.
   """
+  _held: set[str] = set()  # the lock files this process holds
 
   def __init__(self, workdir: str, take: bool = True):
-    self.path = os.path.join(workdir, '.lock')
+    self.path = os.path.realpath(os.path.join(workdir, '.lock'))
     self.take = take
     self._file = None
 
   def __enter__(self) -> WorkdirLock:
-    if not self.take:
+    if not self.take or self.path in WorkdirLock._held:
       return self
     f = open(self.path, 'a+')  # pylint: disable=consider-using-with
     try:
@@ -125,10 +128,12 @@ class WorkdirLock:
             f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
     f.flush()
     self._file = f
+    WorkdirLock._held.add(self.path)
     return self
 
   def __exit__(self, *exc) -> None:
     if self._file is not None:
+      WorkdirLock._held.discard(self.path)
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
       self._file = None
@@ -265,19 +270,25 @@ def locate(probes: Mapping[str, Any], params: Any = None) -> str:
 
 
 class DivergenceWatch:
-  """Flags a loss above `factor` times the median of the last `window`
-  finite step losses, once there are 10 (factor 0: never)."""
+  """Flags a step loss above `factor` times a reference: `ceiling` (the
+  loss of a uniform prediction, log V) from the first step, and the median
+  of the last `window` step losses once there are 10 (factor 0: never)."""
 
-  def __init__(self, factor: float, window: int = 100):
-    self.factor, self.window = float(factor), window
+  def __init__(self, factor: float, ceiling: float = float('inf'),
+               window: int = 100):
+    self.factor, self.ceiling, self.window = float(factor), ceiling, window
     self.losses: list[float] = []
 
   def check(self, loss: float) -> str | None:
     """A phrase naming the divergence, or None (and `loss` is recorded)."""
     recent = self.losses[-self.window:]
-    if self.factor > 0 and len(recent) >= min(10, self.window):
-      median = float(np.median(recent))
-      if loss > self.factor * median:
+    if self.factor > 0:
+      if loss > self.factor * self.ceiling:
+        return (f'loss {loss:.4g} is {loss / self.ceiling:.3g} times that of '
+                f'a uniform prediction ({self.ceiling:.4g}; limit '
+                f'{self.factor:g}x)')
+      median = float(np.median(recent)) if recent else 0.0
+      if len(recent) >= min(10, self.window) and loss > self.factor * median:
         return (f'loss {loss:.4g} is {loss / median:.3g} times the median '
                 f'{median:.4g} of the last {len(recent)} steps (limit '
                 f'{self.factor:g}x)')

@@ -7,8 +7,10 @@ import os
 from collections.abc import Callable
 
 from absl import flags
+import jax
 
 from experiments import cli
+from experiments import faults
 from experiments import runtime
 from experiments import sharding
 from experiments.configs import validate
@@ -34,8 +36,10 @@ def run(experiment: str, config_flag: flags.FlagHolder,
   The config is checked first (`validate.checked`: every range, choice and
   divisibility, all problems in one line), before any data or compilation.
   User errors end in one line; the exit codes are `cli.run`'s: 2 a user
-  error (bad flag, config, data, or a checkpoint of another run), 3 a
-  non-finite step, 143 stopped by SIGTERM after a final checkpoint.
+  error (bad flag, config, data, a checkpoint of another run, a workdir in
+  use), 3 a non-finite or diverging step, 4 a failed checkpoint save, 143
+  or 130 stopped by SIGTERM or SIGINT after a checkpoint. A training run
+  holds the workdir (`faults.WorkdirLock`) from before its data is read.
   """
 
   def work():
@@ -46,7 +50,8 @@ def run(experiment: str, config_flag: flags.FlagHolder,
     sharding.maybe_initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     if MODE.value == 'train':
-      train(config, workdir)
+      with faults.WorkdirLock(workdir, take=jax.process_index() == 0):
+        train(config, workdir)
     else:
       evaluate(config, workdir, CHECKPOINT.value or default_checkpoint,
                SPLIT.value)

@@ -469,7 +469,7 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
   window = _new_window()
   bar = tqdm.tqdm(total=cfg.num_steps, initial=loop.step, desc='train',
                   disable=jax.process_index() != 0, mininterval=5)
-  with jax.set_mesh(exp.mesh), faults.Preemption() as preemption:
+  with jax.set_mesh(exp.mesh), faults.Preemption() as preemption, bar:
     while loop.step < cfg.num_steps:
       loop.check_saves()
       host_batch = next(batches)
@@ -508,7 +508,6 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
                   else checkpointing.CADENCE if step % cfg.checkpoint_every
                   == 0 else checkpointing.FINAL)
       if preemption.requested:
-        bar.close()
         loop.finish_saves()
         raise faults.Preempted(step, str(mngr.directory),
                                preemption.requested)
@@ -516,7 +515,6 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
         bar.write(f'early stop at step {step}: valid loss did not improve for '
                   f'{loop.stale} evaluations')
         break
-  bar.close()
   loop.finish_saves()
   return state
 
@@ -530,8 +528,9 @@ class _Loop:
     self.exp, self.cfg, self.mngr = exp, cfg, mngr
     self.expect, self.preset, self.step = expect, preset, step
     self.skipped, self.best, self.stale = 0, float('inf'), 0
-    self.divergence = faults.DivergenceWatch(cfg.get('divergence_factor',
-                                                     10.0))
+    self.divergence = faults.DivergenceWatch(
+        cfg.divergence_factor,
+        ceiling=float(np.log(exp.data.vocab.size)))
     # A checkpoint is good once a step from it was finite.
     self.good, self.unconfirmed = None, step if step else None
 

@@ -68,7 +68,10 @@ def translation_base() -> ml_collections.ConfigDict:
       probe_every=0, probe_exact_gradient=False,  # experiments.probing
       # A NaN/Inf loss or gradient: 'stop' (naming the step and layer) or
       # 'skip' the step, at most nonfinite_max_skips steps in a row.
-      nonfinite='stop', nonfinite_max_skips=10))
+      nonfinite='stop', nonfinite_max_skips=10,
+      # Stop when a step's loss exceeds this multiple of the median of the
+      # last 100 or of log(vocabulary size) (faults.DivergenceWatch); 0: off.
+      divergence_factor=10.0))
   c.decode = ml_collections.ConfigDict(dict(
       beam_size=5, length_penalty=1.0, max_len_a=1.2, max_len_b=10,
       average_last=5, lowercase_bleu=True, batch_tokens=8192))

@@ -66,7 +66,10 @@ def ptb_base() -> ml_collections.ConfigDict:
       probe_every=0, probe_exact_gradient=False,  # experiments.probing
       # A NaN/Inf loss or gradient: 'stop' (naming the step and layer) or
       # 'skip' the step, at most nonfinite_max_skips steps in a row.
-      nonfinite='stop', nonfinite_max_skips=10))
+      nonfinite='stop', nonfinite_max_skips=10,
+      # Stop when a step's loss exceeds this multiple of the median of the
+      # last 100 or of log(vocabulary size) (faults.DivergenceWatch); 0: off.
+      divergence_factor=10.0))
   c.schedule = ml_collections.ConfigDict(dict(
       kind='cosine', peak_lr=2.5e-4, warmup_steps=0, min_lr=0.0,
       decay_steps=common.follows(c.train, 'num_steps'), warmup_init_lr=0.0))

@@ -234,6 +234,7 @@ RULES: tuple[tuple[str, Rule, ...], ...] = (
     ('train.probe_every', at_least(0)),
     ('train.nonfinite', one_of(NONFINITE_POLICIES)),
     ('train.nonfinite_max_skips', at_least(0)),
+    ('train.divergence_factor', at_least(0)),
     # decoding
     ('decode.beam_size', at_least(1)),
     ('decode.length_penalty', at_least(0)),

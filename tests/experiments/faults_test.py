@@ -149,15 +149,17 @@ def test_a_non_finite_update_is_never_committed():
 
 
 def test_divergence_watch():
-  watch = faults.DivergenceWatch(10.0, window=20)
+  watch = faults.DivergenceWatch(10.0, ceiling=9.0, window=20)
   for loss in [5.0, 4.0, 60.0]:  # too few steps to judge yet
     assert watch.check(loss) is None
   for loss in np.linspace(4.0, 3.0, 20):
     assert watch.check(float(loss)) is None
   assert watch.check(35.0) is None        # 10.0x limit: 3.5 * 10
-  problem = watch.check(6.9e6)
+  problem = watch.check(50.0)             # below 10x log V, above 10x median
   assert problem and 'times the median' in problem
-  assert faults.DivergenceWatch(0.0).check(1e30) is None
+  assert faults.DivergenceWatch(0.0, ceiling=9.0).check(1e30) is None
+  problem = faults.DivergenceWatch(10.0, ceiling=9.0).check(91.0)
+  assert problem and 'uniform prediction' in problem
 
 
 class FailedSave:
@@ -224,6 +226,10 @@ def test_one_writer_per_workdir_and_stale_locks_taken_over(tmp_path):
   assert f'pid {holder.pid}' in (tmp_path / '.lock').read_text()
   with faults.WorkdirLock(workdir):
     assert f'pid {os.getpid()}' in (tmp_path / '.lock').read_text()
+    with faults.WorkdirLock(workdir):  # re-entrant (main_lib, then train)
+      pass
+  with faults.WorkdirLock(workdir):  # released
+    pass
   with faults.WorkdirLock(workdir, take=False):  # processes other than 0
     pass
 
