@@ -157,8 +157,10 @@ class _Norm(nn.Module):
     check_flax_fields({f: getattr(self, f) for f in _FLAX_FIELDS
                        if hasattr(self, f) and f not in options},
                       type(self).__name__)
-    self.definition.check_options(self._options(), type(self).__name__,
-                                  fields=True)
+    # A free function: flax interceptors see every method call, and the
+    # module is not bound yet.
+    self.definition.check_options(options_of(self.definition, self),
+                                  type(self).__name__, fields=True)
     super().__post_init__()
 
   def _annotated(self, init: Initializer, axes: Any) -> Initializer:
