@@ -531,8 +531,10 @@ class _Loop:
     self.divergence = faults.DivergenceWatch(
         cfg.divergence_factor,
         ceiling=float(np.log(exp.data.vocab.size)))
-    # A checkpoint is good once a step from it was finite.
-    self.good, self.unconfirmed = None, step if step else None
+    # The newest good checkpoint: one this run saved (its state passed the
+    # finite check), or the one it resumed from once a step from it was
+    # finite.
+    self.good, self.unconfirmed = [], step if step else None
 
   def check_step(self, state, batch, metrics, bar) -> None:
     """Stops (NonFiniteError) or counts a non-finite or diverging step."""
@@ -546,7 +548,8 @@ class _Loop:
       return
     self.skipped = 0
     if self.unconfirmed is not None:
-      self.good, self.unconfirmed = self.unconfirmed, None
+      self.good.append(self.unconfirmed)
+      self.unconfirmed = None
     problem = self.divergence.check(float(metrics['loss']))
     if problem:
       where = faults.largest(_probe(self.exp, state, batch))
@@ -582,7 +585,8 @@ class _Loop:
     checkpointing.save(self.mngr, self.step, state, dict(
         self.expect, data=self.exp.batcher.state(), step=self.step,
         preset=self.preset, kind=kind))
-    self.unconfirmed = self.step
+    self.good.append(self.step)
+    self.unconfirmed = None
 
   def check_saves(self) -> None:
     """Raises faults.SaveError if a save in flight failed."""
@@ -605,8 +609,16 @@ class _Loop:
     checkpointing.prune(self.mngr, self.cfg.keep_checkpoints)
 
   def last_good(self) -> str:
-    """The newest checkpoint known good, as a path (or 'none')."""
-    return 'none' if self.good is None else f'{self.mngr.directory}/{self.good}'
+    """The newest checkpoint known good and complete, as a path (or 'none');
+    waits for a save in flight."""
+    try:
+      with checkpointing.quiet_asyncio():
+        self.mngr.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  # reported elsewhere
+      pass
+    complete = set(self.mngr.all_steps())
+    good = [s for s in self.good if s in complete]
+    return f'{self.mngr.directory}/{max(good)}' if good else 'none'
 
 
 def train(exp: Experiment, config: Any, workdir: str):

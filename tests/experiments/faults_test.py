@@ -163,15 +163,22 @@ def test_divergence_watch():
 
 
 class FailedSave:
+  """A checkpoint manager whose save of step 6 failed (4 is complete)."""
   directory = '/runs/x/checkpoints'
 
   def check_for_errors(self):
     raise OSError(28, 'No space left on device')
 
+  def wait_until_finished(self):
+    self.check_for_errors()
+
+  def all_steps(self):
+    return [4]
+
 
 def test_a_failed_save_stops_in_one_line_naming_the_last_good_one():
   loop = train_lib._Loop.__new__(train_lib._Loop)  # pylint: disable=protected-access
-  loop.mngr, loop.good = FailedSave(), 4
+  loop.mngr, loop.good = FailedSave(), [4, 6]
   with pytest.raises(faults.SaveError) as info:
     loop.check_saves()
   message = str(info.value)
