@@ -8,8 +8,9 @@
 from normjax._src.probes import PROBES
 from normjax._src.probes import activation_probes
 from normjax._src.probes import flatten
+from normjax._src.probes import nonfinite_probes
 from normjax._src.probes import record
 from normjax._src.probes import statistic_distances
 
-__all__ = ['PROBES', 'activation_probes', 'flatten', 'record',
-           'statistic_distances']
+__all__ = ['PROBES', 'activation_probes', 'flatten', 'nonfinite_probes',
+           'record', 'statistic_distances']

@@ -296,3 +296,11 @@ def test_batch_groups_keep_only_the_bad_group(kind):
                               jax.tree.map(lambda v: v[0], state))
   chex.assert_trees_all_equal(jax.tree.map(lambda v: v[1], new),
                               jax.tree.map(lambda v: v[1], clean))
+
+
+def test_nonfinite_probe_counts_real_entries_only():
+  x = nc.x().at[0, 0, 0].set(jnp.nan).at[0, 1, 2].set(jnp.inf)
+  x = x.at[0, 2, 5].set(jnp.nan)  # a pad
+  got = normjax.probes.nonfinite_probes(x, nc.mask())
+  np.testing.assert_allclose(got['nonfinite_frac'], 2 / (5 * C))
+  assert float(normjax.probes.nonfinite_probes(nc.x())['nonfinite_frac']) == 0

@@ -55,6 +55,19 @@ def activation_probes(x: Array, mask: Array | None = None) -> dict[str, Array]:
               act_max=jnp.where(has, big, 0.0))
 
 
+def nonfinite_probes(x: Array, mask: Array | None = None
+                     ) -> dict[str, Array]:
+  """`nonfinite_frac`: the fraction of real entries of `x` [..., C] (rows
+  where mask holds) that are NaN or infinite; 0 without real entries.
+
+  Such a batch leaves the running statistics of the stateful norms
+  unchanged; this says how much of the input was bad.
+  """
+  bad = ~jnp.isfinite(jax.lax.stop_gradient(x))
+  frac, count = common.masked_row_mean(bad.astype(jnp.float32), mask)
+  return dict(nonfinite_frac=jnp.where(count > 0, jnp.mean(frac), 0.0))
+
+
 def statistic_distances(x: Array, mask: Array | None,
                         running: Mapping[str, Array]) -> dict[str, Array]:
   """Mean |batch statistic - running statistic| over features.

@@ -81,7 +81,7 @@ def integer(low: int) -> Rule:
       return True
     return (isinstance(value, (int, np.integer))
             and not isinstance(value, (bool, np.bool_)) and value >= low)
-  return Rule(accepts, f'an int >= {low}')
+  return Rule(accepts, 'a positive int' if low == 1 else f'an int >= {low}')
 
 
 def boolean() -> Rule:
