@@ -3,7 +3,8 @@
 Turned on by `--config.train.probe_every=N`: every N-th step runs a probed
 variant of the train step (same update, bit for bit) that also returns
 
-  <norm site>/act_var, act_max          every norm (normjax.probes)
+  <norm site>/act_var, act_max,         every norm (normjax.probes)
+              nonfinite_frac
   <norm site>/mean_dist, var_dist       BatchNorm: |mu_B - mu|, |sigma2_B - sigma2|
   <norm site>/qm_dist                   PowerNorm, PN-V, UN: |psi2_B - phi|
   <norm site>/grad_stat                 PowerNorm, UN: mean_c |u_c| after the step

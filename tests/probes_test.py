@@ -76,7 +76,8 @@ def test_unified_norm_distance_uses_its_running_statistic():
                                   'crmsnorm'])
 def test_stateless_norms_record_activation_probes(kind):
   _, got = _apply(kind)
-  assert set(got) == {'act_var', 'act_max'}
+  assert set(got) == {'act_var', 'act_max', 'nonfinite_frac'}
+  assert float(got['nonfinite_frac']) == 0.0
 
 
 def test_nothing_is_recorded_unless_asked_or_in_evaluation():

@@ -104,10 +104,11 @@ def record(module: nn.Module, x: Array, mask: Array | None = None,
   Call it from a norm's `__call__` in training mode with its input `x`
   (features last) and, for a norm with running statistics, `running` and
   the tensor its statistics are taken of (`statistics_input`, default `x`).
+  Every norm records `act_var`, `act_max` and `nonfinite_frac`.
   """
   if module.is_initializing() or not module.is_mutable_collection(PROBES):
     return
-  values = activation_probes(x, mask)
+  values = {**activation_probes(x, mask), **nonfinite_probes(x, mask)}
   if running:
     seen = x if statistics_input is None else statistics_input
     values.update(statistic_distances(seen, mask, running))
