@@ -240,7 +240,8 @@ def test_divergence_stops_naming_the_step(tmp_path, cache):
   assert code == 3, err[-3000:]
   step = int(re.search(r'step (\d+)', line).group(1))
   assert 'last good checkpoint is' in line
+  why = re.search(r'loss \S+ is \S+ times [^;(]+', line).group(0).strip()
   report('learning rate 1e3 (divergence)', f'stopped at step {step} in one '
-         f'line ({line.split(":")[1].split(";")[0].strip()[:60]}...), exit 3',
+         f'line ("{why}", the layer with the largest gradient), exit 3',
          'the checkpoints before it; nothing non-finite is ever committed')
   print('\n'.join(f'| {a} | {b} | {c} |' for a, b, c in TABLE))
