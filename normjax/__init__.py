@@ -5,6 +5,7 @@
     from normjax import probes             # training-dynamics probes
     from normjax import folding            # inference-time folding
     from normjax import nnx                # Flax NNX modules
+    from normjax import optim              # AdamP, NaP (optax)
 
 Every norm is one `normjax.NormDefinition` (its math, options, state and
 evaluation map); `normjax.register` adds a new one to all of the above.
@@ -14,6 +15,7 @@ from normjax import folding
 from normjax import functional
 from normjax import linen
 from normjax import nnx
+from normjax import optim
 from normjax import probes
 from normjax._src.definition import EvalAffine
 from normjax._src.definition import NormDefinition
@@ -30,7 +32,8 @@ __version__ = '0.1.0'
 
 __all__ = [
     'EvalAffine', 'NormDefinition', 'Option', 'ParamSpec',
-    'apply_backward_stats', 'folding', 'functional', 'linen', 'nnx', 'probes',
+    'apply_backward_stats', 'folding', 'functional', 'linen', 'nnx', 'optim',
+    'probes',
     'register', 'unregister', 'backward_stats', 'value_and_grad',
     'with_backward_stats',
 ]
