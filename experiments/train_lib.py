@@ -89,12 +89,31 @@ def make_schedule(cfg: Any) -> optax.Schedule:
 
 def make_optimizer(cfg: Any, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-  """Adam with decoupled weight decay (fairseq's Adam), optional clipping."""
+  """`cfg.kind` 'adam': Adam with decoupled weight decay (fairseq's Adam);
+  'adamp': AdamP (`normjax.optim.adamp`, with `delta`, `wd_ratio`,
+  `nesterov`); optional global-norm clipping before it and, with `cfg.nap`,
+  NaP's projection after it (`normjax.optim.nap_project`) of the params
+  whose '/'-joined path matches the regex `cfg.nap_params`. Configs
+  without these keys get Adam without NaP."""
   parts = []
   if cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay))
+  kind = cfg.get('kind', 'adam')
+  if kind == 'adam':
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay))
+  elif kind == 'adamp':
+    parts.append(normjax.optim.adamp(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, delta=cfg.get('delta', 0.1),
+        wd_ratio=cfg.get('wd_ratio', 0.1),
+        nesterov=bool(cfg.get('nesterov', False))))
+  else:
+    raise ValueError(f"--config.optim.kind={kind!r}: choose 'adam' or "
+                     "'adamp'.")
+  if cfg.get('nap', False):
+    parts.append(normjax.optim.nap_project(
+        normjax.optim.mask_by_path(cfg.nap_params)))
   return optax.chain(*parts)
 
 

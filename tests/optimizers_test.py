@@ -353,3 +353,81 @@ def test_optimizers_jit_and_need_params():
     with pytest.raises(ValueError, match='needs params'):
       tx.update(params, state)
     jax.jit(tx.update)(params, state, params)
+
+
+# ---------------------------------------------------------------------------
+# The experiments' optimizer config (optim.kind, optim.nap).
+
+
+@pytest.mark.parametrize('overrides', [
+    ['--config.optim.kind=adamp'],
+    ['--config.optim.kind=adamp', '--config.optim.nesterov=True',
+     '--config.optim.weight_decay=0.01'],
+    ['--config.optim.nap=True', r'--config.optim.nap_params=fc1/kernel$'],
+    ['--config.optim.kind=adamp', '--config.optim.nap=True',
+     r'--config.optim.nap_params=(fc1|fc2)/kernel$'],
+], ids=['adamp', 'adamp_nesterov_wd', 'adam_nap', 'adamp_nap'])
+def test_lm_smoke_step_with_each_optimizer(overrides, tmp_path):
+  from experiments import configs
+  from experiments import language_model
+  from experiments import sharding
+  config = configs.from_args('lm', ['--config=ptb_layernorm,smoke',
+                                    *overrides])
+  exp = language_model.Experiment(config, str(tmp_path))
+  before = jax.tree.map(np.asarray, exp.state.params)
+  batch = sharding.global_batch(next(iter(exp.batcher)), exp.mesh)
+  with jax.set_mesh(exp.mesh):
+    state, metrics = exp.train_step(exp.state, batch)
+    state, metrics = exp.train_step(state, batch)
+  assert bool(metrics['finite']) and np.isfinite(float(metrics['loss']))
+  after = jax.tree.map(np.asarray, state.params)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+  assert all(jax.tree.leaves(moved))
+  if config.optim.nap:
+    flags = optim.mask_by_path(config.optim.nap_params)(before)
+    checked = 0
+    for b, a, f in zip(jax.tree.leaves(before), jax.tree.leaves(after),
+                       jax.tree.leaves(flags)):
+      if f:
+        checked += 1
+        assert abs(np.linalg.norm(a) / np.linalg.norm(b) - 1) <= 1e-6
+    assert checked >= 1
+  kinds = {type(s).__name__ for s in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda s: isinstance(
+          s, (optim.AdamPState, optim.NaPState)))}
+  assert ('AdamPState' in kinds) == (config.optim.kind == 'adamp')
+  assert ('NaPState' in kinds) == config.optim.nap
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.optim.kind=sgd', 'optim.kind=sgd: choose one of adam, adamp'),
+    ('--config.optim.delta=0.0', 'optim.delta=0.0: must be > 0'),
+    ('--config.optim.wd_ratio=-1.0', 'optim.wd_ratio=-1.0: must be >= 0'),
+    ('--config.optim.nap_params=(', 'optim.nap_params=(: is not a regular'),
+    ('--config.optim.nap=True', 'optim.nap=True: the default '
+     'optim.nap_params (query/key kernels) are scale-invariant only'),
+])
+def test_optimizer_config_rules(override, message):
+  from experiments import configs
+  for experiment, preset in (('lm', 'ptb_layernorm,smoke'),
+                             ('iwslt', 'layernorm,smoke')):
+    with pytest.raises(configs.ConfigError, match=None) as e:
+      configs.from_args(experiment, [f'--config={preset}', override])
+    assert message in str(e.value), str(e.value)
+
+
+def test_default_optimizer_is_unchanged():
+  """The presets still build optax.adamw's state (checkpoints resume)."""
+  from experiments import train_lib
+  from experiments.configs import lm
+  c = lm.get_config('ptb_layernorm,smoke')
+  assert (c.optim.kind, c.optim.nap) == ('adam', False)
+  sched = lambda count: 1e-3
+  tx = train_lib.make_optimizer(c.optim, sched)
+  ref = optax.chain(optax.clip_by_global_norm(c.optim.clip_norm),
+                    optax.adamw(sched, b1=c.optim.b1, b2=c.optim.b2,
+                                eps=c.optim.eps,
+                                weight_decay=c.optim.weight_decay))
+  params = {'w': jnp.ones((3, 2))}
+  assert (jax.tree.structure(tx.init(params))
+          == jax.tree.structure(ref.init(params)))

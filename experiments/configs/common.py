@@ -4,7 +4,8 @@ and the modifiers appended to a preset name (`--config=powernorm,demo`).
 Config layout (nested by concern):
   model.*        TransformerConfig fields; model.norms.<site> = dict(kind, ...)
   data.*         experiments.data.load_translation fields, plus batching
-  optim.*        Adam + decoupled weight decay, label smoothing, clipping
+  optim.*        Adam(W) or AdamP, optional NaP projection, label smoothing,
+                 clipping
   schedule.*     learning-rate schedule
   train.*        steps, logging, evaluation and checkpoint cadence
   decode.*       beam search and scoring
@@ -57,7 +58,7 @@ def translation_base() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       b1=0.9, b2=0.98, eps=1e-8, weight_decay=1e-4, clip_norm=0.0,
-      label_smoothing=0.1))
+      label_smoothing=0.1, **optimizer_choice()))
   c.schedule = ml_collections.ConfigDict(dict(
       kind='inverse_sqrt', peak_lr=1.5e-3, warmup_steps=8000,
       warmup_init_lr=1e-7))
@@ -77,6 +78,20 @@ def translation_base() -> ml_collections.ConfigDict:
       average_last=5, lowercase_bleu=True, batch_tokens=8192))
   c.mesh = mesh()
   return c
+
+
+# The weights NaP projects by default: the query/key kernels, scale-invariant
+# (per head) when the attention has a QK-norm (model.qk_norm).
+NAP_PARAMS = r'(query|key)/kernel$'
+
+
+def optimizer_choice() -> dict:
+  """optim.kind 'adam' (AdamW) or 'adamp' (AdamP, normjax.optim.adamp: delta,
+  wd_ratio, nesterov at the official defaults); optim.nap: NaP's projection
+  (normjax.optim.nap_project) after the step for the params whose
+  '/'-joined path matches the regex optim.nap_params."""
+  return dict(kind='adam', delta=0.1, wd_ratio=0.1, nesterov=False,
+              nap=False, nap_params=NAP_PARAMS)
 
 
 def mesh() -> ml_collections.ConfigDict:

@@ -59,7 +59,7 @@ def ptb_base() -> ml_collections.ConfigDict:
       batch_size=120, seq_len=32, eval_batch_size=60, eval_seq_len=32))
   c.optim = ml_collections.ConfigDict(dict(
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=0.25,
-      label_smoothing=0.0))
+      label_smoothing=0.0, **common.optimizer_choice()))
   c.train = ml_collections.ConfigDict(dict(
       num_steps=20000, log_every=200, eval_every=4000, checkpoint_every=1000,
       keep_checkpoints=3, early_stop_patience=0,

@@ -26,6 +26,7 @@ import ml_collections
 
 from experiments import configs
 from experiments import models
+from experiments.configs import common
 from experiments.data import lm as lm_data
 from experiments.data import pipeline
 from experiments.data import sources
@@ -38,6 +39,8 @@ DTYPES = ('float32', 'bfloat16')
 # experiments.train_lib.make_schedule and _nonfinite_step.
 SCHEDULES = ('inverse_sqrt', 'cosine')
 NONFINITE_POLICIES = ('stop', 'skip')
+# experiments.train_lib.make_optimizer.
+OPTIMIZERS = ('adam', 'adamp')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +139,35 @@ def increasing_positive(v, ctx):
   return None
 
 
+def a_regex(v, ctx):
+  if not isinstance(v, str) or not v:
+    return 'must be a non-empty regular expression'
+  try:
+    re.compile(v)
+  except re.error as e:
+    return f'is not a regular expression ({e})'
+  return None
+
+
+def is_bool(v, ctx):
+  return None if isinstance(v, bool) else 'must be True or False'
+
+
+def nap_has_invariant_weights(v, ctx):
+  """NaP's default weights (query/key kernels) are scale-invariant only
+  behind a QK-norm (the placement's or model.qk_norm)."""
+  if not v or ctx.other('optim.nap_params') != common.NAP_PARAMS:
+    return None
+  placement = models.PLACEMENTS.get(ctx.get('model.placement', 'pre'))
+  qk = ctx.get('model.qk_norm') or any(
+      getattr(placement, f, False) for f in ('qk_norm', 'qkv_norm'))
+  return None if qk else (
+      'the default optim.nap_params (query/key kernels) are scale-invariant '
+      'only behind a QK-norm in the attention (a placement with one); '
+      'projecting other weights changes the model: choose them with '
+      '--config.optim.nap_params=<regex>')
+
+
 def mesh_axis(v, ctx):
   return None if v == -1 or v >= 1 else (
       'must be >= 1, or -1 for every remaining device')
@@ -217,6 +249,12 @@ RULES: tuple[tuple[str, Rule, ...], ...] = (
     ('optim.weight_decay', at_least(0)),
     ('optim.clip_norm', at_least(0)),
     ('optim.label_smoothing', fraction()),
+    ('optim.kind', one_of(OPTIMIZERS)),
+    ('optim.delta', above(0)),
+    ('optim.wd_ratio', at_least(0)),
+    ('optim.nesterov', is_bool),
+    ('optim.nap_params', a_regex),
+    ('optim.nap', is_bool, nap_has_invariant_weights),
     ('schedule.kind', one_of(SCHEDULES)),
     ('schedule.peak_lr', above(0)),
     ('schedule.warmup_steps', at_least(0)),

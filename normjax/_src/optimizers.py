@@ -155,15 +155,33 @@ def adamp(learning_rate: ScalarOrSchedule = 1e-3, b1: float = 0.9,
 
 
 class NaPState(NamedTuple):
-  """norms: per leaf, the Frobenius norm each masked weight is kept at (its
-  norm at `init`); unmasked leaves hold an empty placeholder."""
-  norms: Any
+  """norms: per param leaf (in `jax.tree.leaves` order, flax boxes taken as
+  leaves), the Frobenius norm each masked weight is kept at (its norm at
+  `init`); unmasked leaves hold an empty placeholder. A flat tuple, so
+  flax's partitioning metadata on the params never reaches it."""
+  norms: tuple
 
 
-def _resolve_mask(mask: Mask | None, params) -> Any:
+def _is_box(x: Any) -> bool:
+  """A flax metadata box (nn.Partitioned, ...): one param leaf."""
+  return hasattr(x, 'unbox') and hasattr(x, 'replace_boxed')
+
+
+def _value(x: Any) -> Any:
+  return x.unbox() if _is_box(x) else x
+
+
+def _flags(mask: Mask | None, params) -> list[bool]:
+  """One Python bool per param leaf."""
+  leaves = jax.tree.leaves(params, is_leaf=_is_box)
   if mask is None:
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
-  return mask(params) if callable(mask) else mask
+    return [jnp.ndim(_value(p)) >= 2 for p in leaves]
+  tree = mask(params) if callable(mask) else mask
+  flags = jax.tree.leaves(tree, is_leaf=_is_box)
+  if len(flags) != len(leaves):
+    raise ValueError(f'nap_project: the mask has {len(flags)} leaves, the '
+                     f'params {len(leaves)}.')
+  return [bool(_value(f)) for f in flags]
 
 
 def _leaf_norm(x: jax.Array) -> jax.Array:
@@ -185,16 +203,17 @@ def nap_project(mask: Mask | None = None) -> optax.GradientTransformation:
   on projected weights (it has no effect on a sphere).
   """
   def init_fn(params):
-    flags = _resolve_mask(mask, params)
-    return NaPState(jax.tree.map(
-        lambda p, m: _leaf_norm(p) if m else jnp.zeros((0,), p.dtype),
-        params, flags))
+    leaves = [_value(p) for p in jax.tree.leaves(params, is_leaf=_is_box)]
+    return NaPState(tuple(
+        _leaf_norm(p) if m else jnp.zeros((0,), p.dtype)
+        for p, m in zip(leaves, _flags(mask, params))))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError('nap_project: update needs params (tx.update(grads, '
                        'state, params)).')
-    flags = _resolve_mask(mask, params)
+    flat, treedef = jax.tree.flatten(updates, is_leaf=_is_box)
+    values = [_value(p) for p in jax.tree.leaves(params, is_leaf=_is_box)]
 
     def leaf(u, p, r0, m):
       if not m:
@@ -205,7 +224,9 @@ def nap_project(mask: Mask | None = None) -> optax.GradientTransformation:
       scale = jnp.where(ok, r0 / jnp.where(ok, norm, 1), 1)
       return jnp.where(ok, new * scale - p, u)
 
-    return jax.tree.map(leaf, updates, params, state.norms, flags), state
+    out = [leaf(_value(u), p, r0, m) for u, p, r0, m in
+           zip(flat, values, state.norms, _flags(mask, params))]
+    return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -221,5 +242,5 @@ def mask_by_path(pattern: str) -> Callable[[Any], Any]:
       keys = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k)))
                       for k in path)
       return bool(regex.search(keys))
-    return jax.tree_util.tree_map_with_path(flag, params)
+    return jax.tree_util.tree_map_with_path(flag, params, is_leaf=_is_box)
   return mask
