@@ -67,7 +67,8 @@ from normjax._src import folding as fold_lib
 
 Path = tuple[str, ...]
 
-OFFLINE_KINDS = ('batchnorm', 'pn_v', 'powernorm', 'unified')
+OFFLINE_KINDS = ('batchnorm', 'paper_batchnorm', 'pn_v', 'powernorm',
+                 'unified')
 TRANSFORMS = ('fold_affine', 'rmsnorm', 'crmsnorm', 'freeze_ln')
 
 _NOT_FOLDABLE = {
@@ -264,12 +265,14 @@ def fold_affine(config: models.TransformerConfig, variables: Mapping, *,
                 ) -> tuple[models.TransformerConfig, dict]:
   """Folds the evaluation-mode affine of the `kinds` sites into readers.
 
-  BatchNorm (a = scale / sqrt(var + eps), c = bias - mean * a), PN-V and
-  PowerNorm (a = scale / sqrt(running_phi + eps), c = bias, after
-  GroupScaling), UN (a = scale / sqrt(running_var + eps), c = bias); with
-  'layernorm' / 'rmsnorm' in `kinds` their scale and bias. The sites
-  become 'none', 'group_scaling' (PowerNorm / PN-V with GroupScaling, same
-  groups and eps) or their kind without affine (LayerNorm, RMSNorm).
+  BatchNorm (a = scale / sqrt(var + eps), c = bias - mean * a), the
+  paper's BN (the same with running_mean / running_var, after
+  LayerScaling), PN-V and PowerNorm (a = scale / sqrt(running_phi + eps),
+  c = bias, after GroupScaling), UN (a = scale / sqrt(running_var + eps),
+  c = bias); with 'layernorm' / 'rmsnorm' in `kinds` their scale and bias.
+  The sites become 'none', 'group_scaling' (PowerNorm / PN-V with
+  GroupScaling, same groups and eps; the paper's BN with one group, its
+  LayerScaling) or their kind without affine (LayerNorm, RMSNorm).
   Stateful norms use group 0 of their statistics, as in evaluation.
   Raises ValueError for a non-pre-norm model or when no site has a kind
   of `kinds`.

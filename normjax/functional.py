@@ -13,8 +13,11 @@ queries and keys together and has its own signature.
 """
 
 from normjax._src.batch_norm import BatchNormState
+from normjax._src.batch_norm import PaperBatchNormState
 from normjax._src.batch_norm import batch_norm
 from normjax._src.batch_norm import init_batch_norm_state
+from normjax._src.batch_norm import init_paper_batch_norm_state
+from normjax._src.batch_norm import paper_batch_norm
 from normjax._src.common import EmptyState
 from normjax._src.conditional_norm import ada_ln_zero
 from normjax._src.cpu_kernel import available as cpu_kernel_available
@@ -60,14 +63,16 @@ from normjax._src.unified_norm import unified_norm
 
 __all__ = [
     'BatchNormState', 'CONDITIONAL_FUNCTIONS', 'EmptyState', 'FUNCTIONS',
-    'PNVState', 'PowerNormState', 'UnifiedNormState', 'ada_ln_zero',
+    'PNVState', 'PaperBatchNormState', 'PowerNormState', 'UnifiedNormState', 'ada_ln_zero',
     'adaln_modulation', 'apply_backward_stats', 'backward_stats',
     'batch_norm', 'crms_norm', 'dimr_tau', 'dyt',
     'dyt_alpha_init', 'evonorm_num_groups', 'evonorm_s0', 'gated_residual',
     'get_definition', 'get_norm', 'group_norm', 'group_scaling', 'init_batch_norm_state',
-    'init_pn_v_state', 'init_power_norm_state', 'init_state',
+    'init_paper_batch_norm_state', 'init_pn_v_state',
+    'init_power_norm_state', 'init_state',
     'init_td_params', 'init_unified_norm_state', 'layer_norm',
-    'layer_norm_scaling', 'layer_norm_scaling_factor', 'modulate', 'pn_v',
+    'layer_norm_scaling', 'layer_norm_scaling_factor', 'modulate',
+    'paper_batch_norm', 'pn_v',
     'power_norm', 'power_norm_autodiff', 'qk_norm', 'rms_norm',
     'td_layer_norm', 'td_parameter',
     'td_rms_norm', 'unified_norm', 'with_backward_stats',

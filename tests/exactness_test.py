@@ -28,6 +28,11 @@ UN_FIELDS = {'running_var': 'R', 'fwd_window': 'F', 'step': 't',
 CASES = {
     'batchnorm': (nf.batch_norm, nf.init_batch_norm_state, ref.BatchNormRef,
                   {'mean': 'mean', 'var': 'var'}, dict(momentum=0.8)),
+    # The PowerNorm paper's BN row (official MaskSyncBatchNorm).
+    'paper_batchnorm': (nf.paper_batch_norm, nf.init_paper_batch_norm_state,
+                        ref.PaperBatchNormRef,
+                        {'running_mean': 'mean', 'running_var': 'var'},
+                        dict(momentum=0.8)),
     'pn_v': (nf.pn_v, nf.init_pn_v_state, ref.PNVRef,
              {'running_phi': 'phi'}, dict(num_groups=2)),
     'powernorm': (nf.power_norm, nf.init_power_norm_state, ref.PowerNormRef,
@@ -58,6 +63,12 @@ CASES = {
                       ref.UnifiedNormRef, UN_FIELDS,
                       dict(window_size=2, warmup_steps=3, compensation_delay=4,
                            mean_over='valid', compensation_clamp=1.2)),
+    # The official UN1d given a pad mask: s over real tokens, q over all rows.
+    'unified_official_masked': (
+        nf.unified_norm, nf.init_unified_norm_state, ref.UnifiedNormRef,
+        UN_FIELDS, dict(window_size=2, warmup_steps=3, compensation_delay=4,
+                        mean_over='official_masked',
+                        compensation_clamp=1.2)),
 }
 
 

@@ -101,6 +101,7 @@ def check_logits(name, model, variables, new_model, new_variables, tol):
 
 OFFLINE = {
     'batchnorm': dict(kind='batchnorm', momentum=0.5),
+    'paper_batchnorm': dict(kind='paper_batchnorm', momentum=0.5),
     'pn_v': dict(kind='pn_v', num_groups=2, momentum=0.5),
     'powernorm': dict(kind='powernorm', num_groups=2, warmup_steps=2),
     'unified': dict(kind='unified', window_size=2, warmup_steps=1),

@@ -40,6 +40,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     'groupnorm': dict(num_groups=2),
     'evonorm_s0': dict(num_groups=2),
     'layernorm_scaling': dict(layer_index=3),
+    # The official defaults fit; a faster decay moves the running stats more.
+    'paper_batchnorm': dict(momentum=0.8),
 }
 KINDS = sorted(nd.REGISTRY)  # the built-in norms, before any toy registers
 STATEFUL = [k for k in KINDS if nd.REGISTRY[k].stateful]

@@ -133,6 +133,61 @@ class BatchNormRef:
         return dx, (dy * c["xhat"]).sum(0), dy.sum(0)
 
 
+class PaperBatchNormRef:
+    """The PowerNorm paper's BN baseline, official MaskSyncBatchNorm (spec 1.8; norms_2025.md), written
+    literally: per-row LayerScaling a = x / sqrt(mean_C x^2 + ls_eps); pad rows OVERWRITTEN by the mean
+    p of the real rows of a; then torch batch norm over all N rows (biased var to normalise);
+    running stats with torch momentum (1 - momentum) and the UNBIASED var N/(N-1) * var.
+    The backward follows the same literal graph: standard BN backward over all N rows, then the pad
+    rows' gradient flows into the real rows through p (1/N_V each), then LayerScaling's VJP.
+    Eval, or a training batch with no real row: every row is LayerScaled and normalised with the
+    running stats (the official module would also overwrite pad rows in eval: pad outputs only).
+    """
+
+    def __init__(self, C, momentum=0.95, eps=1e-5, layer_scaling_eps=1e-5):
+        self.C, self.momentum, self.eps, self.ls_eps = C, momentum, eps, layer_scaling_eps
+        self.mean = np.zeros(C)
+        self.var = np.ones(C)
+        self._cache = None
+
+    def forward(self, x, mask=None, train=True, scale=None, bias=None):
+        x = _f64(x)
+        n = x.shape[0]
+        m = _mask(mask, n)
+        scale, bias = _affine(self.C, scale, bias)
+        a = group_scaling(x, 1, self.ls_eps)
+        batch = bool(train and m.any())
+        if batch:
+            u = a.copy()
+            u[~m] = a[m].mean(0)                                # pads <- mean of the real rows
+            mu = u.mean(0)
+            var = ((u - mu) ** 2).mean(0)                       # biased, over all N rows
+            unbiased = var * n / (n - 1) if n > 1 else np.zeros(self.C)
+            tm = 1 - self.momentum                              # torch momentum
+            self.mean = (1 - tm) * self.mean + tm * mu
+            self.var = (1 - tm) * self.var + tm * unbiased
+        else:
+            u, mu, var = a, self.mean, self.var
+        sd = np.sqrt(var + self.eps)
+        zhat = (u - mu) / sd
+        self._cache = dict(x=x, zhat=zhat, sd=sd, m=m, scale=scale, batch=batch)
+        return zhat * scale + bias
+
+    def backward(self, dy):
+        c = self._cache
+        dy = _f64(dy)
+        g = c["scale"] * dy
+        zhat, m, sd = c["zhat"], c["m"], c["sd"]
+        if c["batch"]:
+            du = (g - g.mean(0) - zhat * (g * zhat).mean(0)) / sd   # BN backward over all N rows
+            da = np.where(m[:, None], du, 0.0)
+            da = da + m[:, None] * du[~m].sum(0) / m.sum()     # pads = mean of the real rows
+        else:
+            da = g / sd
+        dx = group_scaling_vjp(c["x"], da, 1, self.ls_eps)
+        return dx, (dy * zhat).sum(0), dy.sum(0)
+
+
 # ----------------------------------------------------------------------------- PowerNorm
 class PowerNormRef:
     """Official MaskPowerNorm including GroupScaling1D (spec 1.3 forward, 1.4 backward, 1.5 eval).
@@ -258,13 +313,16 @@ class UnifiedNormRef:
     mean_over='padded' (official): s_t and q_t over all rows, mask ignored.
     mean_over='valid': s_t and q_t over real rows only; pad rows are still normalised and get ghat = g.
       (A 'valid' training batch with no real rows is treated like eval: no state change.)
+    mean_over='official_masked' (official UN1d given a pad_mask): s_t over real rows only (`mask_input`),
+      q_t = mean over ALL rows and ghat = g - coef * z on ALL rows (the backward never sees the mask).
+      (No real rows: treated like eval, as 'valid'.)
     Eval: y = x / sqrt(R + eps) * scale + bias, no GroupScaling, no state change.
     """
 
     def __init__(self, C, window_size=4, warmup_steps=4000, momentum=0.9, eps=1e-5,
                  outlier_filtration=False, compensation_delay=1000, compensation_clamp=5.0,
                  mean_over='padded'):
-        if mean_over not in ('padded', 'valid'):
+        if mean_over not in ('padded', 'valid', 'official_masked'):
             raise ValueError(mean_over)
         if isinstance(window_size, (tuple, list)):
             self.Mf, self.Mb = int(window_size[0]), int(window_size[1])
@@ -290,11 +348,12 @@ class UnifiedNormRef:
     def forward(self, x, mask=None, train=True, scale=None, bias=None):
         x = _f64(x)
         n = x.shape[0]
-        rows = _mask(mask, n) if self.mean_over == 'valid' else np.ones(n, dtype=bool)
+        rows = _mask(mask, n) if self.mean_over != 'padded' else np.ones(n, dtype=bool)
         scale, bias = _affine(self.C, scale, bias)
         if not (train and rows.any()):                          # eval (2.5)
             z = x / np.sqrt(self.R + self.eps)
-            self._cache = dict(z=z, sig2=self.R, r=np.ones(self.C), rows=rows, scale=scale, train=False)
+            self._cache = dict(z=z, sig2=self.R, r=np.ones(self.C), rows=rows, grad_rows=rows,
+                               scale=scale, train=False)
             return scale * z + bias
         Mf, W = self.Mf, self.warmup_steps
         self.t += 1                                             # step 1
@@ -320,14 +379,16 @@ class UnifiedNormRef:
         z = x / np.sqrt(sig2 + self.eps)                        # step 8, all rows
         self.R = self.momentum * self.R + (1 - self.momentum) * sig2   # step 9
         self.last_skip, self.last_r, self.last_sigma2 = bool(skip), r, sig2
-        self._cache = dict(z=z, sig2=sig2, r=r, rows=rows, scale=scale, train=True, skip=skip, t=t)
+        grad_rows = np.ones(n, dtype=bool) if self.mean_over == 'official_masked' else rows
+        self._cache = dict(z=z, sig2=sig2, r=r, rows=rows, grad_rows=grad_rows, scale=scale,
+                           train=True, skip=skip, t=t)
         return scale * z + bias
 
     def backward(self, dy):
         """Spec 2.4; updates self.nu and self.H."""
         c = self._cache
         dy = _f64(dy)
-        z, r, rows = c["z"], c["r"], c["rows"]
+        z, r, rows = c["z"], c["r"], c["grad_rows"]
         g = r * c["scale"] * dy
         if c["train"]:
             t, skip, Mb = c["t"], c["skip"], self.Mb
@@ -603,6 +664,9 @@ REFERENCES = {
         _per_token_axis(o)['eps'])),
     'batchnorm': _stateful(lambda c, o: BatchNormRef(c, o['momentum'], o['eps']),
                            {'mean': 'mean', 'var': 'var'}),
+    'paper_batchnorm': _stateful(
+        lambda c, o: PaperBatchNormRef(c, **_pick(o, 'momentum', 'eps', 'layer_scaling_eps')),
+        {'running_mean': 'mean', 'running_var': 'var'}),
     'pn_v': _stateful(lambda c, o: PNVRef(c, **_pick(o, 'num_groups', 'momentum', 'eps',
                                                      'group_scaling_eps', 'use_group_scaling')),
                       {'running_phi': 'phi'}),

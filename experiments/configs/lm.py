@@ -33,7 +33,8 @@ from experiments.configs import common
 SITES = tuple(s for s in common.SITES if s.startswith('decoder_'))  # the LM's
 PAPER_PPL = {  # (PTB, WikiText-103) test perplexity, paper Table 1
     'layernorm': (53.2, 20.9), 'batchnorm': (72.4, 30.4),
-    'pn_v': (59.7, 22.5), 'powernorm': (47.6, 17.9), 'unified': None}
+    'pn_v': (59.7, 22.5), 'powernorm': (47.6, 17.9), 'unified': None,
+    'batchnorm_flax': None}
 
 
 def ptb_base() -> ml_collections.ConfigDict:
@@ -96,12 +97,15 @@ def norm(kind: str, c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   PowerNorm: groups = heads; warmup 1000 steps, NormSelect's default when it
   is not tied to an lr warmup (the LM schedule has none). UN: the NMT
   recipe's window 4, its warmup shortened to 1000 steps likewise.
+  'batchnorm' is the paper's BN (the official MaskSyncBatchNorm,
+  `paper_batchnorm`); 'batchnorm_flax' normjax's flax-style masked BN.
   """
   if kind == 'layernorm':
     return common.layernorm()
   if kind == 'batchnorm':
-    return ml_collections.ConfigDict(dict(kind='batchnorm', epsilon=1e-5,
-                                          momentum=0.95))
+    return common.paper_batchnorm()
+  if kind == 'batchnorm_flax':
+    return common.flax_batchnorm()
   if kind == 'pn_v':
     return ml_collections.ConfigDict(dict(
         kind='pn_v', epsilon=1e-5,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from normjax._src import common, rules
 from normjax._src import definition as nd
+from normjax._src.layer_norm import group_scale
 
 Array = jax.Array
 
@@ -107,3 +108,163 @@ BATCH_NORM = nd.register(nd.NormDefinition(
     state_maker='init_batch_norm_state',
 ))
 batch_norm = BATCH_NORM.function
+
+
+# ---------------------------------------------------------------------------
+# The PowerNorm paper's "BN" baseline: the official MaskSyncBatchNorm.
+
+
+class PaperBatchNormState(NamedTuple):
+  """Running statistics of `paper_batch_norm` (torch names and init)."""
+  running_mean: Array  # [features] EMA of the batch mean, init 0.
+  running_var: Array   # [features] EMA of the UNBIASED batch variance, init 1.
+
+
+def init_paper_batch_norm_state(features: int, dtype=jnp.float32,
+                                num_batch_groups: int = 1
+                                ) -> PaperBatchNormState:
+  state = PaperBatchNormState(running_mean=jnp.zeros((features,), dtype),
+                              running_var=jnp.ones((features,), dtype))
+  return common.group_state(state, num_batch_groups)
+
+
+PAPER_DOC = """The PowerNorm paper's BatchNorm baseline (its official `MaskSyncBatchNorm`).
+
+  Shen, Yao, Gholami, Mahoney, Keutzer, "PowerNorm: Rethinking Batch
+  Normalization in Transformers", ICML 2020, https://arxiv.org/abs/2003.07845:
+  the "BN" row of its Table 1 was trained with `MaskSyncBatchNorm`
+  (sIncerass/powernorm, `fairseq/modules/norms/mask_syncbatchnorm.py`, the
+  module `NormSelect('batch', ...)` builds). With V the real tokens and N the
+  number of rows of the padded batch (every token, pads included):
+
+      a  = x / sqrt(mean_C(x^2) + layer_scaling_eps)   per token (LayerScaling)
+      mu = mean_V(a)
+      var = sum_V (a - mu)^2 / N                       pads count in N
+      y  = (a - mu) / sqrt(var + eps) * scale + bias   at real tokens
+      y  = bias                                        at pads
+      running_mean <- momentum * running_mean + (1 - momentum) * mu
+      running_var  <- momentum * running_var
+                      + (1 - momentum) * var * N / (N - 1)   (unbiased)
+
+  The official module overwrites each pad row with mu and runs torch's batch
+  norm over all N rows: the mean is unchanged, the variance shrinks by
+  |V| / N, the pads normalise to 0 (so y = bias there) and the running
+  variance is torch's unbiased one. Autodiff of the formula above is exactly
+  the official gradient (the path through the overwritten pads cancels);
+  dbias sums the cotangent over every row, pads included. Differences from
+  `batch_norm` (flax-style): the LayerScaling, the variance over N rather
+  than |V|, the unbiased running variance, pad outputs. `momentum` is flax's
+  decay: 0.95 is the official torch momentum 0.05.
+
+  In evaluation mode (`use_running_average=True`) every token gives
+  y = (a - running_mean) / sqrt(running_var + eps) * scale + bias: LayerScaling
+  then a per-channel affine map, which folds like PowerNorm's GroupScaling.
+  (The official module also overwrites pads in evaluation, which changes only
+  the pads' outputs.)
+
+  Args:
+    x: [batch, ..., features].
+    params: optional `{'scale', 'bias'}` of shape [features].
+    state: a `PaperBatchNormState`; see `init_paper_batch_norm_state`.
+    mask: True for real tokens, broadcastable to `x.shape[:-1]`; None: every
+      token is real.
+    use_running_average: evaluation mode.
+    axis_name: mesh axis name(s) to sum the statistics (sums of a, squared
+      deviations, real and total row counts) over under `shard_map`/`pmap`/
+      `vmap`: one global batch. The official code hard-codes
+      `need_sync = False`, i.e. per-GPU statistics: reproduce that with
+      `num_batch_groups` or by leaving `axis_name` out.
+
+  Returns:
+    `(y, new_state)`. A batch without real tokens is normalised with the
+    running statistics and leaves the state unchanged (torch gives NaN). So
+    does a batch whose real tokens hold a NaN or an infinity. A batch of a
+    single row (where torch raises) updates the running variance with 0.
+  """
+
+
+def _layer_scaling_core(options) -> tuple[str, dict[str, Any]]:
+  return ('group_scaling', {'num_groups': 1,
+                            'eps': options['layer_scaling_eps']})
+
+
+def _paper_train(x, mask, state, params, options, axis_name):
+  """One batch group's training step of the official MaskSyncBatchNorm."""
+  dtype = common.stats_dtype(x)
+  xf = x.astype(dtype)
+  rows = jnp.asarray(x.size // x.shape[-1], dtype)
+  if axis_name is not None:
+    rows = jax.lax.psum(rows, axis_name)
+  if mask is None:
+    count, keep = rows, None
+  else:
+    count = jnp.sum(mask, dtype=dtype)
+    if axis_name is not None:
+      count = jax.lax.psum(count, axis_name)
+    # Pads never reach the statistics (nor, as in torch, get a gradient); a
+    # batch without real tokens is normalised with the running statistics.
+    keep = (mask | (count == 0))[..., None]
+    xf = jnp.where(keep, xf, 0)
+  a = group_scale(xf, 1, options['layer_scaling_eps'])
+  has_data = count > 0
+  def deviation(mu):  # a - mu at real tokens, 0 at pads
+    dev = a - common.feat(mu, a.ndim)
+    return dev if keep is None else jnp.where(keep, dev, 0)
+
+  mu, _ = common.masked_row_mean(a, mask, axis_name)
+  # sum over real tokens / N: the pads (overwritten with mu) count in N.
+  var, _ = common.masked_row_mean(jnp.square(deviation(mu)), None, axis_name)
+  update = has_data & common.all_finite(mu, var)
+  mu = jnp.where(has_data, mu, state.running_mean.astype(dtype))
+  var = jnp.where(has_data, var, state.running_var.astype(dtype))
+  z = deviation(mu) * common.feat(jax.lax.rsqrt(var + options['eps']), a.ndim)
+  y = common.affine(z, params, dtype)
+  mu, var = jax.lax.stop_gradient((mu, var))
+  unbiased = var * rows / jnp.maximum(rows - 1, 1)
+  m = options['momentum']
+  new = PaperBatchNormState(
+      running_mean=m * state.running_mean + (1 - m) * mu,
+      running_var=m * state.running_var + (1 - m) * unbiased)
+  return y, common.keep_if(update, new, state)
+
+
+def _paper_eval_affine(params, state, options, xp):
+  """LayerScaling, then (a - running_mean) * scale / sqrt(var + eps) + bias."""
+  return nd.EvalAffine(
+      scale=params['scale'] / xp.sqrt(state.running_var + options['eps']),
+      center=state.running_mean, bias=params['bias'],
+      core=_layer_scaling_core(options))
+
+
+def _paper_probe(x, state, options):
+  """The LayerScaled input and the running mean and (unbiased) variance."""
+  return (group_scale(x.astype(jnp.float32), 1, options['layer_scaling_eps']),
+          {'mean': state.running_mean, 'var': state.running_var})
+
+
+PAPER_BATCH_NORM = nd.register(nd.NormDefinition(
+    kind='paper_batchnorm', name='paper_batch_norm', module='PaperBatchNorm',
+    options=(
+        nd.Option('momentum', 0.95, 'decay of the running averages (flax '
+                  'convention): 0.95 is the official torch momentum 0.05 '
+                  '(MaskSyncBatchNorm default); 1 freezes them.',
+                  check=rules.DECAY),
+        nd.Option('eps', 1e-5, 'added to the variance (official 1e-5).',
+                  field='epsilon', check=rules.EPS),
+        nd.Option('layer_scaling_eps', 1e-5, "LayerScaling's eps (hard-wired "
+                  'to 1e-5 officially).', check=rules.EPS),
+        nd.Option('num_batch_groups', 1,
+                  'split the batch axis into this many groups with their own '
+                  'statistics and running state (the official per-GPU '
+                  "statistics); evaluation uses group 0's state.",
+                  check=rules.COUNT),
+    ),
+    doc=PAPER_DOC,
+    train=_paper_train,
+    init_state=lambda features, dtype, o: init_paper_batch_norm_state(
+        features, dtype, o['num_batch_groups']),
+    eval_affine=_paper_eval_affine,
+    probe=_paper_probe,
+    state_maker='init_paper_batch_norm_state',
+))
+paper_batch_norm = PAPER_BATCH_NORM.function

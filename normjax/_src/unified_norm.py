@@ -55,16 +55,20 @@ UNIFIED_NORM_DOC = """Unified Normalization (Yang et al., 2022, https://arxiv.or
     x: [batch, ..., features].
     params: optional `{'scale', 'bias'}` of shape [features].
     state: a `UnifiedNormState` (see `init_unified_norm_state`).
-    mask: True for real tokens. Used only with `mean_over='valid'`.
+    mask: True for real tokens. Ignored with `mean_over='padded'`; 'valid'
+      takes every statistic over real tokens; 'official_masked' (the
+      official UN1d's `pad_mask`) only s_t, while q and the correction
+      still run over every row.
     use_running_average: evaluation mode.
     axis_name: mesh axis name(s) for `shard_map`/`pmap`.
 
   Returns:
     `(y, new_state)`; `new_state.ema_gz` and `new_state.bwd_window` are those
     of `state` (their updates are cotangents). A batch without real tokens
-    ('valid' mode) is normalised with R and leaves the state unchanged. So
-    does, for the whole state, a batch whose statistic rows ('valid': the
-    real tokens; 'padded': every row) hold a NaN or an infinity, and nu and
+    ('valid', 'official_masked') is normalised with R and leaves the state
+    unchanged. So does, for the whole state, a batch whose forward statistic
+    rows ('valid', 'official_masked': the real tokens; 'padded': every row)
+    hold a NaN or an infinity, and nu and
     H ignore an update made non-finite by the cotangent.
   """
 
@@ -270,12 +274,15 @@ def _forward_statistics(s, count, state, options):
   return sigma2, r, skip, outlier, window
 
 
-def _normalize(xf, mask, params, stats, grad_stats, options, axis_name):
-  """y = scale * x / sqrt(sigma2 + eps) + bias with UN's backward."""
+def _normalize(xf, grad_rows, params, stats, grad_stats, options, axis_name):
+  """y = scale * x / sqrt(sigma2 + eps) + bias with UN's backward.
+
+  `grad_rows` (None: every row) are the rows of q and of the correction.
+  """
   dtype = xf.dtype
   momentum, warmup = options['momentum'], options['warmup_steps']
   r = stats[1]
-  row_weight = None if mask is None else mask.astype(dtype)
+  row_weight = None if grad_rows is None else grad_rows.astype(dtype)
   p = common.filled_params(params, xf.shape[-1], dtype)
 
   def xla_path(xf, scale, bias, *_):
@@ -294,8 +301,10 @@ def _normalize(xf, mask, params, stats, grad_stats, options, axis_name):
 
 
 def _unified_norm_train(x, mask, state, params, options, axis_name):
-  """One batch group's UN training step ('padded': the mask is ignored)."""
-  if options['mean_over'] == 'padded':
+  """One batch group's UN training step ('padded': the mask is ignored;
+  'official_masked': it selects the forward statistic's rows only)."""
+  mean_over = options['mean_over']
+  if mean_over == 'padded':
     mask = None
   dtype = common.stats_dtype(x)
   x, params, state = common.guard_backward_stats(
@@ -310,7 +319,12 @@ def _unified_norm_train(x, mask, state, params, options, axis_name):
   stats = (sigma2 + options['eps'], r, skip, t)
   grad_stats = (update, state.ema_gz.astype(dtype),
                 state.bwd_window.astype(dtype))
-  y = _normalize(xf, mask, params, stats, grad_stats, options, axis_name)
+  grad_rows = mask
+  if mean_over == 'official_masked' and mask is not None:
+    # q and the correction over every row; none (as in 'valid') when the
+    # batch has no real token, which is then normalised like evaluation.
+    grad_rows = jnp.broadcast_to(count > 0, mask.shape)
+  y = _normalize(xf, grad_rows, params, stats, grad_stats, options, axis_name)
   m = options['momentum']
   new = state._replace(
       running_var=m * state.running_var.astype(dtype) + (1 - m) * sigma2,
@@ -347,10 +361,14 @@ UNIFIED_NORM = nd.register(nd.NormDefinition(
                   '(official 5), so c >= 1; inf: no clipping.',
                   check=rules.number(1, math.inf)),
         nd.Option('mean_over', 'padded',
-                  "'padded' (official: every statistic over all rows, the "
-                  "mask is ignored, so padding changes the statistics) or "
-                  "'valid' (real tokens only; pads are normalised but get no "
-                  'correction term).', check=rules.one_of('padded', 'valid')),
+                  "'padded' (official as the NMT code calls it, without a "
+                  'mask: every statistic over all rows, the mask is ignored, '
+                  "so padding changes the statistics), 'valid' (real tokens "
+                  'only; pads are normalised but get no correction term) or '
+                  "'official_masked' (the official UN1d given a pad mask: "
+                  'the forward statistic s over real tokens, the gradient '
+                  'statistic q and the correction over every row).',
+                  check=rules.one_of('padded', 'valid', 'official_masked')),
         nd.Option('num_batch_groups', 1, 'per-group statistics and state, '
                   'as in `power_norm`.', check=rules.COUNT),
         nd.Option('freeze_backward_stats', False,
