@@ -75,7 +75,24 @@ def ptb_base() -> ml_collections.ConfigDict:
       kind='cosine', peak_lr=2.5e-4, warmup_steps=0, min_lr=0.0,
       decay_steps=common.follows(c.train, 'num_steps'), warmup_init_lr=0.0))
   c.mesh = common.mesh()
+  c.ln_removal = ln_removal()
   return c
+
+
+def ln_removal() -> ml_collections.ConfigDict:
+  """experiments.ln_removal: LayerNorm removal by fine-tuning (Baroni et al.
+  2025; zoo spec §9), the schedule of submarat/removing-layer-norm's
+  `gpt2_standard` in optimizer steps: the FFN norm (ln_2) of layer i at
+  start + i * gap_ffn, then the attention norm's Q/K path (ln_1qk) every
+  gap_qk steps, its V path (ln_1v) every gap_v steps, then the final norm;
+  fine-tuning to num_steps with AdamW, cosine lr from peak_lr to min_lr
+  after warmup_steps, weight decay 0.01, clipping 1.0. sigma: per norm, the
+  mean of sqrt(var + eps) over calibration_batches training batches of the
+  trained model (the paper's std_dict)."""
+  return ml_collections.ConfigDict(dict(
+      start=20, gap_ffn=2, gap_qk=2, gap_v=3, num_steps=300, peak_lr=6e-4,
+      min_lr=3e-4, warmup_steps=25, weight_decay=0.01, clip_norm=1.0,
+      calibration_batches=8, log_every=25))
 
 
 def wt103_base() -> ml_collections.ConfigDict:

@@ -168,6 +168,20 @@ def nap_has_invariant_weights(v, ctx):
       '--config.optim.nap_params=<regex>')
 
 
+def after_the_last_removal(v, ctx):
+  """ln_removal.num_steps leaves at least one step after the final norm's
+  removal (experiments.ln_removal.removal_schedule)."""
+  keys = ('start', 'gap_ffn', 'gap_qk', 'gap_v')
+  values = [ctx.other(f'ln_removal.{k}') for k in keys]
+  layers = ctx.other('model.num_decoder_layers')
+  if any(not isinstance(x, int) for x in values + [layers]):
+    return None
+  start, ffn, qk, v_gap = values
+  last = start + layers * (ffn + qk + v_gap)
+  return None if v > last else (
+      f'must be > {last}, the step of the final norm\'s removal')
+
+
 def mesh_axis(v, ctx):
   return None if v == -1 or v >= 1 else (
       'must be >= 1, or -1 for every remaining device')
@@ -261,6 +275,19 @@ RULES: tuple[tuple[str, Rule, ...], ...] = (
     ('schedule.warmup_init_lr', at_least(0)),
     ('schedule.min_lr', at_least(0), at_most('schedule.peak_lr')),
     ('schedule.decay_steps', at_least(1)),
+    # LayerNorm removal (experiments.ln_removal)
+    ('ln_removal.start', at_least(0)),
+    ('ln_removal.gap_ffn', at_least(0)),
+    ('ln_removal.gap_qk', at_least(0)),
+    ('ln_removal.gap_v', at_least(0)),
+    ('ln_removal.num_steps', at_least(1), after_the_last_removal),
+    ('ln_removal.peak_lr', above(0)),
+    ('ln_removal.min_lr', at_least(0), at_most('ln_removal.peak_lr')),
+    ('ln_removal.warmup_steps', at_least(0)),
+    ('ln_removal.weight_decay', at_least(0)),
+    ('ln_removal.clip_norm', at_least(0)),
+    ('ln_removal.calibration_batches', at_least(1)),
+    ('ln_removal.log_every', at_least(1)),
     # training
     ('train.num_steps', at_least(1)),
     ('train.log_every', at_least(1)),
