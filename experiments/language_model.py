@@ -19,15 +19,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from experiments import ngpt
 from experiments import train_lib
 from experiments.data import lm as lm_data
 from experiments.models import LanguageModel
 
+# config.model.architecture -> the model (models.ARCHITECTURES).
+ARCHITECTURES = {'transformer': LanguageModel, 'ngpt': ngpt.NGPT}
+
 
 class Experiment(train_lib.Experiment):
-  """Corpus, model, mesh, optimizer and jitted steps of one LM run."""
-  model_class = LanguageModel
+  """Corpus, model, mesh, optimizer and jitted steps of one LM run.
+
+  `config.model.architecture` picks the model ('transformer' when absent;
+  'ngpt': `experiments.ngpt.NGPT`, whose `project_params` runs after every
+  optimizer step)."""
   model_inputs = ('inputs',)
+
+  @property
+  def model_class(self):
+    return ARCHITECTURES[self.config.model.get('architecture',
+                                               'transformer')]
+
   checkpoint_choices = ("'latest' or a step number (the language model "
                         'keeps no averaged checkpoint)')
   min_split_size = 2  # a stream of n tokens has n - 1 targets

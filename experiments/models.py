@@ -18,9 +18,15 @@ final stack norms; 'peri' x + N_out(F(N_in(x))), and by default a norm on
 the embeddings too (`embed_norm`); 'mix' (Mix-LN) post-norm for the first
 floor(mix_alpha * L) layers of a stack and pre-norm for the rest; 'lns'
 (LayerNorm Scaling) x + F(N(x) / sqrt(l)) for layer l = 1..L, the final norm
-unscaled. Adding one is a function `(x, sublayer, norm, *, mask, train,
-layer_index, num_layers, config) -> x` and an entry
-`Placement(fn, final_norm=...)`.
+unscaled; 'reordered' (OLMo 2) x + N(F(x)), no norm on the sublayer input,
+with QK-norm by default; 'hybrid' (HybridNorm) x + Attn(x) with per-head
+norms of Q, K and V inside the attention, and a post-norm N(x + F(x)) on
+the FFN; 'normformer' pre-norm plus a norm of the self-attention output, a
+norm after the FFN activation and learned per-head scales of the
+self-attention output. Adding one is a function `(x, sublayer, norm, *,
+mask, train, layer_index, num_layers, config) -> x` and an entry
+`Placement(fn, final_norm=...)`, whose flags switch on the norms inside the
+sublayers; those norms have sites of their own (`PLACEMENT_SITES`).
 
 Token ids: PAD = 0, BOS = 1, EOS = 2. Structure follows flax's
 examples/wmt/models.py (Apache-2.0).
@@ -47,6 +53,19 @@ from normjax import linen as nnorm
 # config.model.norms); the LanguageModel uses the decoder's.
 SITES = ('encoder_attention', 'encoder_ffn', 'encoder_final',
          'decoder_attention', 'decoder_ffn', 'decoder_final')
+# Sites of the norms inside the sublayers, read only by the placements that
+# have them (every preset carries `SITES`; a placement modifier adds these):
+# '<stack>_qkv' the per-head norms of Q, K and V ('hybrid'; features
+# head_dim, rows token x head, so a batch norm's channels are shared by the
+# heads); '<stack>_attention_out' the norm of the self-attention output and
+# '<stack>_ffn_mid' the norm after the FFN activation (features ffn_dim)
+# ('normformer').
+PLACEMENT_SITES = ('encoder_qkv', 'encoder_attention_out', 'encoder_ffn_mid',
+                   'decoder_qkv', 'decoder_attention_out', 'decoder_ffn_mid')
+ALL_SITES = SITES + PLACEMENT_SITES
+# config.model.architecture of a language model: this module's
+# LanguageModel, or experiments.ngpt.NGPT.
+ARCHITECTURES = ('transformer', 'ngpt')
 
 ACTIVATION_AXES = ('batch', 'length', 'embed')
 NORM_PARAM_AXES = ('embed',)  # the logical axis of every norm's params
@@ -66,15 +85,39 @@ ResidualFn = Callable[..., jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-  """A residual-block function plus whether the stacks end with a norm."""
+  """A residual-block function, whether the stacks end with a norm, and the
+  norms inside the sublayers.
+
+  `ffn`: the FFN sublayers' residual function (None: `residual`).
+  `qkv_norm`: per-head norms of Q, K and V in every attention
+  ('<stack>_qkv'). `head_scale`, `attention_out_norm`, `ffn_mid_norm`:
+  NormFormer's learned per-head scales of the self-attention output (init
+  1), its norm of the self-attention output before the residual dropout and
+  add ('<stack>_attention_out'), its norm after the FFN activation
+  ('<stack>_ffn_mid'). `qk_norm`: the default of TransformerConfig.qk_norm.
+  """
   residual: ResidualFn
   final_norm: bool
+  ffn: ResidualFn | None = None
+  qkv_norm: bool = False
+  head_scale: bool = False
+  attention_out_norm: bool = False
+  ffn_mid_norm: bool = False
+  qk_norm: str = ''
+
+  @property
+  def sites(self) -> tuple[str, ...]:
+    """The suffixes of the `PLACEMENT_SITES` it reads ('qkv', ...)."""
+    return tuple(name for name, used in (
+        ('qkv', self.qkv_norm), ('attention_out', self.attention_out_norm),
+        ('ffn_mid', self.ffn_mid_norm)) if used)
 
   def __call__(self, x, sublayer, norm, *, mask, train, layer_index,
-               num_layers, config):
-    return self.residual(x, sublayer, norm, mask=mask, train=train,
-                         layer_index=layer_index, num_layers=num_layers,
-                         config=config)
+               num_layers, config, ffn: bool = False):
+    residual = self.ffn if ffn and self.ffn is not None else self.residual
+    return residual(x, sublayer, norm, mask=mask, train=train,
+                    layer_index=layer_index, num_layers=num_layers,
+                    config=config)
 
 
 def pre_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers,
@@ -123,12 +166,38 @@ def layer_norm_scaling(x, sublayer, norm, *, mask, train, layer_index,
   return x + sublayer(h * scale)
 
 
+def reordered_norm(x, sublayer, norm, *, mask, train, layer_index,
+                   num_layers, config):
+  """x + N(F(x)) (OLMo 2's `norm_after`): the norm ('<site>_norm_out') on
+  the sublayer output before the residual add, none on its input."""
+  del layer_index, num_layers, config
+  return x + norm('_out')(sublayer(x), not train, mask=mask)
+
+
+def no_norm(x, sublayer, norm, *, mask, train, layer_index, num_layers,
+            config):
+  """x + F(x): no norm around the sublayer (HybridNorm's attention, whose
+  norms are on Q, K and V inside it)."""
+  del norm, mask, train, layer_index, num_layers, config
+  return x + sublayer(x)
+
+
 PLACEMENTS: dict[str, Placement] = {
     'pre': Placement(pre_norm, final_norm=True),
     'post': Placement(post_norm, final_norm=False),
     'peri': Placement(peri_norm, final_norm=True),
     'mix': Placement(mix_norm, final_norm=True),
     'lns': Placement(layer_norm_scaling, final_norm=True),
+    # OLMo 2: reordered norms plus QK-norm (RMSNorm per head by default).
+    'reordered': Placement(reordered_norm, final_norm=True,
+                           qk_norm='rmsnorm'),
+    # HybridNorm (Zhuo et al. 2025): QKV-norm in the attention, Post-Norm on
+    # the FFN; the stream ends with the FFN's norm, so no final norm.
+    'hybrid': Placement(no_norm, final_norm=False, ffn=post_norm,
+                        qkv_norm=True),
+    # NormFormer (fairseq scale_attn, scale_fc, scale_heads): pre-norm plus.
+    'normformer': Placement(pre_norm, final_norm=True, head_scale=True,
+                            attention_out_norm=True, ffn_mid_norm=True),
 }
 
 
@@ -137,8 +206,8 @@ PLACEMENTS: dict[str, Placement] = {
 # ----------------------------------------------------------------------------
 
 def default_norms() -> dict[str, dict[str, Any]]:
-  """fairseq's LayerNorm (eps 1e-5) at every site."""
-  return {site: {'kind': 'layernorm', 'epsilon': 1e-5} for site in SITES}
+  """fairseq's LayerNorm (eps 1e-5) at every site (`ALL_SITES`)."""
+  return {site: {'kind': 'layernorm', 'epsilon': 1e-5} for site in ALL_SITES}
 
 
 def _freeze(value: Any) -> Any:
@@ -160,8 +229,8 @@ class TransformerConfig:
   `normjax.linen.make_norm`. Sites left out keep the default LayerNorm;
   'decoder_attention' also serves the decoder's cross-attention norm (as in
   fairseq) and, with `embed_norm`, the '<stack>_attention' norm kinds serve
-  the embedding norms. Unknown sites, kinds and options raise at
-  construction.
+  the embedding norms. The `PLACEMENT_SITES` serve only the placements that
+  read them. Unknown sites, kinds and options raise at construction.
   """
   vocab_size: int
   d_model: int = 512
@@ -175,7 +244,9 @@ class TransformerConfig:
   share_embeddings: bool = True
   placement: str = 'pre'
   mix_alpha: float = 0.25   # 'mix': the fraction of post-norm layers
-  qk_norm: str = ''  # '' | 'rmsnorm' | 'layernorm': QK-norm in attention
+  # '' | 'rmsnorm' | 'layernorm': QK-norm in attention; None: the
+  # placement's default ('rmsnorm' for 'reordered', else '').
+  qk_norm: str | None = None
   embed_norm: bool | None = None  # norm the embeddings; None: only 'peri'
   norms: Mapping[str, Mapping[str, Any]] = dataclasses.field(
       default_factory=default_norms)
@@ -228,10 +299,10 @@ class TransformerConfig:
 
   def __post_init__(self):
     norms = _freeze(self.norms)
-    unknown = set(norms) - set(SITES)
+    unknown = set(norms) - set(ALL_SITES)
     if unknown:
       raise ValueError(f'TransformerConfig.norms: unknown sites '
-                       f'{sorted(unknown)}; the sites are {list(SITES)}.')
+                       f'{sorted(unknown)}; the sites are {list(ALL_SITES)}.')
     merged = dict(_freeze(default_norms()))
     merged.update(norms)
     for site, cfg in merged.items():
@@ -239,7 +310,12 @@ class TransformerConfig:
         raise ValueError(f'TransformerConfig.norms[{site!r}] needs a kind.')
       nnorm.make_norm(**cfg)  # raises on an unknown kind or option
     object.__setattr__(self, 'norms', FrozenDict(
-        {site: merged[site] for site in SITES}))
+        {site: merged[site] for site in ALL_SITES}))
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f'TransformerConfig.placement: unknown '
+                       f'{self.placement!r}; choose from {sorted(PLACEMENTS)}.')
+    if self.qk_norm is None:
+      object.__setattr__(self, 'qk_norm', PLACEMENTS[self.placement].qk_norm)
     if self.qk_norm not in ('', 'rmsnorm', 'layernorm'):
       raise ValueError(f"TransformerConfig.qk_norm={self.qk_norm!r}: choose "
                        "'' (none), 'rmsnorm' or 'layernorm'.")
@@ -248,9 +324,6 @@ class TransformerConfig:
                        'fraction of post-norm layers must be in [0, 1].')
     if self.embed_norm is None:
       object.__setattr__(self, 'embed_norm', self.placement == 'peri')
-    if self.placement not in PLACEMENTS:
-      raise ValueError(f'TransformerConfig.placement: unknown '
-                       f'{self.placement!r}; choose from {sorted(PLACEMENTS)}.')
     if not self.head_dim and self.d_model % self.num_heads:
       raise ValueError(f'd_model={self.d_model} is not divisible by '
                        f'num_heads={self.num_heads}; change one, or set '
@@ -329,20 +402,22 @@ def _constrain(x):
   return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
-def _norm_factory(cfg) -> Any:
-  """`make_norm(**cfg)` with the params on the logical 'embed' axis (the
-  sharding rules need it; normjax annotates nothing by default) where the
-  module has `param_axes` and the config does not set it."""
+def _norm_factory(cfg, param_axes=NORM_PARAM_AXES) -> Any:
+  """`make_norm(**cfg)` with the params on the logical axes `param_axes`
+  (default 'embed'; the sharding rules need it; normjax annotates nothing
+  by default) where the module has `param_axes` and the config does not
+  set it."""
   factory = nnorm.make_norm(**cfg)
   if ('param_axes' in cfg or
       'param_axes' not in nnorm.module_fields(factory.func)):
     return factory
-  return functools.partial(factory, param_axes=NORM_PARAM_AXES)
+  return functools.partial(factory, param_axes=param_axes)
 
 
-def _site_norm(config: TransformerConfig, site: str, name: str):
+def _site_norm(config: TransformerConfig, site: str, name: str,
+               param_axes=NORM_PARAM_AXES):
   """`make(suffix='')` -> the norm module of `site`, named `name + suffix`."""
-  factory = _norm_factory(config.norms[site])
+  factory = _norm_factory(config.norms[site], param_axes)
 
   def make(suffix: str = ''):
     return factory(name=f'{name}{suffix}')
@@ -412,15 +487,27 @@ class MultiHeadAttention(nn.Module):
   length) creates the cache, every later call appends one position. With
   `decode=True` and `cross=True`, the encoder's keys and values are read
   from 'cache' (`cross_key`, `cross_value`, see `init_cache`).
+
+  The placement's norms inside the attention (`Placement`): per-head norms
+  of Q, K and V ('query_norm', 'key_norm', 'value_norm' of the site
+  '<stack>_qkv'; after the cache is read, before it is written, so cached
+  entries are the projections, each normalised per token and head), and in
+  self-attention NormFormer's 'head_scale' and 'out_norm'
+  ('<stack>_attention_out'). They get `q_mask` / `kv_mask`, the token masks
+  of the queries and of the keys (True = real token).
   """
   config: TransformerConfig
   deterministic: bool
   decode: bool = False
   cross: bool = False  # attends to the encoder output
+  train: bool = False  # the norms' batch statistics (not `deterministic`)
+  stack: str = 'decoder'  # the sites of the norms inside: '<stack>_...'
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, *, mask):
+  def __call__(self, inputs_q, inputs_kv, *, mask, q_mask=None,
+               kv_mask=None):
     cfg = self.config
+    placement = PLACEMENTS[cfg.placement]
     head_dim = cfg.attention_head_dim
     qkv_init = nn.initializers.variance_scaling(
         0.5, 'fan_avg', 'uniform', in_axis=0, out_axis=(1, 2))
@@ -441,6 +528,20 @@ class MultiHeadAttention(nn.Module):
       if self.cross and self.decode:  # creates the cache entries (shapes)
         self.put_variable('cache', 'cross_key', key)
         self.put_variable('cache', 'cross_value', value)
+    if placement.qkv_norm:  # per token and head: [..., heads, head_dim]
+      site = f'{self.stack}_qkv'
+      for name, t_mask in (('query', q_mask), ('key', kv_mask),
+                           ('value', kv_mask)):
+        t_mask = None if t_mask is None else t_mask[..., None]
+        normed = _site_norm(cfg, site, f'{name}_norm', ('kv',))()(
+            {'query': query, 'key': key, 'value': value}[name],
+            not self.train, mask=t_mask).astype(cfg.dtype)
+        if name == 'query':
+          query = normed
+        elif name == 'key':
+          key = normed
+        else:
+          value = normed
     if cfg.qk_norm:  # per token and head, so cached keys stay exact
       query, key = nnorm.QKNorm(cfg.qk_norm, name='qk_norm')(query, key)
 
@@ -476,24 +577,45 @@ class MultiHeadAttention(nn.Module):
         dropout_rate=cfg.attention_dropout, broadcast_dropout=False,
         deterministic=self.deterministic, dtype=cfg.dtype,
         force_fp32_for_softmax=True)
-    return _OutputProjection(cfg.stream_width, out_init, cfg.dtype,
-                             name='out')(
-        x.astype(cfg.dtype))
+    x = x.astype(cfg.dtype)
+    if placement.head_scale and not self.cross:
+      scale = self.param('head_scale',
+                         _partitioned(nn.initializers.ones, ('heads',)),
+                         (x.shape[-2],), jnp.float32)
+      x = x * scale.astype(cfg.dtype).reshape(
+          (1,) * (x.ndim - 2) + (x.shape[-2], 1))
+    out = _OutputProjection(cfg.stream_width, out_init, cfg.dtype,
+                            name='out')(x)
+    if placement.attention_out_norm and not self.cross:
+      out = _site_norm(cfg, f'{self.stack}_attention_out', 'out_norm')()(
+          out, not self.train, mask=q_mask).astype(cfg.dtype)
+    return out
 
 
 def _attention(config: TransformerConfig, deterministic: bool, name: str, *,
-               mask, memory=None, decode: bool = False):
-  """Attention over `memory` (self-attention if None) -> residual dropout."""
+               mask, memory=None, decode: bool = False, train: bool = False,
+               stack: str = 'decoder', q_mask=None, kv_mask=None):
+  """Attention over `memory` (self-attention if None) -> residual dropout.
+
+  `q_mask` / `kv_mask`: the token masks of the queries and keys (for the
+  norms inside; `kv_mask` defaults to `q_mask` in self-attention)."""
+  if memory is None and kv_mask is None:
+    kv_mask = q_mask
+
   def attend(h):
     h = MultiHeadAttention(config, deterministic, decode=decode,
-                           cross=memory is not None, name=name)(
-        h, h if memory is None else memory, mask=mask)
+                           cross=memory is not None, train=train, stack=stack,
+                           name=name)(
+        h, h if memory is None else memory, mask=mask, q_mask=q_mask,
+        kv_mask=kv_mask)
     return nn.Dropout(config.dropout)(h, deterministic=deterministic)
   return attend
 
 
-def _feed_forward(config: TransformerConfig, deterministic: bool):
-  """fc1 -> ReLU -> activation dropout -> fc2 -> residual dropout."""
+def _feed_forward(config: TransformerConfig, deterministic: bool, *,
+                  train: bool = False, stack: str = 'decoder', mask=None):
+  """fc1 -> ReLU -> activation dropout -> (NormFormer: 'ffn_mid_norm' of
+  '<stack>_ffn_mid') -> fc2 -> residual dropout."""
   def ffn(h):
     xavier = nn.initializers.xavier_uniform()
     h = nn.Dense(config.ffn_dim, dtype=config.dtype,
@@ -502,6 +624,9 @@ def _feed_forward(config: TransformerConfig, deterministic: bool):
                  name='fc1')(h)
     h = nn.relu(h)
     h = nn.Dropout(config.activation_dropout)(h, deterministic=deterministic)
+    if PLACEMENTS[config.placement].ffn_mid_norm:
+      h = _site_norm(config, f'{stack}_ffn_mid', 'ffn_mid_norm', ('mlp',))()(
+          h, not train, mask=mask).astype(config.dtype)
     h = nn.Dense(config.stream_width, dtype=config.dtype,
                  kernel_init=_partitioned(xavier, ('mlp', 'embed')),
                  bias_init=_partitioned(nn.initializers.zeros, ('embed',)),
@@ -537,10 +662,10 @@ def _bind_placement(config, mask, train, layer_index, num_layers):
   """The config's placement with this layer's keyword arguments bound."""
   placement = PLACEMENTS[config.placement]
 
-  def place(x, sublayer, norm):
+  def place(x, sublayer, norm, ffn=False):
     return placement(x, sublayer, norm, mask=mask, train=train,
                      layer_index=layer_index, num_layers=num_layers,
-                     config=config)
+                     config=config, ffn=ffn)
   return place
 
 
@@ -554,10 +679,12 @@ class EncoderLayer(nn.Module):
     det = _deterministic(cfg, train)
     place = _bind_placement(cfg, mask, train, self.layer_index,
                             cfg.num_encoder_layers)
-    x = place(x, _attention(cfg, det, 'self_attention', mask=attention_mask),
+    x = place(x, _attention(cfg, det, 'self_attention', mask=attention_mask,
+                            train=train, stack='encoder', q_mask=mask),
               _site_norm(cfg, 'encoder_attention', 'attention_norm'))
-    x = place(x, _feed_forward(cfg, det),
-              _site_norm(cfg, 'encoder_ffn', 'ffn_norm'))
+    x = place(x, _feed_forward(cfg, det, train=train, stack='encoder',
+                               mask=mask),
+              _site_norm(cfg, 'encoder_ffn', 'ffn_norm'), ffn=True)
     return _constrain(x)
 
 
@@ -567,20 +694,22 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, y, encoded, mask, self_attention_mask, cross_mask, *,
-               train: bool):
+               train: bool, memory_mask=None):
     cfg = self.config
     det = _deterministic(cfg, train)
     place = _bind_placement(cfg, mask, train, self.layer_index,
                             cfg.num_decoder_layers)
     y = place(y, _attention(cfg, det, 'self_attention',
-                            mask=self_attention_mask, decode=cfg.decode),
+                            mask=self_attention_mask, decode=cfg.decode,
+                            train=train, q_mask=mask),
               _site_norm(cfg, 'decoder_attention', 'attention_norm'))
     if encoded is not None:  # None: a decoder-only language model
       y = place(y, _attention(cfg, det, 'cross_attention', mask=cross_mask,
-                              memory=encoded, decode=cfg.decode),
+                              memory=encoded, decode=cfg.decode, train=train,
+                              q_mask=mask, kv_mask=memory_mask),
                 _site_norm(cfg, 'decoder_attention', 'cross_attention_norm'))
-    y = place(y, _feed_forward(cfg, det),
-              _site_norm(cfg, 'decoder_ffn', 'ffn_norm'))
+    y = place(y, _feed_forward(cfg, det, train=train, mask=mask),
+              _site_norm(cfg, 'decoder_ffn', 'ffn_norm'), ffn=True)
     return _constrain(y)
 
 
@@ -648,10 +777,11 @@ class Decoder(nn.Module):
           nn.make_attention_mask(jnp.ones_like(mask), mask, dtype=jnp.bool_),
           dtype=jnp.bool_)
       positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-    cross_mask = None
+    cross_mask = memory_mask = None
     if encoded is not None:
-      cross_mask = nn.make_attention_mask(jnp.ones_like(mask),
-                                          inputs != PAD_ID, dtype=jnp.bool_)
+      memory_mask = inputs != PAD_ID
+      cross_mask = nn.make_attention_mask(jnp.ones_like(mask), memory_mask,
+                                          dtype=jnp.bool_)
 
     y = _embed(cfg, self.embedding, decoder_inputs, positions, mask,
                _deterministic(cfg, train))
@@ -660,7 +790,8 @@ class Decoder(nn.Module):
           y, not train, mask=mask)
     for i in range(cfg.num_decoder_layers):
       y = DecoderLayer(cfg, layer_index=i, name=f'layer_{i}')(
-          y, encoded, mask, self_mask, cross_mask, train=train)
+          y, encoded, mask, self_mask, cross_mask, train=train,
+          memory_mask=memory_mask)
     if PLACEMENTS[cfg.placement].final_norm:
       y = _site_norm(cfg, 'decoder_final', 'final_norm')()(
           y, not train, mask=mask)

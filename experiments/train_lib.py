@@ -153,9 +153,13 @@ def init_state(init_variables: Callable[[Array], dict], tx, seed: int,
 
 def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
                     schedule: optax.Schedule, label_smoothing: float, *,
-                    probe: bool = False, exact_gradient: bool = False):
+                    probe: bool = False, exact_gradient: bool = False,
+                    project_params: Callable[[Any], Any] | None = None):
   """A train step for `logits_fn(variables, batch, rngs, mutable) ->
   (logits, updates)`, `mutable` the collections the model may write.
+
+  `project_params(params) -> params`, if given, is applied to the
+  parameters after every optimizer update (nGPT's renormalisation).
 
   `batch` holds `targets` and `weights` (1 for real target tokens). With
   `probe` the metrics also hold 'probes' (`experiments.probing`), and with
@@ -191,9 +195,12 @@ def make_train_step(logits_fn: Callable[..., tuple[Array, dict]], tx,
         exact = jax.grad(lambda p: loss_fn(p, state.grad_stats)[0])(
             state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    if project_params is not None:
+      params = project_params(params)
     new_state = state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, param_updates),
+        params=params,
         opt_state=opt_state,
         batch_stats=updates.get('batch_stats', state.batch_stats),
         grad_stats=normjax.apply_backward_stats(state.grad_stats,
@@ -327,6 +334,13 @@ class Experiment(abc.ABC):
              ) -> dict[str, Any]:
     """The final evaluation after training; returns the results."""
 
+  def project_params(self, params: Any) -> Any:
+    """Applied to the parameters after every optimizer update: the model
+    class's static `project_params` where it has one (nGPT), else the
+    identity."""
+    project = getattr(self.model_class, 'project_params', None)
+    return params if project is None else project(params)
+
   def _make_model(self, **overrides) -> nn.Module:
     """`model_class` for config.model and the vocabulary, with `overrides`."""
     return self.model_class(TransformerConfig.from_config(
@@ -360,7 +374,8 @@ class Experiment(abc.ABC):
     def jit_train(**kwargs):
       return jax.jit(
           make_train_step(logits_fn, self.tx, self.schedule,
-                          config.optim.label_smoothing, **kwargs),
+                          config.optim.label_smoothing,
+                          project_params=self.project_params, **kwargs),
           in_shardings=shardings, out_shardings=(self.state_shardings, repl),
           donate_argnums=0)
     self.train_step = jit_train()

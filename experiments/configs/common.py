@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from experiments.models import PLACEMENTS
 from experiments.models import SITES
 
 
@@ -315,8 +316,51 @@ def _shorten_norm_warmups(c, final_warmup: int):
       norm.warmup_steps = final_warmup
 
 
+# The site a placement's own site (models.PLACEMENT_SITES) starts as a copy
+# of, in the same stack.
+_LIKE = {'qkv': 'attention', 'attention_out': 'attention', 'ffn_mid': 'ffn'}
+
+
+def following(site: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A norm site whose every field follows `site`'s (`follows`): setting
+  one of its fields changes that field only."""
+  return ml_collections.ConfigDict(
+      {key: follows(site, key) for key in site.keys()})
+
+
+def set_placement(name: str) -> Callable[[ml_collections.ConfigDict], None]:
+  """The modifier `,<name>`: model.placement = name, plus the sites of
+  the norms inside its sublayers (models.PLACEMENT_SITES), each following
+  its stack's attention or FFN site (`following`) unless the config has it
+  already; 'mix' adds model.mix_alpha (0.25)."""
+  placement = PLACEMENTS[name]
+
+  def modify(c):
+    c.model.placement = name
+    if name == 'mix' and 'mix_alpha' not in c.model:
+      c.model.mix_alpha = 0.25
+    for stack in ('encoder', 'decoder'):
+      if f'{stack}_attention' not in c.model.norms:
+        continue  # a language model: the decoder only
+      for suffix in placement.sites:
+        site = f'{stack}_{suffix}'
+        if site not in c.model.norms:
+          c.model.norms[site] = following(
+              c.model.norms[f'{stack}_{_LIKE[suffix]}'])
+  modify.__doc__ = (f"model.placement='{name}': "
+                    f'{placement.residual.__doc__.splitlines()[0]}')
+  return modify
+
+
+# `,pre`, `,post`, `,peri`, `,mix`, `,lns`, `,reordered`, `,hybrid`,
+# `,normformer` (the translation and language-model presets alike).
+PLACEMENT_MODIFIERS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    name: set_placement(name) for name in PLACEMENTS}
+
+
 MODIFIERS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     'demo': demo,
     'smoke': smoke,
     'multi30k': multi30k,
+    **PLACEMENT_MODIFIERS,
 }

@@ -40,7 +40,8 @@ def problem(experiment, preset, *overrides):
     ('model.norms.encoder_ffn.num_groups=3',
      'model.norms.encoder_ffn.num_groups=3: must divide model.d_model=32'),
     ('model.dropout=1.0', 'model.dropout=1.0: must be in [0, 1)'),
-    ('model.placement=side', 'model.placement=side: choose one of lns, mix,'),
+    ('model.placement=side',
+     'model.placement=side: choose one of hybrid, lns, mix,'),
     ('model.dtype=float64', 'model.dtype=float64: choose one of bfloat16, '
      'float32'),
     ('model.norms.decoder_ffn.kind=powrnorm',

@@ -417,7 +417,8 @@ def test_train_step_with_backward_statistics():
 
 def test_config():
   c = config('layernorm', sites=('encoder_attention',))
-  assert set(c.norms) == set(models.SITES)  # the rest default to LayerNorm
+  # The rest default to LayerNorm, the placements' own sites included.
+  assert set(c.norms) == set(models.ALL_SITES)
   assert dict(c.norms['decoder_final']) == dict(kind='layernorm',
                                                 epsilon=1e-5)
   assert hash(c) == hash(config('layernorm', sites=('encoder_attention',)))

@@ -1,4 +1,5 @@
-"""Placements (zoo spec §3): Post, Pre, Peri, Mix-LN, LayerNorm Scaling."""
+"""Placements (zoo spec §3): Post, Pre, Peri, Mix-LN, LayerNorm Scaling,
+OLMo 2 reordered, HybridNorm, NormFormer."""
 
 import functools
 import math
@@ -198,3 +199,205 @@ def test_bad_placement_options_are_rejected():
     config(placement='mix', mix_alpha=1.5)
   with pytest.raises(ValueError, match='placement'):
     config(placement='sandwich')
+
+
+# ------------------------------------------ OLMo 2, HybridNorm, NormFormer --
+
+NEW_PLACEMENTS = ('reordered', 'hybrid', 'normformer')
+
+
+def record(names):
+  """An interceptor recording (first argument, output) of the modules
+  named `names` (their __call__), by name, in call order."""
+  seen = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and context.module.name in names:
+      seen.setdefault(context.module.name, []).append(
+          (np.asarray(args[0]), np.asarray(out)))
+    return out
+  return seen, interceptor
+
+
+def intercepted(cfg, names, tokens=TOKENS):
+  model = models.LanguageModel(cfg)
+  variables = nn.unbox(model.init(jax.random.key(0), tokens, train=False))
+  seen, interceptor = record(names)
+  with nn.intercept_methods(interceptor):
+    logits = model.apply(variables, tokens, train=False)
+  return variables, seen, np.asarray(logits)
+
+
+def test_reordered_is_x_plus_the_norm_of_the_sublayer_output():
+  x = np.random.default_rng(3).normal(size=(3, 8)) * 3 + 1
+  seen, calls = [], []
+  got = models.reordered_norm(x, lambda h: seen.append(h) or np.tanh(h),
+                              recording_norm(calls), config=config(),
+                              **KWARGS)
+  np.testing.assert_array_equal(seen[0], x)  # no norm on the input
+  np.testing.assert_allclose(got, x + rms(np.tanh(x)), rtol=1e-12)
+  assert calls == ['_out']
+  # In the model: the residual stream of every block, intercepted.
+  cfg = config(placement='reordered')
+  assert cfg.qk_norm == 'rmsnorm'  # OLMo 2's QK-norm by default
+  assert config(placement='reordered', qk_norm='').qk_norm == ''
+  variables, seen, _ = intercepted(cfg, (
+      'layer_0', 'layer_1', 'self_attention', 'attention_norm_out', 'fc2',
+      'ffn_norm_out'))
+  layer0 = variables['params']['decoder']['layer_0']
+  assert 'attention_norm' not in layer0 and 'ffn_norm' not in layer0
+  assert 'qk_norm' in layer0['self_attention']
+  for i in range(2):
+    x, _ = seen[f'layer_{i}'][0]
+    att_in, att = seen['self_attention'][i]
+    np.testing.assert_array_equal(att_in, x)  # F sees x itself
+    norm_in, att_n = seen['attention_norm_out'][i]
+    np.testing.assert_array_equal(norm_in, att)  # N sees F(x)
+    h = x + att_n
+    ffn_norm_in, ffn_n = seen['ffn_norm_out'][i]
+    np.testing.assert_array_equal(ffn_norm_in, seen['fc2'][i][1])
+    np.testing.assert_array_equal(seen[f'layer_{i}'][0][1], h + ffn_n)
+
+
+@pytest.mark.parametrize('kind', ['layernorm', 'rmsnorm', 'batchnorm'])
+def test_hybrid_normalises_q_k_v_per_head_and_post_norms_the_ffn(kind):
+  cfg = config(placement='hybrid', num_decoder_layers=2,
+               norms={s: dict(kind=kind) for s in models.ALL_SITES})
+  names = ('layer_0', 'self_attention', 'query_norm', 'key_norm',
+           'value_norm', 'fc2', 'ffn_norm')
+  variables, seen, _ = intercepted(cfg, names)
+  layer0 = variables['params']['decoder']['layer_0']
+  assert 'attention_norm' not in layer0 and 'final_norm' not in (
+      variables['params']['decoder'])
+  real = TOKENS != models.PAD_ID
+  for name in ('query_norm', 'key_norm', 'value_norm'):
+    for t, out in seen[name]:
+      assert t.shape == out.shape == (3, 6, 2, 8)  # [B, L, heads, head_dim]
+      out = out[real]
+      if kind == 'layernorm':  # per token and head: mean 0, variance 1
+        assert np.abs(out.mean(-1)).max() < 1e-6
+        assert np.abs(out.var(-1) - 1).max() < 1e-4
+      elif kind == 'rmsnorm':  # RMS 1
+        assert np.abs(np.sqrt((out ** 2).mean(-1)) - 1).max() < 1e-4
+      else:  # running statistics at init: the input unchanged up to eps
+        np.testing.assert_allclose(out, t[real] / np.sqrt(1 + 1e-5),
+                                   rtol=1e-5, atol=1e-6)
+  # Attention: x + Attn(x), no norm around it; FFN: N(h + F(h)).
+  x = seen['layer_0'][0][0]
+  att_in, att = seen['self_attention'][0]
+  np.testing.assert_array_equal(att_in, x)
+  ffn_norm_in, ffn_out = seen['ffn_norm'][0]
+  np.testing.assert_array_equal(ffn_norm_in, x + att + seen['fc2'][0][1])
+  np.testing.assert_array_equal(seen['layer_0'][0][1], ffn_out)
+
+
+def test_hybrid_qkv_batch_norms_train_with_statistics_of_their_own():
+  """Stateful norms at the QKV site: one set of running statistics each
+  for Q, K and V (channels: the head features), updated in training."""
+  cfg = config(placement='hybrid', num_decoder_layers=1,
+               norms={s: dict(kind='batchnorm') for s in models.ALL_SITES})
+  model = models.LanguageModel(cfg)
+  variables = model.init(jax.random.key(0), TOKENS, train=False)
+  out, updates = model.apply(variables, TOKENS, train=True,
+                             mutable=['batch_stats'])
+  stats = updates['batch_stats']['decoder']['layer_0']['self_attention']
+  assert set(stats) == {'query_norm', 'key_norm', 'value_norm'}
+  assert np.isfinite(np.asarray(out)).all()
+
+
+def test_normformer_with_no_extra_norms_and_unit_head_scales_is_pre_norm():
+  norms = {s: dict(kind='layernorm') for s in models.SITES}
+  extra = dict(decoder_attention_out=dict(kind='none'),
+               decoder_ffn_mid=dict(kind='none'))
+  nf_cfg = config(placement='normformer', norms={**norms, **extra})
+  variables, _, nf_logits = intercepted(nf_cfg, ())
+  attention = variables['params']['decoder']['layer_0']['self_attention']
+  np.testing.assert_array_equal(attention['head_scale'], np.ones(2))
+  pre_variables = jax.tree.map(lambda x: x, variables)
+  for i in range(4):
+    del pre_variables['params']['decoder'][f'layer_{i}']['self_attention'][
+        'head_scale']
+  pre = models.LanguageModel(config(placement='pre', norms=norms))
+  assert jax.tree.structure(pre_variables) == jax.tree.structure(
+      nn.unbox(pre.init(jax.random.key(0), TOKENS, train=False)))
+  np.testing.assert_array_equal(
+      nf_logits, np.asarray(pre.apply(pre_variables, TOKENS, train=False)))
+  # With the norms on, they sit where NormFormer puts them.
+  variables, seen, _ = intercepted(config(placement='normformer'),
+                                   ('out', 'out_norm', 'fc1', 'ffn_mid_norm',
+                                    'fc2'))
+  layer0 = variables['params']['decoder']['layer_0']
+  assert {'out_norm', 'head_scale'} <= set(layer0['self_attention'])
+  assert 'ffn_mid_norm' in layer0 and 'attention_norm' in layer0
+  np.testing.assert_array_equal(seen['out_norm'][0][0], seen['out'][0][1])
+  np.testing.assert_array_equal(seen['ffn_mid_norm'][0][0],
+                                np.maximum(seen['fc1'][0][1], 0))
+  np.testing.assert_array_equal(seen['fc2'][0][0],
+                                seen['ffn_mid_norm'][0][1])
+
+
+def test_normformer_head_scales_scale_each_head():
+  cfg = config(placement='normformer', num_decoder_layers=1)
+  variables, seen, base = intercepted(cfg, ('out',))
+  scaled = jax.tree.map(lambda x: x, variables)
+  attention = scaled['params']['decoder']['layer_0']['self_attention']
+  attention['head_scale'] = np.array([0.0, 1.0], np.float32)
+  seen2, interceptor = record(('out',))
+  with nn.intercept_methods(interceptor):
+    models.LanguageModel(cfg).apply(scaled, TOKENS, train=False)
+  heads = seen['out'][0][0]
+  np.testing.assert_array_equal(seen2['out'][0][0][..., 0, :], 0)
+  np.testing.assert_array_equal(seen2['out'][0][0][..., 1, :],
+                                heads[..., 1, :])
+
+
+@pytest.mark.parametrize('placement', sorted(models.PLACEMENTS))
+def test_every_placement_is_causal(placement):
+  cfg = config(placement=placement, num_decoder_layers=2, mix_alpha=0.5,
+               norms={s: dict(kind='rmsnorm') for s in models.ALL_SITES})
+  init, apply = forward(cfg)
+  variables = init()
+  changed = TOKENS.copy()
+  changed[:, 3] = [13, 14, 15]  # position 3 of every row
+  a = np.asarray(apply(variables)[0])
+  model = models.LanguageModel(cfg)
+  b = np.asarray(jit(lambda v: model.apply(v, changed, train=False))(
+      variables))
+  np.testing.assert_array_equal(a[:, :3], b[:, :3])
+  assert not np.allclose(a[:, 3:], b[:, 3:])
+
+
+@pytest.mark.parametrize('placement', sorted(models.PLACEMENTS))
+def test_every_placement_trains_on_the_smoke_preset(placement):
+  """PowerNorm at every site the placement has (masked, stateful), the
+  smoke preset's model and optimizer, six steps on one batch."""
+  from experiments import train_lib
+  from experiments.configs import lm
+  c = lm.get_config(f'ptb_powernorm,smoke,{placement}')
+  cfg = models.TransformerConfig.from_config(c.model, VOCAB)
+  model = models.LanguageModel(cfg)
+  tokens = np.random.default_rng(4).integers(3, VOCAB, size=(8, 9))
+  batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+               weights=np.ones((8, 8), np.float32))
+  variables = nn.unbox(model.init(jax.random.key(0), batch['inputs'],
+                                  train=False))
+  schedule = train_lib.make_schedule(c.schedule)
+  tx = train_lib.make_optimizer(c.optim, schedule)
+  state = train_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'],
+      opt_state=tx.init(variables['params']),
+      batch_stats=variables.get('batch_stats', {}),
+      grad_stats=variables.get('grad_stats', {}), rng=jax.random.PRNGKey(0))
+
+  def logits_fn(variables, batch, rngs, mutable):
+    return model.apply(variables, batch['inputs'], train=True, rngs=rngs,
+                       mutable=mutable)
+  step = jit(train_lib.make_train_step(logits_fn, tx, schedule, 0.0))
+  losses = []
+  for _ in range(c.train.num_steps):
+    state, metrics = step(state, batch)
+    assert bool(metrics['finite'])
+    losses.append(float(metrics['loss']))
+  print(placement, losses[0], losses[-1])
+  assert losses[-1] < losses[0] - 0.05, losses
