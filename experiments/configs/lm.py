@@ -163,6 +163,12 @@ def _set_norm_warmups(c: ml_collections.ConfigDict, steps: int) -> None:
       c.model.norms[site].warmup_steps = steps
 
 
+def _set_warmup(c: ml_collections.ConfigDict, steps: int) -> None:
+  """The lr warmup of a modifier, except for nGPT (`ngpt`: none)."""
+  if c.model.get('architecture', 'transformer') != 'ngpt':
+    c.schedule.warmup_steps = steps
+
+
 def small(c):
   """PTB on a small budget: 700 steps of 64 x 32 tokens (~1.5 epochs).
 
@@ -171,7 +177,8 @@ def small(c):
   """
   c.data.batch_size = 64
   c.model.update(dict(dropout=0.1, activation_dropout=0.1))
-  c.schedule.update(dict(peak_lr=1e-3, warmup_steps=100))
+  c.schedule.peak_lr = 1e-3
+  _set_warmup(c, 100)
   c.train.update(dict(num_steps=700, log_every=50, eval_every=350,
                       checkpoint_every=100, keep_checkpoints=3))
   _set_norm_warmups(c, 200)
@@ -184,7 +191,8 @@ def demo(c):
   c.model.update(dict(d_model=128, head_dim=0, num_heads=2, ffn_dim=256,
                       num_decoder_layers=2, dropout=0.1,
                       activation_dropout=0.0, adaptive_softmax_cutoffs=()))
-  c.schedule.update(dict(peak_lr=2e-3, warmup_steps=50))
+  c.schedule.peak_lr = 2e-3
+  _set_warmup(c, 50)
   c.train.update(dict(num_steps=400, log_every=50, eval_every=200,
                       checkpoint_every=100, keep_checkpoints=2))
   _set_norm_warmups(c, 100)
@@ -198,16 +206,32 @@ def smoke(c):
                      eval_batch_size=8, eval_seq_len=8))
   c.model.update(dict(d_model=32, ffn_dim=64, num_heads=2,
                       num_decoder_layers=1))
-  c.schedule.warmup_steps = 2
+  _set_warmup(c, 2)
   c.train.update(dict(num_steps=6, log_every=2, eval_every=6,
                       checkpoint_every=3, keep_checkpoints=2))
   _set_norm_warmups(c, 3)
+
+
+def ngpt(c):
+  """nGPT (Loshchilov et al. 2024, experiments.ngpt): model.architecture
+  'ngpt', hidden states and weight rows on the unit sphere, no norms (every
+  site 'none'), no dropout; the paper's optimizer settings: no weight decay
+  and no lr warmup (kept by `small`, `demo` and `smoke` too)."""
+  c.model.architecture = 'ngpt'
+  c.model.update(dict(dropout=0.0, attention_dropout=0.0,
+                      activation_dropout=0.0))
+  for site in list(c.model.norms.keys()):
+    c.model.norms[site] = ml_collections.ConfigDict(dict(kind='none'))
+  c.optim.weight_decay = 0.0
+  c.schedule.warmup_steps = 0
 
 
 MODIFIERS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     'small': small,
     'demo': demo,
     'smoke': smoke,
+    'ngpt': ngpt,
+    **common.PLACEMENT_MODIFIERS,
 }
 
 

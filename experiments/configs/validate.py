@@ -124,12 +124,58 @@ def divides(path: str, unless: str | None = None) -> Rule:
   return rule
 
 
+def site_width(ctx) -> tuple[str, Any]:
+  """(what, value) of the width the norm site at or above `ctx.path`
+  normalises: model.d_model; the head width of a '<stack>_qkv' site
+  (model.head_dim, or d_model // num_heads); model.ffn_dim of a
+  '<stack>_ffn_mid' site (models.PLACEMENT_SITES)."""
+  site = ctx.path.split('.')[2]
+  if site.endswith('_qkv'):
+    if ctx.get('model.head_dim'):
+      return 'model.head_dim', ctx.get('model.head_dim')
+    d, heads = ctx.get('model.d_model'), ctx.get('model.num_heads')
+    return ('the head width model.d_model // model.num_heads',
+            d // heads if isinstance(heads, int) and heads >= 1 else None)
+  if site.endswith('_ffn_mid'):
+    return 'model.ffn_dim', ctx.get('model.ffn_dim')
+  return 'model.d_model', ctx.get('model.d_model')
+
+
+_WIDTHS = ('model.d_model', 'model.num_heads', 'model.head_dim',
+           'model.ffn_dim')
+
+
 def groups_divide_width(v, ctx):
-  """A grouped norm's `num_groups` divides the width it normalises (not
-  checked where `use_group_scaling=False` turns the groups off)."""
+  """A grouped norm's `num_groups` divides the width it normalises
+  (`site_width`; not checked where `use_group_scaling=False` turns the
+  groups off, or where a width's own rule failed)."""
   if not ctx.sibling('use_group_scaling', True):
     return None
-  return divides('model.d_model')(v, ctx)
+  what, width = site_width(ctx)
+  if any(p in ctx.wrong for p in _WIDTHS) or not isinstance(width, int) or (
+      width < 1 or v < 1):
+    return None
+  return None if width % v == 0 else f'must divide {what}={width}'
+
+
+def model_options(model, ctx):
+  """The model fields only some modifiers add (a preset without them
+  passes): model.qk_norm, model.mix_alpha ('mix'), model.embed_norm,
+  model.architecture ('ngpt'); the first problem, at its field."""
+  checks = (
+      ('qk_norm', one_of(('', 'rmsnorm', 'layernorm'))),
+      ('mix_alpha', lambda v, c: None if isinstance(v, (int, float)) and (
+          0 <= v <= 1) else 'must be in [0, 1]'),
+      ('embed_norm', lambda v, c: None if v is None or isinstance(v, bool)
+       else 'must be True or False'),
+      ('architecture', one_of(models.ARCHITECTURES)),
+  )
+  for key, rule in checks:
+    if key in model:
+      problem = rule(model[key], ctx)
+      if problem:
+        return At(key, problem)
+  return None
 
 
 def increasing_positive(v, ctx):
@@ -203,7 +249,7 @@ def normjax_accepts(site, ctx):
                                   in fields.items() if field in options},
                                  kind)
       if definition.check is not None:
-        definition.check(given, ctx.get('model.d_model'), kind)
+        definition.check(given, site_width(ctx)[1], kind)
   except (TypeError, ValueError) as e:
     named = [fields.get(n, n) for n in re.findall(r'`(\w+)`', str(e))]
     key = next((k for k in named if k in options), None)
@@ -232,6 +278,7 @@ RULES: tuple[tuple[str, Rule, ...], ...] = (
     ('model.attention_dropout', fraction()),
     ('model.activation_dropout', fraction()),
     ('model.placement', one_of(models.PLACEMENTS)),
+    ('model', model_options),
     ('model.max_len', at_least(1)),
     ('model.adaptive_softmax_cutoffs', increasing_positive),
     ('model.dtype', one_of(DTYPES)),
