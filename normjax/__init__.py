@@ -27,6 +27,7 @@ from normjax._src.training import apply_backward_stats
 from normjax._src.training import backward_stats
 from normjax._src.training import value_and_grad
 from normjax._src.training import with_backward_stats
+from normjax._src.weight_standardization import weight_standardize
 
 __version__ = '0.1.0'
 
@@ -35,5 +36,5 @@ __all__ = [
     'apply_backward_stats', 'folding', 'functional', 'linen', 'nnx', 'optim',
     'probes',
     'register', 'unregister', 'backward_stats', 'value_and_grad',
-    'with_backward_stats',
+    'weight_standardize', 'with_backward_stats',
 ]

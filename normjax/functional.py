@@ -16,6 +16,9 @@ from normjax._src.batch_norm import BatchNormState
 from normjax._src.batch_norm import PaperBatchNormState
 from normjax._src.batch_norm import batch_norm
 from normjax._src.batch_norm import init_batch_norm_state
+from normjax._src.bcn import BCNState
+from normjax._src.bcn import bcn
+from normjax._src.bcn import init_bcn_state
 from normjax._src.batch_norm import init_paper_batch_norm_state
 from normjax._src.batch_norm import paper_batch_norm
 from normjax._src.common import EmptyState
@@ -31,7 +34,11 @@ from normjax._src.conditional_norm import td_layer_norm
 from normjax._src.conditional_norm import td_parameter
 from normjax._src.conditional_norm import td_rms_norm
 from normjax._src.dyt import dyt
+from normjax._src.derf import derf
 from normjax._src.dyt import dyt_alpha_init
+from normjax._src.evonorm_b0 import EvoNormB0State
+from normjax._src.evonorm_b0 import evonorm_b0
+from normjax._src.evonorm_b0 import init_evonorm_b0_state
 from normjax._src.group_norm import evonorm_num_groups
 from normjax._src.group_norm import evonorm_s0
 from normjax._src.group_norm import group_norm
@@ -54,12 +61,14 @@ from normjax._src.registry import FUNCTIONS
 from normjax._src.registry import get_definition
 from normjax._src.registry import get_norm
 from normjax._src.registry import init_state
+from normjax._src.seednorm import seednorm
 from normjax._src.training import apply_backward_stats
 from normjax._src.training import backward_stats
 from normjax._src.training import with_backward_stats
 from normjax._src.unified_norm import UnifiedNormState
 from normjax._src.unified_norm import init_unified_norm_state
 from normjax._src.unified_norm import unified_norm
+from normjax._src.weight_standardization import weight_standardize
 
 __all__ = [
     'BatchNormState', 'CONDITIONAL_FUNCTIONS', 'EmptyState', 'FUNCTIONS',
@@ -76,4 +85,8 @@ __all__ = [
     'power_norm', 'power_norm_autodiff', 'qk_norm', 'rms_norm',
     'td_layer_norm', 'td_parameter',
     'td_rms_norm', 'unified_norm', 'with_backward_stats',
+    # The family additions.
+    'BCNState', 'EvoNormB0State', 'bcn', 'derf', 'evonorm_b0',
+    'init_bcn_state', 'init_evonorm_b0_state', 'seednorm',
+    'weight_standardize',
 ]

@@ -21,6 +21,7 @@ from normjax._src.modules import Identity
 from normjax._src.modules import make_norm
 from normjax._src.modules import module_fields
 from normjax._src.modules import module_for
+from normjax._src.weight_standardization import WSDense
 
 # One class per registered norm, under its module name (PowerNorm, ...).
 globals().update({d.module: module_for(d) for d in _REGISTRY.values()})
@@ -28,6 +29,6 @@ globals().update({d.module: module_for(d) for d in _REGISTRY.values()})
 __all__ = [
     'BATCH_STATS', 'CONDITIONAL_MODULES', 'GRAD_STATS', 'MODULES',
     'AdaLNZero', 'Identity', 'QKNorm', 'TDLayerNorm', 'TDRMSNorm',
-    'TimeDependentParameter', 'make_norm', 'module_fields', 'module_for',
+    'TimeDependentParameter', 'WSDense', 'make_norm', 'module_fields', 'module_for',
     *sorted(d.module for d in _REGISTRY.values()),
 ]

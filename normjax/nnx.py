@@ -19,12 +19,14 @@ from normjax._src.nnx_modules import make_norm
 from normjax._src.nnx_modules import nnx_module_for
 from normjax._src.nnx_training import add_backward_stats
 from normjax._src.nnx_training import value_and_grad
+from normjax._src.weight_standardization import WSLinear
 
 # One class per registered norm, under its module name (PowerNorm, ...).
 globals().update({d.module: nnx_module_for(d) for d in _REGISTRY.values()})
 
 __all__ = [
-    'MODULES', 'BackwardStat', 'Identity', 'add_backward_stats', 'make_norm',
+    'MODULES', 'BackwardStat', 'Identity', 'WSLinear', 'add_backward_stats',
+    'make_norm',
     'nnx_module_for', 'value_and_grad',
     *sorted(d.module for d in _REGISTRY.values()),
 ]

@@ -185,6 +185,14 @@ CUSTOM = {
     'layernorm_scaling': (dict(eps=1e-3, layer_index=4, base='rmsnorm'),
                           dict(use_bias=False)),
 }
+CUSTOM.update({  # the family additions; zero_centered_scale on two of them
+    'derf': (dict(alpha=0.3, shift=0.1), {}),
+    'seednorm': (dict(eps=1e-3, zero_centered_scale=True),
+                 dict(use_bias=True)),
+    'evonorm_b0': (dict(eps=1e-3, decay=0.8, num_batch_groups=2), {}),
+    'bcn': (dict(eps=1e-3, group_eps=1e-4, num_groups=4, momentum=0.8,
+                 num_batch_groups=2, zero_centered_scale=True), {}),
+})
 
 
 def test_custom_cases_cover_every_module():
@@ -297,6 +305,22 @@ EXPECTED_COLLECTIONS = {
     'layernorm_scaling': ({'scale', 'bias'}, set(), set()),
     'none': (set(), set(), set()),
 }
+EXPECTED_COLLECTIONS.update({
+    'derf': ({'alpha', 'shift', 'scale', 'bias'}, set(), set()),
+    'seednorm': ({'alpha', 'beta', 'scale'}, set(), set()),
+    'evonorm_b0': ({'v', 'scale', 'bias'}, {'var'}, set()),
+    'bcn': ({'scale', 'bias', 'group_scale', 'group_bias'}, {'mean', 'var'},
+            set()),
+})
+# Per-kind exceptions to PARAM_SHAPES / INIT_VALUES (names shared by norms).
+KIND_PARAM_SHAPES = {
+    'derf': {'shift': ((1,), (None,))},
+    'seednorm': {'alpha': ((F,), ('embed',)), 'beta': ((F,), ('embed',))},
+    'bcn': {'group_scale': ((2,), (None,)), 'group_bias': ((2,), (None,))},
+}
+KIND_INIT_VALUES = {'seednorm': {'alpha': 1.0, 'beta': 0.0},
+                    'derf': {'shift': 0.0},
+                    'bcn': {'group_scale': 1.0, 'group_bias': 0.0}}
 
 
 @pytest.mark.parametrize('kind', sorted(EXPECTED_COLLECTIONS))
@@ -312,14 +336,16 @@ def test_param_tree_and_collections(kind):
   assert set(params) == want_p
   assert set(batch_stats) == want_bs
   assert set(grad_stats) == want_gs
+  shapes = {**PARAM_SHAPES, **KIND_PARAM_SHAPES.get(kind, {})}
   for name, v in params.items():
-    chex.assert_shape(v, PARAM_SHAPES.get(name, ((F,),))[0])
+    chex.assert_shape(v, shapes.get(name, ((F,),))[0])
     assert v.dtype == jnp.float32
   if 'scale' in params:
     chex.assert_trees_all_equal(params['scale'], jnp.ones(F))
   if 'bias' in params:
     chex.assert_trees_all_equal(params['bias'], jnp.zeros(F))
-  for name, value in INIT_VALUES.items():  # DyT's alpha_0, EvoNorm's v
+  for name, value in {**INIT_VALUES,  # DyT's alpha_0, EvoNorm's v
+                      **KIND_INIT_VALUES.get(kind, {})}.items():
     if name in params:
       chex.assert_trees_all_equal(params[name], jnp.full_like(params[name],
                                                               value))
@@ -338,7 +364,7 @@ def test_param_tree_and_collections(kind):
   specs = nn.get_partition_spec(_init(module.clone(param_axes=('embed',)), x,
                                       use_running_average=False))
   for name in params:
-    axes = PARAM_SHAPES.get(name, (None, ('embed',)))[1]
+    axes = shapes.get(name, (None, ('embed',)))[1]
     assert specs['params'][name] == jax.sharding.PartitionSpec(*axes)
   for collection in ('batch_stats', 'grad_stats'):
     for name, value in variables.get(collection, {}).items():
@@ -364,10 +390,10 @@ def test_param_dtype_and_dtype():
 @pytest.mark.parametrize('kind', nc.STATEFUL)
 def test_state_frozen_in_eval_and_at_init(kind):
   x = nc.x()
-  module = nl.make_norm(kind)()
+  module = nl.make_norm(kind, **nc.module_options(kind))()
   variables = nn.unbox(_init(module, x, use_running_average=False,
                              mask=nc.mask()))
-  fresh = nf.init_state(kind, F)
+  fresh = nf.init_state(kind, F, **nc.options(kind))
   _, batch_stats, grad_stats = _split(variables)
   # init does not update the running statistics, even in training mode.
   chex.assert_trees_all_equal(
@@ -381,7 +407,8 @@ def test_state_frozen_in_eval_and_at_init(kind):
   chex.assert_trees_all_equal(upd.get('grad_stats', {}),
                               variables.get('grad_stats', {}))
   # The constructor field works as well.
-  module = nl.make_norm(kind, use_running_average=True)()
+  module = nl.make_norm(kind, use_running_average=True,
+                        **nc.module_options(kind))()
   _, upd = jax.jit(functools.partial(module.apply, mutable=['batch_stats']))(
       variables, x)
   chex.assert_trees_all_equal(upd['batch_stats'], variables['batch_stats'])
@@ -397,7 +424,7 @@ def _error(fn):
 def test_use_running_average_passed_exactly_once(kind):
   x = nc.x()
   key = jax.random.key(0)
-  ours = nl.make_norm(kind)
+  ours = functools.partial(nl.make_norm(kind), **nc.module_options(kind))
   variables = ours(use_running_average=True).init(key, x)
   neither = _error(lambda: ours().init(key, x))
   assert 'use_running_average' in neither

@@ -40,6 +40,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     'groupnorm': dict(num_groups=2),
     'evonorm_s0': dict(num_groups=2),
     'layernorm_scaling': dict(layer_index=3),
+    'bcn': dict(num_groups=2),
     # The official defaults fit; a faster decay moves the running stats more.
     'paper_batchnorm': dict(momentum=0.8),
 }
@@ -87,9 +88,11 @@ def params(kind: str, seed: int = 3, features: int = C,
   """Random `scale`, `bias` and the record's extra parameters (alpha, v)."""
   out = {'scale': 1.0 + 0.3 * normal(seed, (features,)),
          'bias': 0.3 * normal(seed + 1, (features,))}
+  resolved = definition(kind).resolve(options(kind))
   for i, spec in enumerate(definition(kind).extra_params):
+    shape = spec.layout(features, None, resolved)[0]  # BCN's: [num_groups]
     out[spec.name] = (np.full((1,), 0.8) if spec.shape == 'one' else
-                      1.0 + 0.5 * normal(seed + 2 + i, (features,)))
+                      1.0 + 0.5 * normal(seed + 2 + i, shape))
   return {k: jnp.asarray(v, dtype) for k, v in out.items()}
 
 
@@ -170,10 +173,14 @@ def check_reference(kind: str, x: jax.Array, *, atol: float, rtol: float,
                                          m, dy)
   chex.assert_tree_all_finite((y, dx, dback, new))
   rows = lambda a: np.asarray(a, np.float64).reshape(-1, C)
+  # References that need the token layout (EvoNorm-B0's per-example
+  # statistics) say so with a `token_shape` attribute.
+  layout = ({'token_shape': tuple(x.shape[:-1])} if getattr(
+      reference.REFERENCES[kind], 'token_shape', False) else {})
   want = reference.REFERENCES[kind](
       rows(x), np.asarray(m).reshape(-1), rows(dy),
       {k: np.asarray(v, np.float64) for k, v in p.items()},
-      definition(kind).resolve(options(kind)))
+      definition(kind).resolve(options(kind)), **layout)
   close = functools.partial(np.testing.assert_allclose, atol=atol, rtol=rtol)
   close(rows(y), want.y, err_msg='y')
   close(rows(dx), want.dx, err_msg='dx', atol=dx_atol or atol)

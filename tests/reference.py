@@ -684,3 +684,129 @@ REFERENCES = {
     'toy_running_mean': _stateful(lambda c, o: ToyRunningMeanRef(c, o['momentum']),
                                   {'mean': 'mean'}),
 }
+
+
+# ----------------------------------------------------------------------------- the family additions
+# Derf, SeeDNorm, EvoNorm-B0, BCN and Weight Standardization, from the formulas of
+# /work/shared/research/norms_2025.md and norms_zoo.md sections 6-7 (float64 NumPy).
+_erf = np.vectorize(__import__('math').erf, otypes=[np.float64])
+
+
+def derf(x, alpha, shift, scale=None, bias=None):
+    """Derf: scale * erf(alpha x + shift) + bias, alpha and shift scalars."""
+    x = _f64(x)
+    s, b = _affine(x.shape[-1], scale, bias)
+    a, sh = float(np.reshape(alpha, -1)[0]), float(np.reshape(shift, -1)[0])
+    return _erf(a * x + sh) * s + b
+
+
+def seednorm(x, alpha=None, beta=None, scale=None, bias=None, eps=1e-6):
+    """SeeDNorm per row: [tanh(x . beta) alpha + scale] * x / sqrt(mean(x^2) + eps) + bias."""
+    x = _f64(x)
+    c = x.shape[-1]
+    s, b = _affine(c, scale, bias)
+    alpha = np.ones(c) if alpha is None else _f64(alpha)
+    beta = np.zeros(c) if beta is None else _f64(beta)
+    rms = np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    gain = np.tanh(x @ beta)[:, None] * alpha + s
+    return gain * x / rms + b
+
+
+def evonorm_b0(x, mask, var, train, params, decay=0.9, eps=1e-5):
+    """EvoNorm-B0 (zoo 6) on x [B, T, C], mask [B, T] (or None); returns (y, new moving var).
+
+    Training (with a real token): s2_batch = biased var of each feature over the real tokens;
+    else the moving var. s2_inst: biased var per (example, feature) over the example's real tokens
+    (all its tokens when it has none). y = x / max(sqrt(s2_b + eps), v x + sqrt(s2_i + eps)) * scale
+    + bias. The moving var moves (decay var + (1 - decay) s2_b) only for a finite training batch.
+    """
+    x = _f64(x)
+    bsz, t, c = x.shape
+    m = np.ones((bsz, t), bool) if mask is None else np.asarray(mask, bool).reshape(bsz, t)
+    var = _f64(var)
+    new_var = var
+    if train and m.any():
+        rows = x[m]
+        sb = ((rows - rows.mean(0)) ** 2).mean(0)
+        if np.all(np.isfinite(sb)):
+            new_var = decay * var + (1 - decay) * sb
+    else:
+        sb = var
+    si = np.empty((bsz, 1, c))
+    for i in range(bsz):
+        rows = x[i][m[i]] if m[i].any() else x[i]
+        si[i, 0] = ((rows - rows.mean(0)) ** 2).mean(0)
+    v = np.ones(c) if params.get('v') is None else _f64(params['v'])
+    s, b = _affine(c, params.get('scale'), params.get('bias'))
+    den = np.maximum(np.sqrt(sb + eps), v * x + np.sqrt(si + eps))
+    return x / den * s + b, new_var
+
+
+def bcn(x, mask, mean, var, train, params, num_groups=32, momentum=0.9, eps=1e-5, group_eps=1e-5):
+    """BCN (zoo 7) on rows x [N, C]: masked BN (scale/bias per feature; running stats in eval or
+    without a real row) then per-row GroupNorm with the per-group affine. Returns (y, mean, var),
+    the running stats moved (momentum, biased var) only for a finite training batch."""
+    x = _f64(x)
+    n, c = x.shape
+    m = _mask(mask, n)
+    mean, var = _f64(mean), _f64(var)
+    new_mean, new_var = mean, var
+    if train and m.any():
+        mu = x[m].mean(0)
+        sb = ((x[m] - mu) ** 2).mean(0)
+        if np.all(np.isfinite(mu)) and np.all(np.isfinite(sb)):
+            new_mean = momentum * mean + (1 - momentum) * mu
+            new_var = momentum * var + (1 - momentum) * sb
+    else:
+        mu, sb = mean, var
+    s, b = _affine(c, params.get('scale'), params.get('bias'))
+    z = (x - mu) / np.sqrt(sb + eps) * s + b
+    zg = _groups(z, num_groups)
+    u = (zg - zg.mean(-1, keepdims=True)) / np.sqrt(zg.var(-1, keepdims=True) + group_eps)
+    gs = np.ones(num_groups) if params.get('group_scale') is None else _f64(params['group_scale'])
+    gb = np.zeros(num_groups) if params.get('group_bias') is None else _f64(params['group_bias'])
+    return (u * gs[:, None] + gb[:, None]).reshape(n, c), new_mean, new_var
+
+
+def weight_standardize(w, eps=1e-5, ddof=0):
+    """(W - column mean) / (column std + eps), columns = the last axis, std with `ddof`."""
+    w = _f64(w)
+    cols = w.reshape(-1, w.shape[-1])
+    centered = cols - cols.mean(0)
+    std = np.sqrt((centered ** 2).sum(0) / (cols.shape[0] - ddof))
+    return (centered / (std + eps)).reshape(w.shape)
+
+
+def _evonorm_b0_step(x, mask, dy, params, options, token_shape):
+    """One training step from a fresh state; dx by central differences of the NumPy forward."""
+    if options.get('num_batch_groups', 1) != 1:
+        raise NotImplementedError('one batch group')
+    c = x.shape[-1]
+    shape = tuple(token_shape) + (c,)
+    o = _pick(options, 'decay', 'eps')
+    f = lambda v: evonorm_b0(v.reshape(shape), mask, np.ones(c), True, params, **o)[0].reshape(-1, c)
+    _, new_var = evonorm_b0(x.reshape(shape), mask, np.ones(c), True, params, **o)
+    return Step(f(x), numeric_vjp(f, x, dy), {'var': new_var})
+
+
+_evonorm_b0_step.token_shape = True  # norm_cases.check_reference passes x.shape[:-1]
+
+
+def _bcn_step(x, mask, dy, params, options):
+    if options.get('num_batch_groups', 1) != 1:
+        raise NotImplementedError('one batch group')
+    c = x.shape[-1]
+    o = _pick(options, 'num_groups', 'momentum', 'eps', 'group_eps')
+    f = lambda v: bcn(v, mask, np.zeros(c), np.ones(c), True, params, **o)[0]
+    _, mean, var = bcn(x, mask, np.zeros(c), np.ones(c), True, params, **o)
+    return Step(f(x), numeric_vjp(f, x, dy), {'mean': mean, 'var': var})
+
+
+REFERENCES.update({
+    'derf': _stateless(lambda x, p, o: derf(x, p.get('alpha', o['alpha']), p.get('shift', o['shift']),
+                                            p.get('scale'), p.get('bias'))),
+    'seednorm': _stateless(lambda x, p, o: seednorm(x, p.get('alpha'), p.get('beta'), p.get('scale'),
+                                                    p.get('bias'), o['eps'])),
+    'evonorm_b0': _evonorm_b0_step,
+    'bcn': _bcn_step,
+})

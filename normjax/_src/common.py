@@ -303,15 +303,21 @@ def stateful_apply(definition: Any, x: Array, params: Params, state: Any, *,
   fn = definition.name
   x = check_input(x, fn, min_rank=2)
   features = x.shape[-1]
-  params = check_params(params, features, fn)
-  mask = check_mask(mask, x, fn)
   if definition.check is not None:
     definition.check(options, features, fn)
+  params = check_named_params(
+      params, fn, {'scale': (features,), 'bias': (features,),
+                   **{s.name: s.layout(features, None, options)[0]
+                      for s in definition.extra_params}}, features)
+  mask = check_mask(mask, x, fn)
   fresh = definition.init_state(features, jnp.float32,
                                 {**options, 'num_batch_groups': 1})
   if use_running_average:
     evaluation_state = first_group(state, num_batch_groups)
     check_state(evaluation_state, fresh, fn, definition.state_maker)
+    if definition.evaluate is not None:  # not an affine map (EvoNorm-B0)
+      y = definition.evaluate(x, mask, evaluation_state, params, options)
+      return y.astype(x.dtype), state
     return evaluate(definition, x, params, evaluation_state, options), state
   check_state(state, group_state(fresh, num_batch_groups), fn,
               definition.state_maker)

@@ -48,8 +48,9 @@ class ParamSpec(NamedTuple):
 
   Its module initialiser is the field `init_field`, default `init`; a
   non-callable value v means `constant(to_value(v, features))`. `shape`:
-  'features' ([C]) or 'one' ((1,)). With `enabled_by` the parameter exists
-  only when that option is true.
+  'features' ([C]), 'one' ((1,)) or 'groups' ([G], G the option
+  `num_groups`: BCN's per-group affine). With `enabled_by` the parameter
+  exists only when that option is true.
   """
   name: str
   init_field: str
@@ -65,10 +66,14 @@ class ParamSpec(NamedTuple):
     value = self.to_value(value, features) if self.to_value else value
     return jax.nn.initializers.constant(value)
 
-  def layout(self, features: int, param_axes: Any) -> tuple[tuple, Any]:
-    """(shape, logical axes): (1,) unannotated, or [C] on `param_axes`."""
+  def layout(self, features: int, param_axes: Any,
+             options: Mapping[str, Any] | None = None) -> tuple[tuple, Any]:
+    """(shape, logical axes): (1,) or [G] unannotated, or [C] on
+    `param_axes`. 'groups' reads `options['num_groups']`."""
     if self.shape == 'one':
       return (1,), (None,)
+    if self.shape == 'groups':
+      return (int((options or {})['num_groups']),), (None,)
     return (features,), param_axes
 
 
@@ -115,6 +120,10 @@ class NormDefinition:
       for the training-dynamics probes of stateful norms.
     train: a stateful norm's training step on one batch group,
       `train(x, mask, state, params, options, axis_name) -> (y, new_state)`.
+    evaluate: a stateful norm's evaluation when it is not an affine map
+      (EvoNorm-B0, BCN): `evaluate(x, mask, state, params, options) -> y`
+      with the evaluation state (group 0); such a norm has no
+      `eval_affine` and does not fold.
     check: `check(options, features, fn)`, raising on invalid options.
     state_maker: the public name of the state initialiser, for messages.
   """
@@ -132,11 +141,15 @@ class NormDefinition:
   extra_params: tuple[ParamSpec, ...] = ()
   probe: Callable[..., Any] | None = None
   train: Callable[..., Any] | None = None
+  evaluate: Callable[..., Any] | None = None
   check: Callable[[dict[str, Any], int, str], None] | None = None
   state_maker: str = ''
   function: Callable[..., Any] = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
+    if ZERO_CENTERED_SCALE.name not in {o.name for o in self.options}:
+      object.__setattr__(self, 'options',
+                         (*self.options, ZERO_CENTERED_SCALE))
     if self.stateful and 'num_batch_groups' not in self.defaults:
       raise TypeError(
           f'NormDefinition {self.kind!r}: a stateful norm needs the option '
@@ -197,6 +210,49 @@ class NormDefinition:
     return self.init_state(features, dtype, options)
 
 
+ZERO_CENTERED_SCALE = Option(
+    'zero_centered_scale', False,
+    'True stores the scale as gamma - 1 (initialised to 0) and applies '
+    '1 + scale (Gemma RMSNorm, MaxText/T5X `scale_offset`/'
+    '`center_scale_at_zero`), so weight decay pulls gamma to 1; '
+    '`scale_init` still initialises gamma (the stored value is '
+    'scale_init - 1). Every norm has it, added by the record.',
+    check=rules.FLAG)
+"""The one option every norm gets: the record appends it to its options and
+the checked `apply` turns the stored `scale` into the applied one."""
+
+
+def effective_params(params: Any, zero_centered: Any, x_dtype: Any = None
+                     ) -> Any:
+  """`params` with the applied scale 1 + scale when `zero_centered`.
+
+  The sum is taken in at least float32 (float64 for float64 `x`), so a
+  bfloat16 or float32 stored gamma - 1 near 0 keeps its precision. Anything
+  that is not a mapping with a `scale` is returned as is (the norm's own
+  checks report it).
+  """
+  if not zero_centered or not isinstance(params, Mapping) or (
+      'scale' not in params):
+    return params
+  scale = params['scale']
+  dtype = jnp.promote_types(jnp.result_type(scale), jnp.float32)
+  if x_dtype is not None and jnp.issubdtype(x_dtype, jnp.floating):
+    dtype = jnp.promote_types(dtype, x_dtype)
+  return {**params, 'scale': jnp.asarray(scale).astype(dtype) + 1}
+
+
+def scale_initializer(init: Callable[..., Any], zero_centered: Any
+                      ) -> Callable[..., Any]:
+  """The stored scale's initialiser: `init` (of gamma), minus 1 when
+  `zero_centered` (so the default ones give zeros)."""
+  if not zero_centered:
+    return init
+
+  def zero_centered_init(key, shape, dtype=jnp.float32):
+    return (jnp.asarray(init(key, shape, dtype)) - 1).astype(dtype)
+  return zero_centered_init
+
+
 _P = inspect.Parameter
 
 
@@ -210,6 +266,9 @@ def _checked_apply(definition: NormDefinition,
   @functools.wraps(apply)
   def checked(x, params, state, **kwargs):
     definition.check_options(kwargs, definition.name)
+    zero_centered = kwargs.pop(ZERO_CENTERED_SCALE.name, False)
+    params = effective_params(params, zero_centered, getattr(x, 'dtype',
+                                                             None))
     return apply(x, params, state, **kwargs)
 
   checked.checked_for = definition

@@ -188,11 +188,15 @@ def eval_affine(site: NormSite, variables: Mapping) -> nd.EvalAffine:
     raise ValueError(f'fold: the norm kind {site.kind!r} has no '
                      'evaluation-mode affine form; it cannot be folded.')
   options = definition.resolve(site.options, 'fold')
+  # A zero-centred scale is stored as gamma - 1: fold the applied gamma.
+  zero_centered = options.pop(nd.ZERO_CENTERED_SCALE.name)
   features = _features(variables, site.path)
   params = (get(variables['params'], site.path)
             if has(variables.get('params', {}), site.path) else {})
   filled = {'scale': f64(params.get('scale', np.ones(features))),
             'bias': f64(params.get('bias', np.zeros(features)))}
+  if zero_centered and 'scale' in params:
+    filled['scale'] = filled['scale'] + 1
   state = _state(definition, variables, site.path, features, options)
   return definition.eval_affine(filled, state, options, np)
 

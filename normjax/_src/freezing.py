@@ -93,7 +93,9 @@ def frozen_layernorm_interceptor(sigmas: Mapping[Path, float]):
     xf = x.astype(dtype)
     z = (xf - jnp.mean(xf, axis=-1, keepdims=True)) / jnp.asarray(
         sigmas[path], dtype)
-    params = module.variables.get('params', {})
+    params = nd.effective_params(
+        module.variables.get('params', {}),
+        getattr(module, nd.ZERO_CENTERED_SCALE.name, False), dtype)
     y = common.affine(z, params, dtype)
     return y.astype(x.dtype if module.dtype is None else module.dtype)
   return interceptor

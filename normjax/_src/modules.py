@@ -178,7 +178,9 @@ class _Norm(nn.Module):
     for spec in self.definition.extra_params:
       if not spec.enabled_by or getattr(self, spec.enabled_by):
         params[spec.name] = self._extra_param(spec, features)
-    for name, use, init in (('scale', self.use_scale, self.scale_init),
+    scale_init = nd.scale_initializer(
+        self.scale_init, self._options()[nd.ZERO_CENTERED_SCALE.name])
+    for name, use, init in (('scale', self.use_scale, scale_init),
                             ('bias', self.use_bias, self.bias_init)):
       if use:
         params[name] = self.param(
@@ -188,7 +190,7 @@ class _Norm(nn.Module):
 
   def _extra_param(self, spec: nd.ParamSpec, features: int) -> Array:
     init = spec.initializer(getattr(self, spec.init_field), features)
-    shape, axes = spec.layout(features, self.param_axes)
+    shape, axes = spec.layout(features, self.param_axes, self._options())
     return self.param(spec.name, self._annotated(init, axes),
                       shape, self.param_dtype)
 

@@ -102,7 +102,9 @@ class _Norm(nnx.Module):
       if not spec.enabled_by or getattr(self, spec.enabled_by):
         setattr(self, spec.name, self._extra_param(spec, features, rngs))
         made.append(spec.name)
-    for name, use, init in (('scale', self.use_scale, self.scale_init),
+    scale_init = nd.scale_initializer(
+        self.scale_init, self._options()[nd.ZERO_CENTERED_SCALE.name])
+    for name, use, init in (('scale', self.use_scale, scale_init),
                             ('bias', self.use_bias, self.bias_init)):
       if use:
         setattr(self, name, nnx.Param(
@@ -116,7 +118,7 @@ class _Norm(nnx.Module):
   def _extra_param(self, spec: nd.ParamSpec, features: int,
                    rngs: nnx.Rngs) -> nnx.Param:
     init = spec.initializer(getattr(self, spec.init_field), features)
-    shape, axes = spec.layout(features, self.param_axes)
+    shape, axes = spec.layout(features, self.param_axes, self._options())
     return nnx.Param(init(rngs.params(), shape, self.param_dtype),
                      **_metadata(None if self.param_axes is None else axes))
 
