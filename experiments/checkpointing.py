@@ -335,34 +335,64 @@ def prune(mngr: ocp.CheckpointManager, keep: int) -> None:
               if problem(directory, s) is None]
   regular = [s for s in complete if kind(directory, s) != PREEMPTED]
   wanted = set(regular[-keep:]) | set(complete[-1:])
-  for step in complete:
-    if step not in wanted:
-      mngr.delete(step)
+  # orbax's delete is a collective: every process deletes what process 0
+  # (which writes the commit markers) decided.
+  for step in process_0s([s for s in complete if s not in wanted]):
+    mngr.delete(step)
 
 
-def averaging_steps(directory: str, last: int) -> list[int]:
+def averaging_steps(directory: str, last: int,
+                    available: list[int] | None = None) -> list[int]:
   """The newest `last` cadence/final checkpoints of `directory` (never a
-  preemption checkpoint): the set an uninterrupted run would average."""
-  regular = [s for s in steps(directory) if kind(directory, s) != PREEMPTED]
-  return regular[-last:]
+  preemption checkpoint): the set an uninterrupted run would average.
+  `available`: the steps to choose from (default: `steps(directory)`)."""
+  found = steps(directory) if available is None else sorted(available)
+  regular = [s for s in found if kind(directory, s) != PREEMPTED]
+  return process_0s(regular[-last:])
+
+
+def process_0s(values: list[int], size: int = 256) -> list[int]:
+  """Process 0's `values` (non-negative ints, at most `size`) on every
+  process of a multi-process run; `values` itself on one process."""
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  padded = np.full((size,), -1, np.int64)
+  padded[:len(values)] = values
+  agreed = multihost_utils.broadcast_one_to_all(padded)
+  return [int(v) for v in np.asarray(agreed) if v >= 0]
 
 
 def write_single(path: str, state: Any, meta: dict) -> None:
   """Writes `state` and `meta` as the only checkpoint (step 0) of `path`,
   replacing what is there only once the new one is complete: it is written
-  to <path>.tmp, then swapped in."""
+  to <path>.tmp, then swapped in (by process 0; every process calls this,
+  as the save is collective)."""
   path = os.path.abspath(path)
   tmp, old = path + '.tmp', path + '.old'
-  for leftover in (tmp, old):
-    shutil.rmtree(leftover, ignore_errors=True)
+  primary = jax.process_index() == 0
+  if primary:
+    for leftover in (tmp, old):
+      shutil.rmtree(leftover, ignore_errors=True)
+  _sync('write_single:clean')
   with ocp.CheckpointManager(tmp, options=ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=False)) as m:
     save(m, 0, state, meta)
     m.wait_until_finished()
-  if os.path.exists(path):
-    os.rename(path, old)
-  os.rename(tmp, path)
-  shutil.rmtree(old, ignore_errors=True)
+  _sync('write_single:saved')
+  if primary:
+    if os.path.exists(path):
+      os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  _sync('write_single:swapped')
+
+
+def _sync(name: str) -> None:
+  """A barrier of every process (nothing on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def average(states: list[Any]) -> Any:

@@ -538,9 +538,9 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
         stop = loop.validate(state, writer, bar)
       if stop or preemption.requested or step % cfg.checkpoint_every == 0 \
           or step == cfg.num_steps:
-        loop.save(state, checkpointing.PREEMPTED if preemption.requested
-                  else checkpointing.CADENCE if step % cfg.checkpoint_every
-                  == 0 else checkpointing.FINAL)
+        loop.save(state, checkpointing.CADENCE if step % cfg.checkpoint_every
+                  == 0 else checkpointing.FINAL if stop or step ==
+                  cfg.num_steps else checkpointing.PREEMPTED)
       if preemption.requested:
         loop.finish_saves()
         raise faults.Preempted(step, str(mngr.directory),

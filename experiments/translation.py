@@ -111,8 +111,9 @@ class Experiment(train_lib.Experiment):
   def finish(self, state, mngr, expect, writer) -> dict[str, Any]:
     """Averages the last `decode.average_last` checkpoints into
     <workdir>/averaged and scores the test set with it."""
-    steps = checkpointing.averaging_steps(str(mngr.directory),
-                                          self.config.decode.average_last)
+    steps = checkpointing.averaging_steps(
+        str(mngr.directory), self.config.decode.average_last,
+        available=mngr.all_steps())
     abstract = checkpointing.abstract_like(self.state, self.state_shardings)
     states = [checkpointing.restore(mngr, s, abstract, expect)[0]
               for s in steps]
