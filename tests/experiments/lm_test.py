@@ -33,7 +33,9 @@ KINDS = ('layernorm', 'batchnorm', 'pn_v', 'powernorm', 'unified')
 def test_every_preset_builds(preset, modifier):
   c = lm_configs.get_config(preset + modifier)
   assert c.preset == preset + modifier
-  kind = preset.split('_', 1)[1]
+  # ptb_batchnorm is the paper's BN; ptb_batchnorm_flax the flax-style one.
+  kind = {'batchnorm': 'paper_batchnorm', 'batchnorm_flax': 'batchnorm'}.get(
+      preset.split('_', 1)[1], preset.split('_', 1)[1])
   assert {c.model.norms[s].kind for s in lm_configs.SITES} == {kind}
   assert lm_configs.PRESETS[preset].__doc__
   with pytest.raises(AttributeError):
