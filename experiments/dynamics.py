@@ -1,6 +1,6 @@
 """Short probed training runs for the notebooks (notebooks/*.py).
 
-    run = dynamics.probed_lm_run('ptb_batchnorm,demo', steps=150,
+    run = dynamics.probed_lm_run('ptb_batchnorm_flax,demo', steps=150,
                                  probe_every=5)
     run.series('decoder/layer_0/ffn_norm', 'var_dist')  # (steps, values)
 

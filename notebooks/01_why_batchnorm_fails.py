@@ -36,7 +36,7 @@ STEPS, EVERY = 150, 5
 # %%
 cnn = dynamics.probed_cnn_run(steps=STEPS, probe_every=EVERY)
 lm = dynamics.probed_lm_run(
-    'ptb_batchnorm,demo', steps=STEPS, probe_every=EVERY,
+    'ptb_batchnorm_flax,demo', steps=STEPS, probe_every=EVERY,
     overrides={'model.d_model': 64, 'model.ffn_dim': 128,
                'data.batch_size': 16, 'data.seq_len': 32},
     name='Transformer LM, text')

@@ -359,11 +359,14 @@ def test_optimizers_jit_and_need_params():
 # The experiments' optimizer config (optim.kind, optim.nap).
 
 
+# adamp_nap (both transforms) in the default suite, the rest in the slow step.
 @pytest.mark.parametrize('overrides', [
-    ['--config.optim.kind=adamp'],
-    ['--config.optim.kind=adamp', '--config.optim.nesterov=True',
-     '--config.optim.weight_decay=0.01'],
-    ['--config.optim.nap=True', r'--config.optim.nap_params=fc1/kernel$'],
+    pytest.param(['--config.optim.kind=adamp'], marks=pytest.mark.slow),
+    pytest.param(['--config.optim.kind=adamp', '--config.optim.nesterov=True',
+                  '--config.optim.weight_decay=0.01'], marks=pytest.mark.slow),
+    pytest.param(['--config.optim.nap=True',
+                  r'--config.optim.nap_params=fc1/kernel$'],
+                 marks=pytest.mark.slow),
     ['--config.optim.kind=adamp', '--config.optim.nap=True',
      r'--config.optim.nap_params=(fc1|fc2)/kernel$'],
 ], ids=['adamp', 'adamp_nesterov_wd', 'adam_nap', 'adamp_nap'])

@@ -14,6 +14,7 @@
 
 import dataclasses
 import inspect
+import pathlib
 
 import chex
 import flax.linen as nn
@@ -28,6 +29,7 @@ from normjax import functional as nf
 from normjax import linen as nl
 from normjax._src import definition as nd
 from normjax._src import modules
+from normjax._src import registry
 
 SHARED_FIELDS = {'dtype', 'param_dtype', 'use_scale', 'use_bias',
                  'scale_init', 'bias_init', 'axis_name', 'param_axes',
@@ -123,3 +125,18 @@ def test_a_stateful_record_without_batch_groups_is_refused():
     nd.NormDefinition(
         kind='bad', name='bad', module='Bad', options=(), doc='',
         train=lambda *a: a, init_state=lambda *a: None)
+
+
+def test_readme_lists_every_norm_with_its_derived_properties():
+  """The README's properties table is the registry's, and its function
+  table names every registered function."""
+  readme = (pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+            ).read_text()
+  assert registry.properties_table() in readme
+  for kind, definition in nd.REGISTRY.items():
+    assert f'`{definition.name}`' in readme, kind
+  rows = {line.split('|')[1].strip(' `'): line
+          for line in registry.properties_table().splitlines()[2:]}
+  assert '| yes | yes | no | yes |' in rows['powernorm']      # stateful, folds
+  assert '| no | no | yes | yes |' in rows['layernorm']
+  assert '| no | no | yes | no |' in rows['dyt']              # not affine

@@ -126,6 +126,9 @@ class NormDefinition:
       `eval_affine` and does not fold.
     check: `check(options, features, fn)`, raising on invalid options.
     state_maker: the public name of the state initialiser, for messages.
+    batch_statistics: whether training statistics are taken over the
+      batch (other tokens and examples); None: as `stateful` (true of every
+      built-in norm).
   """
   kind: str
   name: str
@@ -144,6 +147,7 @@ class NormDefinition:
   evaluate: Callable[..., Any] | None = None
   check: Callable[[dict[str, Any], int, str], None] | None = None
   state_maker: str = ''
+  batch_statistics: bool | None = None
   function: Callable[..., Any] = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
@@ -171,6 +175,25 @@ class NormDefinition:
   @property
   def stateful(self) -> bool:
     return self.init_state is not None
+
+  @property
+  def batch_dependent(self) -> bool:
+    """A token's training output depends on the rest of the batch."""
+    return (self.stateful if self.batch_statistics is None
+            else self.batch_statistics)
+
+  @property
+  def causal_safe(self) -> bool:
+    """A token's training output depends on that token alone, so the norm
+    can sit in a decoder during training (no statistic over later
+    tokens)."""
+    return not self.batch_dependent
+
+  @property
+  def foldable(self) -> bool:
+    """Evaluation is an affine map around a per-token core, which
+    `normjax.folding` folds into the layers that read the norm."""
+    return self.eval_affine is not None
 
   def resolve(self, given: Mapping[str, Any], fn: str | None = None
               ) -> dict[str, Any]:

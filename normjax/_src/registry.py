@@ -81,3 +81,20 @@ def init_state(kind: str, features: int, dtype=jnp.float32,
   if kind in CONDITIONAL_FUNCTIONS:
     return nd.common.EmptyState()
   return nd.REGISTRY[kind].new_state(features, dtype, **options)
+
+
+PROPERTY_COLUMNS = ('stateful', 'batch_dependent', 'causal_safe', 'foldable')
+
+
+def properties_table() -> str:
+  """A markdown table of every registered norm: kind, function, module and
+  `PROPERTY_COLUMNS` (yes/no), as the README lists them."""
+  head = ['kind', 'function', 'module', 'stateful', 'batch-dependent',
+          'causal-safe in training', 'foldable']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for kind in sorted(nd.REGISTRY):
+    d = nd.REGISTRY[kind]
+    marks = ['yes' if getattr(d, c) else 'no' for c in PROPERTY_COLUMNS]
+    lines.append(f'| `{kind}` | `{d.name}` | `{d.module}` | '
+                 + ' | '.join(marks) + ' |')
+  return '\n'.join(lines)

@@ -54,6 +54,7 @@ def test_the_published_schedule():
   assert [e.step for e in events] == sorted(e.step for e in events)
 
 
+@pytest.mark.slow  # a training run and the removal fine-tune: CI slow step
 def test_every_layernorm_removed_once_in_the_published_order(removed):
   _, out, config, result = removed
   layers = config.model.num_decoder_layers
@@ -70,6 +71,7 @@ def test_every_layernorm_removed_once_in_the_published_order(removed):
     assert json.load(f)['events'] == events
 
 
+@pytest.mark.slow  # a training run and the removal fine-tune: CI slow step
 def test_the_final_model_has_no_layernorm_and_matches(removed):
   _, out, _, result = removed
   new_config, variables, meta = fold.load(out)
@@ -90,6 +92,7 @@ def test_the_final_model_has_no_layernorm_and_matches(removed):
   assert isinstance(new_config, models.TransformerConfig)
 
 
+@pytest.mark.slow  # a training run and the removal fine-tune: CI slow step
 def test_the_value_path_is_switched_on_its_own(removed):
   """Switching only the attention norm's V path changes the logits; with
   both paths fake the model is the all-FakeLN one."""
