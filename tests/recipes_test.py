@@ -89,6 +89,9 @@ def test_grad_over_backward_stats_is_each_norms_cotangent():
   assert np.abs(ga).max() > 0 and np.abs(gb).max() > 0
 
 
+# Three subprocesses (~8 s each): CI's slow step runs them; the train steps
+# they use are tested in process below.
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['train_tiny_jax.py',
                                     'train_tiny_equinox.py',
                                     'train_tiny_nnx.py'])

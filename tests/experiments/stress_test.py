@@ -13,6 +13,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -47,8 +48,8 @@ def setup(kind, dtype):
   model = models.Transformer(cfg)
   schedule = optax.constant_schedule(1e-3)
   tx = train_lib.make_optimizer(
-      type('O', (), dict(clip_norm=0.0, b1=0.9, b2=0.98, eps=1e-8,
-                         weight_decay=0.0))(), schedule)
+      ml_collections.ConfigDict(dict(clip_norm=0.0, b1=0.9, b2=0.98,
+                                     eps=1e-8, weight_decay=0.0)), schedule)
 
   def init_variables(rng):
     return model.init({'params': rng, 'dropout': rng}, INPUTS, TARGETS,
