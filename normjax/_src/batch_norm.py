@@ -62,13 +62,8 @@ def _train(x, mask, state, params, options, axis_name):
   """One batch group's training step: batch statistics, EMA update."""
   dtype = common.stats_dtype(x)
   xf = x.astype(dtype)
-  mu, count = common.masked_row_mean(xf, mask, axis_name)
-  var, _ = common.masked_row_mean(
-      jnp.square(xf - common.feat(mu, xf.ndim)), mask, axis_name)
-  has_data = count > 0
-  update = has_data & common.all_finite(mu, var)
-  mu = jnp.where(has_data, mu, state.mean.astype(dtype))
-  var = jnp.where(has_data, var, state.var.astype(dtype))
+  mu, var, update = common.batch_moments(xf, mask, axis_name, state.var,
+                                         state.mean)
   z = (xf - common.feat(mu, xf.ndim)) * common.feat(
       jax.lax.rsqrt(var + options['eps']), xf.ndim)
   y = common.affine(z, params, dtype)

@@ -282,6 +282,27 @@ def all_finite(*arrays: Array) -> Array:
       jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in arrays])
 
 
+def batch_moments(xf: Array, mask: Array | None, axis_name: Any,
+                  running_var: Array, running_mean: Array | None = None
+                  ) -> tuple[Array, Array, Array]:
+  """`(mu, var, update)`: the per-feature mean and biased variance of `xf`
+  over its real rows (summed over `axis_name`), the batch norms' statistics.
+
+  With no real row they are the running values (`running_mean` None: `mu`
+  as computed); `update` is False then, or when a statistic is not finite,
+  and the caller keeps its state (`keep_if`).
+  """
+  mu, count = masked_row_mean(xf, mask, axis_name)
+  var, _ = masked_row_mean(jnp.square(xf - feat(mu, xf.ndim)), mask,
+                           axis_name)
+  has_data = count > 0
+  update = has_data & all_finite(mu, var)
+  if running_mean is not None:
+    mu = jnp.where(has_data, mu, running_mean.astype(xf.dtype))
+  var = jnp.where(has_data, var, running_var.astype(xf.dtype))
+  return mu, var, update
+
+
 def keep_if(pred: Array, new: NamedTuple, old: NamedTuple) -> NamedTuple:
   """Leafwise `where(pred, new, old)`, keeping the old dtypes."""
   return jax.tree.map(

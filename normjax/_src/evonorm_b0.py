@@ -108,12 +108,7 @@ def _normalize(xf, mask, batch_var, params, eps, dtype):
 def _train(x, mask, state, params, options, axis_name):
   dtype = common.stats_dtype(x)
   xf = x.astype(dtype)
-  mu, count = common.masked_row_mean(xf, mask, axis_name)
-  var, _ = common.masked_row_mean(
-      jnp.square(xf - common.feat(mu, xf.ndim)), mask, axis_name)
-  has_data = count > 0
-  update = has_data & common.all_finite(var)
-  var = jnp.where(has_data, var, state.var.astype(dtype))
+  _, var, update = common.batch_moments(xf, mask, axis_name, state.var)
   y = _normalize(xf, mask, var, params, options['eps'], dtype)
   d = options['decay']
   new = EvoNormB0State(var=d * state.var + (1 - d) * jax.lax.stop_gradient(
