@@ -31,6 +31,7 @@ import tqdm
 
 import normjax
 from experiments import checkpointing
+from experiments import curves
 from experiments import faults
 from experiments import probing
 from experiments import sharding
@@ -569,6 +570,8 @@ class _Loop:
     # finite check), or the one it resumed from once a step from it was
     # finite.
     self.good, self.unconfirmed = [], step if step else None
+    self.valid_log = (curves.ValidLog(exp.workdir, resume_step=step)
+                      if jax.process_index() == 0 else None)
 
   def check_step(self, state, batch, metrics, bar) -> None:
     """Stops (NonFiniteError) or counts a non-finite or diverging step."""
@@ -597,6 +600,8 @@ class _Loop:
     result = self.exp.validate(state)
     bar.write(f'step {self.step} valid: ' + format_metrics(result))
     log_scalars(writer, self.step, 'valid', result)
+    if self.valid_log is not None:
+      self.valid_log.write(self.step, result)
     bad = [k for k, v in result.items()
            if isinstance(v, float) and not np.isfinite(v)]
     if bad:
@@ -659,7 +664,8 @@ def train(exp: Experiment, config: Any, workdir: str):
   """`fit` of a run: checkpoints in <workdir>/checkpoints, the vocabulary
   fingerprint (`exp.data.fingerprint`) and the run's settings
   (`checkpointing.run_identity`) checked on resume, TensorBoard in
-  <workdir>/tensorboard, per-step losses in <workdir>/losses.csv, probes
+  <workdir>/tensorboard, per-step losses in <workdir>/losses.csv, the validation curve in
+  <workdir>/valid.csv (`experiments.curves`), probes
   (if on) in <workdir>/probes.csv. Returns (state, manager, expect,
   writer); the caller evaluates and closes the manager."""
   lock = faults.WorkdirLock(workdir, take=jax.process_index() == 0)
