@@ -9,7 +9,8 @@ time and throughput; as markdown, CSV and a figure of validation curves.
 A run's metrics are the numbers of its results.json, flattened to dotted
 keys ('test.ppl' of the language model, 'bleu' of translation); its curve
 is <run>/valid.csv (`experiments.curves`); its wall time the sum of the
-sweep's attempts (<run>/sweep.json); its tokens the sum of losses.csv's
+sweep's recorded attempts (<run>/sweep.json; an attempt cut short by a
+SIGKILL of the sweep has none); its tokens the sum of losses.csv's
 `ntokens`, so tokens/s counts evaluations and compilation as time.
 """
 
@@ -67,7 +68,8 @@ def collect_run(run: grid.Run) -> RunResult:
   if os.path.exists(os.path.join(run.workdir, curves.FILE)):
     curve = curves.read(run.workdir)
   attempts = runner.record(run)['attempts']
-  wall = math.fsum(a['wall_s'] for a in attempts) if attempts else None
+  walls = [a['wall_s'] for a in attempts if a['wall_s'] is not None]
+  wall = math.fsum(walls) if walls else None
   return RunResult(run, state, metrics, wall, tokens, curve)
 
 

@@ -2,7 +2,8 @@
 
 Each run is the ordinary command of `grid.Run` in its own workdir, its
 output appended to <run>/log.txt. <run>/sweep.json records the command
-and every attempt (start, wall seconds, exit code). On a re-run:
+and every attempt (start, wall seconds, exit code; both None while it
+runs, and after a sweep killed by SIGKILL). On a re-run:
 - a run with results.json is done and skipped;
 - a run stopped part-way (killed, preempted, a failed save) is started
   again with the same command and resumes from its newest checkpoint;
@@ -137,16 +138,21 @@ class Runner:
         run.command(sys.executable), stdout=log, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
         env=dict(os.environ, PYTHONUNBUFFERED='1'))
-    self.live.append(_Live(run, process, time.time(), log))
+    started = time.time()
+    rec = record(run)
+    rec['attempts'].append(dict(  # completed by _finish; a killed sweep
+        started=time.strftime('%Y-%m-%dT%H:%M:%S',  # leaves it open
+                              time.localtime(started)),
+        wall_s=None, exit_code=None))
+    _write_record(run, rec)
+    self.live.append(_Live(run, process, started, log))
 
   def _finish(self, live: _Live, position: str) -> None:
     wall = time.time() - live.started
     live.log.close()
     rec = record(live.run)
-    rec['attempts'].append(dict(
-        started=time.strftime('%Y-%m-%dT%H:%M:%S',
-                              time.localtime(live.started)),
-        wall_s=round(wall, 2), exit_code=live.process.returncode))
+    rec['attempts'][-1].update(wall_s=round(wall, 2),
+                               exit_code=live.process.returncode)
     _write_record(live.run, rec)
     state = status(live.run)
     extra = self.describe(live.run) if state == 'done' else (
