@@ -5,6 +5,7 @@ report with 95% confidence intervals over seeds.
         --seeds=1,2,3 --set=data.path=../shared/data/ptb --workdir=runs/ptb
     python -m experiments.sweep ... --parallel=2       # two runs at a time
     python -m experiments.sweep ... --print-commands   # for a scheduler
+    python -m experiments.sweep ... --estimate         # FLOPs, device-hours
     python -m experiments.sweep --workdir=runs/ptb --report-only
 
 Each run is `python -m experiments.<task> --config=<preset> --config.seed=S
@@ -24,6 +25,7 @@ from absl import flags
 
 from experiments import cli
 from experiments import configs
+from experiments.sweeps import cost
 from experiments.sweeps import grid
 from experiments.sweeps import report
 from experiments.sweeps import runner
@@ -54,6 +56,16 @@ _METRIC = flags.DEFINE_string(
     "for lm, 'bleu' for translation.")
 _RETRY = flags.DEFINE_bool('retry_diverged', False,
                            'Run diverged runs again (they resume).')
+_ESTIMATE = flags.DEFINE_bool(
+    'estimate', False, 'Print the training FLOPs and device-hours of the '
+    'grid (sweeps.cost) and exit.')
+_PEAK = flags.DEFINE_float('peak_tflops', 989.0, '--estimate: the device\'s '
+                           'peak TFLOP/s (default: an H100 SXM, bf16 dense).')
+_MFU = flags.DEFINE_float('mfu', 0.4, '--estimate: the model FLOP '
+                          'utilisation to assume.')
+_STEP_SECONDS = flags.DEFINE_float(
+    'step_seconds', 0.0, '--estimate: a measured seconds per step (then '
+    'device-hours = steps x this; --peak_tflops and --mfu are unused).')
 flags.DEFINE_alias('print-commands', 'print_commands')
 flags.DEFINE_alias('report-only', 'report_only')
 
@@ -75,17 +87,27 @@ def _grid_spec(root: str) -> dict:
     return json.load(f)
 
 
-def _check_configs(cells: list[grid.Cell]) -> None:
-  """Builds every cell's config as its run will: typos fail here, before
-  anything runs."""
+def _configs(cells: list[grid.Cell]) -> list:
+  """Every cell's config, built as its run will build it: typos fail here,
+  before anything runs."""
+  out = []
   for cell in cells:
     args = cell.command(seed=0, workdir='')[3:-1]
     try:
-      configs.from_args(cell.task, args)
+      out.append(configs.from_args(cell.task, args))
     except (flags.Error, ValueError, KeyError, AttributeError,
             TypeError) as e:
       raise ValueError(f'cell {cell.name}: '
                        f'{configs.one_line(str(e), args)}') from None
+  return out
+
+
+def _estimate(cells: list[grid.Cell], seeds: int) -> str:
+  rows = [dict(cell=cell.name, **cost.estimate(
+      cell.task, cell.preset, config, _PEAK.value, _MFU.value,
+      _STEP_SECONDS.value)) for cell, config in zip(cells, _configs(cells))]
+  return cost.markdown(rows, seeds, _PEAK.value, _MFU.value,
+                       _STEP_SECONDS.value)
 
 
 def main() -> None:
@@ -98,11 +120,14 @@ def main() -> None:
   if _PRINT.value:
     print('\n'.join(run.shell() for run in runs))
     return
+  if _ESTIMATE.value:
+    print(_estimate(cells, len(grid.parse_seeds(spec['seeds']))), end='')
+    return
   metric, also, curve_key = DEFAULTS[cells[0].task]
   metric = _METRIC.value or metric
   exit_code = 0
   if not _REPORT_ONLY.value:
-    _check_configs(cells)
+    _configs(cells)
     with runner.lock(root):
       runner.check_commands(runs)
       with open(os.path.join(root, GRID_FILE), 'w') as f:

@@ -309,6 +309,26 @@ def test_runner_refuses_a_workdir_of_another_command(tmp_path):
     runner.check_commands(runs)
 
 
+# ------------------------------------------------------------------ cost --
+
+
+def test_cost_counts_the_weights_a_token_passes_through():
+  from experiments.configs import lm  # pylint: disable=g-import-not-at-top
+  from experiments.sweeps import cost  # pylint: disable=g-import-not-at-top
+  config = lm.get_config('ptb_layernorm')  # 3 layers, d 256, FFN 2100
+  flops, tokens = cost.flops_per_step('lm', 'ptb_layernorm', config)
+  assert tokens == 120 * 32
+  weights = 3 * (4 * 256 * 40 + 2 * 256 * 2100) + 256 * 10_000
+  assert flops == tokens * (6 * weights + 12 * 3 * 32 * 40)
+  run = cost.estimate('lm', 'ptb_layernorm', config, 100.0, 0.5)
+  assert run['hours'] == pytest.approx(flops * 20000 / 50e12 / 3600)
+  measured = cost.estimate('lm', 'ptb_layernorm', config, 100.0, 0.5,
+                           step_seconds=3.6)
+  assert measured['hours'] == pytest.approx(20.0)
+  text = cost.markdown([dict(cell='c', **measured)], 3, 100.0, 0.5, 3.6)
+  assert '| c | 20,000 |' in text and '60.0 device-hours' in text
+
+
 # ------------------------------------------------------------ end to end --
 
 
