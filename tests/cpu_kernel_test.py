@@ -169,3 +169,39 @@ def test_without_compiler_warns_and_uses_xla(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   assert abs(float(done.stdout.split()[-1]) - 1.3416) < 1e-3
+
+
+def test_no_build_where_the_default_backend_is_not_the_cpu(monkeypatch):
+  """On a GPU/TPU machine the kernel is neither built nor called."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+
+  def must_not_build():
+    raise AssertionError('built on a non-CPU backend')
+
+  monkeypatch.setattr(cpu_kernel, '_build', must_not_build)
+  cpu_kernel._load.cache_clear()
+  try:
+    assert not cpu_kernel.available()
+    x = jnp.arange(12.0).reshape(3, 4)
+    y, _ = nf.layer_norm(x)
+    chex.assert_trees_all_close(
+        y, (x - x.mean(-1, keepdims=True))
+        / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5), atol=1e-5)
+  finally:
+    cpu_kernel._load.cache_clear()
+
+
+@pytest.mark.slow  # a fresh compile, ~7 s
+def test_a_build_is_announced_once_with_its_path_and_time(tmp_path):
+  code = ('import jax.numpy as jnp\nfrom normjax import functional as nf\n'
+          'nf.layer_norm(jnp.ones((2, 8)))\nnf.rms_norm(jnp.ones((2, 8)))\n')
+  env = dict(os.environ, NORMJAX_KERNEL_CACHE=str(tmp_path / 'cache'),
+             XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  first = subprocess.run([sys.executable, '-c', code], env=env,
+                         capture_output=True, text=True, timeout=180)
+  assert first.returncode == 0, first.stderr
+  assert first.stderr.count('normjax: compiling') == 1, first.stderr
+  assert str(tmp_path / 'cache') in first.stderr and ' s' in first.stderr
+  again = subprocess.run([sys.executable, '-c', code], env=env,
+                         capture_output=True, text=True, timeout=180)
+  assert 'compiling' not in again.stderr  # cached

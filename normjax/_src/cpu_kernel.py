@@ -14,8 +14,13 @@ is independent; dscale/dbias are summed over the shards), and runs `fallback`
 (the same math in jnp) on GPU/TPU via `jax.lax.platform_dependent`.
 
 The kernel is compiled once per machine with the system C++ compiler into
-`$NORMJAX_KERNEL_CACHE` (default `~/.cache/normjax`). Without a compiler the
-norms warn once and use the XLA path. `NORMJAX_CPU_KERNEL=0` turns the kernel
+`$NORMJAX_KERNEL_CACHE` (default `~/.cache/normjax`), announced on stderr
+with its path and time, and only where JAX's default backend is the CPU:
+on a GPU/TPU machine nothing is built or called. It is built at first use,
+not when the package is installed, because it is compiled for the machine
+it runs on (`-march=native`) against the installed jax's FFI headers: a
+wheel built elsewhere would carry the wrong instructions or ABI. Without a
+compiler the norms warn once and use the XLA path. `NORMJAX_CPU_KERNEL=0` turns the kernel
 off; `use_cpu_kernel(False)` does so inside a `with` block. Both act when a
 function is traced: a function jitted before keeps its compiled choice.
 """
@@ -30,7 +35,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -97,6 +104,9 @@ def _build() -> str:
   if os.path.exists(path):
     return path
   os.makedirs(cache, exist_ok=True)
+  print(f'normjax: compiling the fused CPU norm kernel into {path} (once '
+        'per machine and version) ...', file=sys.stderr, end=' ', flush=True)
+  start = time.perf_counter()
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=cache)
   os.close(fd)
   try:
@@ -106,6 +116,8 @@ def _build() -> str:
     if done.returncode:
       raise RuntimeError(f'{" ".join(cmd)} failed: {done.stderr[-2000:]}')
     os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+    print(f'done in {time.perf_counter() - start:.1f} s', file=sys.stderr,
+          flush=True)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -132,8 +144,9 @@ def _load() -> bool:
 
 
 def available() -> bool:
-  """Whether per-token norms will use the fused kernel on CPU."""
-  return _enabled[0] and _load()
+  """Whether per-token norms will use the fused kernel: enabled, JAX's
+  default backend is the CPU, and the kernel built (`_load`)."""
+  return _enabled[0] and jax.default_backend() == 'cpu' and _load()
 
 
 def _struct(shape, like: Array) -> jax.ShapeDtypeStruct:
