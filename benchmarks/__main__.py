@@ -97,6 +97,10 @@ def main(argv=None) -> None:
   if a.out:
     with open(a.out, 'w') as fh:
       fh.write(text + '\n')
+  if not a.quick and not os.path.exists(README):
+    raise SystemExit(f'error: no README.md beside the benchmarks ({README}): '
+                     'run them from a checkout, or pass --out=FILE and '
+                     '--quick to keep the report elsewhere.')
   if not a.quick:
     write_readme(text)
     print(f'\nwritten into {README}')

@@ -38,7 +38,7 @@ TASKS = ('translation', 'lm')
 
 
 def _experiment(task: str, norm: str, size: str, workdir: str, devices=None):
-  # Imported here: the experiments pull in tfds/grain, which the kernel
+  # Imported here: the experiments pull in tfds, which the kernel
   # benchmark does not need.
   from experiments import language_model, translation  # pylint: disable=g-import-not-at-top
   from experiments.configs import lm, wmt  # pylint: disable=g-import-not-at-top

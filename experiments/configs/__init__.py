@@ -168,3 +168,31 @@ def one_line(message: str, argv: list[str]) -> str:
     return (f'{last}; give a value of the type the preset has (see '
             'experiments/configs/).')
   return last
+
+
+def _first_line(fn) -> str:
+  doc = (fn.__doc__ or '').strip()
+  return ' '.join(doc.split('\n\n')[0].split()) if doc else '(undocumented)'
+
+
+def presets_and_modifiers(experiment: str) -> tuple[dict[str, str],
+                                                     dict[str, str]]:
+  """({preset: first paragraph of its doc}, {modifier: ...}) of
+  experiments/configs/<experiment>.py."""
+  module = importlib.import_module(f'experiments.configs.{experiment}')
+  modifiers = getattr(module, 'MODIFIERS', common.MODIFIERS)
+  return ({k: _first_line(f) for k, f in module.PRESETS.items()},
+          {k: _first_line(f) for k, f in modifiers.items()})
+
+
+def describe(experiment: str) -> str:
+  """The presets and modifiers of `experiment`, one line each: what
+  `--help` prints after the flags."""
+  presets, modifiers = presets_and_modifiers(experiment)
+  lines = [f'--config=PRESET[,MODIFIER...] (experiments/configs/'
+           f'{experiment}.py), then --config.KEY=VALUE overrides '
+           '(--print_config lists the keys).', '', 'Presets:']
+  lines += [f'  {k:<22} {v}' for k, v in presets.items()]
+  lines += ['', 'Modifiers:']
+  lines += [f'  {k:<22} {v}' for k, v in modifiers.items()]
+  return '\n'.join(lines)

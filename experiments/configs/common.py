@@ -347,8 +347,8 @@ def set_placement(name: str) -> Callable[[ml_collections.ConfigDict], None]:
         if site not in c.model.norms:
           c.model.norms[site] = following(
               c.model.norms[f'{stack}_{_LIKE[suffix]}'])
-  modify.__doc__ = (f"model.placement='{name}': "
-                    f'{placement.residual.__doc__.splitlines()[0]}')
+  summary = ' '.join(placement.residual.__doc__.split('\n\n')[0].split())
+  modify.__doc__ = f"model.placement='{name}': {summary}"
   return modify
 
 

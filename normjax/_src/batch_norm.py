@@ -22,6 +22,8 @@ class BatchNormState(NamedTuple):
 
 def init_batch_norm_state(features: int, dtype=jnp.float32,
                           num_batch_groups: int = 1) -> BatchNormState:
+  """The fresh state of `batch_norm`: running mean 0 and variance 1 per
+  feature (`num_batch_groups` > 1: one copy per group, leading axis)."""
   state = BatchNormState(mean=jnp.zeros((features,), dtype),
                          var=jnp.ones((features,), dtype))
   return common.group_state(state, num_batch_groups)
@@ -118,6 +120,8 @@ class PaperBatchNormState(NamedTuple):
 def init_paper_batch_norm_state(features: int, dtype=jnp.float32,
                                 num_batch_groups: int = 1
                                 ) -> PaperBatchNormState:
+  """The fresh state of `paper_batch_norm` (the official
+  MaskSyncBatchNorm): running mean 0 and variance 1 per feature."""
   state = PaperBatchNormState(running_mean=jnp.zeros((features,), dtype),
                               running_var=jnp.ones((features,), dtype))
   return common.group_state(state, num_batch_groups)

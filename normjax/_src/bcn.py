@@ -28,6 +28,8 @@ class BCNState(NamedTuple):
 
 def init_bcn_state(features: int, dtype=jnp.float32,
                    num_batch_groups: int = 1) -> BCNState:
+  """The fresh state of `bcn`: running mean 0 and variance 1 per feature
+  (the batch half of BCN)."""
   return common.group_state(BCNState(mean=jnp.zeros((features,), dtype),
                                      var=jnp.ones((features,), dtype)),
                             num_batch_groups)

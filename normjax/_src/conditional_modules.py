@@ -56,6 +56,15 @@ class AdaLNZero(nn.Module):
 
   (DiT computes all six vectors of a block with one Linear; two modules
   with three each are the same map, split.)
+
+  Attributes:
+    epsilon: LayerNorm's epsilon inside the sqrt (DiT: 1e-6).
+    use_gate: also return the gate (False: DiT's final layer).
+    dtype: output dtype (None: the input's).
+    param_dtype: dtype of the modulation params.
+    kernel_init: init of `modulation_kernel` (zeros: adaLN-Zero).
+    bias_init: init of `modulation_bias` (zeros).
+    param_axes: logical axis names of the feature axis, for sharding.
   """
   epsilon: float = 1e-6
   use_gate: bool = True
@@ -91,7 +100,14 @@ class AdaLNZero(nn.Module):
 
 class TimeDependentParameter(nn.Module):
   """DiMR's time-dependent vector: params param0, param1 (init `value`),
-  nodecay_weight, nodecay_bias (init 0), each [features]."""
+  nodecay_weight, nodecay_bias (init 0), each [features].
+
+  Attributes:
+    features: length of the vector.
+    value: init of param0 and param1 (1 for a scale, 0 for a bias).
+    param_dtype: dtype of the params.
+    param_axes: logical axis names of the feature axis, for sharding.
+  """
   features: int
   value: float
   param_dtype: Any = jnp.float32
@@ -110,7 +126,17 @@ class TimeDependentParameter(nn.Module):
 
 
 class _TDNorm(nn.Module):
-  """Fields of the DiMR time-dependent norms."""
+  """Fields of the DiMR time-dependent norms.
+
+  Attributes:
+    epsilon: added to the variance (TDLayerNorm) or outside the sqrt
+      (TDRMSNorm).
+    use_scale: learn a time-dependent scale.
+    use_bias: learn a time-dependent bias.
+    dtype: output dtype (None: the input's).
+    param_dtype: dtype of the params.
+    param_axes: logical axis names of the feature axis, for sharding.
+  """
   epsilon: float = 1e-5
   use_scale: bool = True
   use_bias: bool = True
@@ -141,7 +167,11 @@ class _TDNorm(nn.Module):
 
 class TDLayerNorm(_TDNorm):
   """DiMR's time-dependent LayerNorm, `norm(x, tau)`; wraps
-  `normjax.functional.td_layer_norm` (tau = logSNR / 4 in DiMR)."""
+  `normjax.functional.td_layer_norm` (tau = logSNR / 4 in DiMR).
+
+  Attributes: epsilon (1e-5), use_scale, use_bias, dtype, param_dtype,
+  param_axes, as in `_TDNorm`.
+  """
 
   def _function(self):
     return cond_lib.td_layer_norm
@@ -149,7 +179,11 @@ class TDLayerNorm(_TDNorm):
 
 class TDRMSNorm(_TDNorm):
   """DiMR's TDRMSNorm (eps 1e-8 outside the sqrt, no bias by default),
-  `norm(x, tau)`; wraps `normjax.functional.td_rms_norm`."""
+  `norm(x, tau)`; wraps `normjax.functional.td_rms_norm`.
+
+  Attributes: epsilon (1e-8), use_scale, use_bias (False), dtype,
+  param_dtype, param_axes, as in `_TDNorm`.
+  """
   epsilon: float = 1e-8
   use_bias: bool = False
 
@@ -167,6 +201,20 @@ class QKNorm(nn.Module):
   (heads, head_dim) per head (OLMo 2). `per_head=False` normalises over the
   full width heads * head_dim (OLMo 2; apply before RoPE). Not a slot norm
   and not in `make_norm`: attention code calls it on q and k.
+
+  Attributes:
+    kind: 'rmsnorm' or 'layernorm'.
+    epsilon: added to the mean square (or variance) inside the sqrt.
+    per_head: normalise each head's head_dim (False: the full width).
+    scale_shared_across_heads: one (head_dim,) scale for all heads (False:
+      one per head).
+    use_scale: learn the scales.
+    use_bias: learn biases too.
+    scale_init: init of the scales (ones).
+    bias_init: init of the biases (zeros).
+    dtype: output dtype (None: the input's).
+    param_dtype: dtype of the params.
+    param_axes: logical axis names of (heads, head_dim), for sharding.
   """
   kind: str = 'rmsnorm'
   epsilon: float = 1e-6

@@ -26,6 +26,7 @@ class EvoNormB0State(NamedTuple):
 
 def init_evonorm_b0_state(features: int, dtype=jnp.float32,
                           num_batch_groups: int = 1) -> EvoNormB0State:
+  """The fresh state of `evonorm_b0`: running variance 1 per feature."""
   return common.group_state(EvoNormB0State(var=jnp.ones((features,), dtype)),
                             num_batch_groups)
 

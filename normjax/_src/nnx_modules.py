@@ -211,7 +211,10 @@ def nnx_module_for(definition: nd.NormDefinition) -> type[nnx.Module]:
       '__qualname__': definition.module,
       '__doc__': (f'{definition.doc.splitlines()[0]}\n\n  Flax NNX module '
                   f'of `normjax.functional.{definition.name}` (see its '
-                  'docstring for the formula).'
+                  'docstring for the formula).\n\n  '
+                  f'`{definition.module}(num_features, *, rngs, '
+                  '**attributes)`: num_features is the width of the last '
+                  'axis, rngs the nnx.Rngs of the params.'
                   + linen_modules.attributes_doc(definition, fields)),
   }
   cls = type(definition.module, (base,), namespace)

@@ -43,6 +43,8 @@ class PowerNormState(NamedTuple):
 
 def init_power_norm_state(features: int, dtype=jnp.float32,
                           num_batch_groups: int = 1) -> PowerNormState:
+  """The fresh state of `power_norm`: running quadratic mean phi 1,
+  backward statistic ema_gz 0 per feature, step 0 (counts the warmup)."""
   state = PowerNormState(running_phi=jnp.ones((features,), dtype),
                          ema_gz=jnp.zeros((features,), dtype),
                          step=jnp.zeros((), jnp.int32))
@@ -182,6 +184,8 @@ class PNVState(NamedTuple):
 
 def init_pn_v_state(features: int, dtype=jnp.float32,
                     num_batch_groups: int = 1) -> PNVState:
+  """The fresh state of `pn_v`: running quadratic mean phi 1 per
+  feature."""
   return common.group_state(PNVState(running_phi=jnp.ones((features,), dtype)),
                             num_batch_groups)
 

@@ -102,6 +102,9 @@ def init_unified_norm_state(features: int,
                             window_size: int | tuple[int, int] | None = None,
                             dtype=jnp.float32,
                             num_batch_groups: int = 1) -> UnifiedNormState:
+  """The fresh state of `unified_norm`: the window of the last
+  `window_size` (forward, backward) statistics, the running mean and
+  variance, and the step (`window_size` None: the default window)."""
   if window_size is None:
     window_size = UNIFIED_NORM.defaults['window_size']
   m_f, m_b = _windows(window_size, 'init_unified_norm_state')

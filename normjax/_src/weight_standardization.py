@@ -64,6 +64,17 @@ class WSDense(nn.Module):
   Same parameters (`kernel` [in, features], `bias`) and fields as
   nn.Dense, plus `ws_eps` and `ws_ddof` (see `weight_standardize`); the
   stored kernel is the raw one.
+
+  Attributes:
+    features: output width.
+    use_bias: add a learned bias.
+    dtype: computation dtype (None: promoted from the inputs).
+    param_dtype: dtype of the params.
+    precision: `jax.lax.dot_general` precision.
+    kernel_init: init of the raw kernel.
+    bias_init: init of the bias.
+    ws_eps: epsilon of the standardisation.
+    ws_ddof: degrees of freedom of its variance.
   """
   features: int
   use_bias: bool = True
