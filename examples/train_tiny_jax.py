@@ -10,7 +10,6 @@ added.
 """
 
 import argparse
-import functools
 import time
 
 import jax

@@ -45,7 +45,6 @@ model (`experiments.fold.load` reads it).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time

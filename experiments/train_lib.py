@@ -452,6 +452,48 @@ def summary_writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
 
+def log_config(writer, config) -> None:
+  """The resolved config to TensorBoard: as text, and its scalar and
+  string leaves as hparams (the HPARAMS tab), in the run's own event
+  file (writer None: not the chief)."""
+  if writer is None:
+    return
+  from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  writer.add_text('config', '    ' + text.replace('\n', '\n    '), 0)
+  flat = {k: v for k, v in _flatten(config.to_dict()).items()
+          if isinstance(v, (bool, int, float, str))}
+  for summary in hparams(flat, {}):
+    writer.file_writer.add_summary(summary)
+  writer.flush()
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def banner(exp: Experiment, step: int) -> None:
+  """One line at start-up (process 0): preset, workdir, devices, mesh,
+  parameter count, and where training starts."""
+  if jax.process_index() != 0:
+    return
+  devices = jax.devices()
+  params = sum(int(np.prod(x.shape))
+               for x in jax.tree.leaves(exp.state.params))
+  mesh = ', '.join(f'{k} {v}' for k, v in exp.mesh.shape.items())
+  start = f'resuming at step {step}' if step else 'from scratch'
+  print(f'{exp.config.preset}: workdir {exp.workdir}; {len(devices)} '
+        f'{devices[0].platform} device(s) on {jax.process_count()} '
+        f'process(es), mesh ({mesh}); {params:,} parameters; {start} to '
+        f'step {exp.config.train.num_steps}', flush=True)
+
+
 def restore_or_init(exp: Experiment, mngr, expect: dict) -> TrainState:
   """The newest valid checkpoint (data position included), else the fresh
   state (`checkpointing.restore_newest`: invalid ones are moved aside)."""
@@ -501,7 +543,7 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
     state = restore_or_init(exp, mngr, expect)
   loop = _Loop(exp, cfg, mngr, expect, preset, int(state.step))
   batches: Iterator = iter(exp.batcher)
-  window = _new_window()
+  window, compiling = _new_window(), True
   bar = tqdm.tqdm(total=cfg.num_steps, initial=loop.step, desc='train',
                   disable=jax.process_index() != 0, mininterval=5)
   with jax.set_mesh(exp.mesh), faults.Preemption() as preemption, bar:
@@ -513,6 +555,12 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
       state, metrics = (exp.probe_step if probed else exp.train_step)(
           state, batch)
       step = loop.step = loop.step + 1
+      if compiling:  # the first step of this process compiles
+        jax.block_until_ready(metrics['loss'])
+        bar.write(f'step {step}: compiled and ran in '
+                  f'{time.time() - window["start"]:.1f} s (tokens/s '
+                  'counts the steps after it)')
+        window['start'] = time.time()
       loop.check_step(state, batch, metrics, bar)
       if step_log is not None:
         step_log.write(step, metrics, faults.batch_crc(host_batch))
@@ -526,6 +574,8 @@ def fit(exp: Experiment, train_cfg: Any, mngr, expect: dict, writer,
         window['steps'] += 1
         for k in ('loss', 'nll', 'ntokens'):
           window[k] += float(metrics[k])
+      if compiling:  # its tokens are not in the timed window
+        window['ntokens'], compiling = 0.0, False
       if window['steps'] and (step % cfg.log_every == 0
                               or step == cfg.num_steps):
         logged = _summarize(window, metrics)
@@ -682,6 +732,8 @@ def train(exp: Experiment, config: Any, workdir: str):
   try:
     state = restore_or_init(exp, mngr, expect)
     writer = summary_writer(workdir)
+    log_config(writer, config)
+    banner(exp, int(state.step))
     probe_log = None
     if jax.process_index() == 0:
       step_log = faults.StepLog(workdir, resume_step=int(state.step))

@@ -23,8 +23,8 @@ from normjax._src.batch_norm import init_paper_batch_norm_state
 from normjax._src.batch_norm import paper_batch_norm
 from normjax._src.common import EmptyState
 from normjax._src.conditional_norm import ada_ln_zero
-from normjax._src.cpu_kernel import available as cpu_kernel_available
-from normjax._src.cpu_kernel import use_cpu_kernel
+from normjax._src.cpu_kernel import available as cpu_kernel_available  # noqa: F401
+from normjax._src.cpu_kernel import use_cpu_kernel  # noqa: F401
 from normjax._src.conditional_norm import adaln_modulation
 from normjax._src.conditional_norm import dimr_tau
 from normjax._src.conditional_norm import gated_residual

@@ -26,7 +26,7 @@ from normjax._src.weight_standardization import WSDense
 # One class per registered norm, under its module name (PowerNorm, ...).
 globals().update({d.module: module_for(d) for d in _REGISTRY.values()})
 
-__all__ = [
+__all__ = [  # noqa: PLE0604  (the module names are strings)
     'BATCH_STATS', 'CONDITIONAL_MODULES', 'GRAD_STATS', 'MODULES',
     'AdaLNZero', 'Identity', 'QKNorm', 'TDLayerNorm', 'TDRMSNorm',
     'TimeDependentParameter', 'WSDense', 'make_norm', 'module_fields', 'module_for',

@@ -24,7 +24,7 @@ from normjax._src.weight_standardization import WSLinear
 # One class per registered norm, under its module name (PowerNorm, ...).
 globals().update({d.module: nnx_module_for(d) for d in _REGISTRY.values()})
 
-__all__ = [
+__all__ = [  # noqa: PLE0604  (the module names are strings)
     'MODULES', 'BackwardStat', 'Identity', 'WSLinear', 'add_backward_stats',
     'make_norm',
     'nnx_module_for', 'value_and_grad',

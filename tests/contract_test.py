@@ -18,7 +18,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import reference
 from jax.test_util import check_grads
 

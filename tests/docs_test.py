@@ -4,7 +4,6 @@ module is named in its docstring (what `help()` and the docs site show)."""
 import dataclasses
 import inspect
 
-import pytest
 
 import normjax
 from normjax import folding, functional, linen, nnx, optim, probes

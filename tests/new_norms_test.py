@@ -22,7 +22,6 @@ cover shapes, dtypes, jit/vmap, pads, modules == function.
 import functools
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

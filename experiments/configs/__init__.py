@@ -62,10 +62,16 @@ def define_config_flag(experiment: str, default: str = 'layernorm'
                        ) -> flags.FlagHolder:
   """Defines --config for experiments/configs/<experiment>.py presets."""
   path = os.path.join(os.path.dirname(__file__), f'{experiment}.py')
-  return config_flags.DEFINE_config_file(
-      'config', f'{path}:{default}',
-      f'Preset of experiments/configs/{experiment}.py, e.g. {default} or '
-      f'{default},demo; or path[:preset].', lock_config=True)
+  try:  # without --config, config_flags applies the overrides here
+    return config_flags.DEFINE_config_file(
+        'config', f'{path}:{default}',
+        f'Preset of experiments/configs/{experiment}.py, e.g. {default} or '
+        f'{default},demo; or path[:preset].', lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = one_line(str(e), sys.argv)
+    print(f'error: {unknown_key(experiment, sys.argv) or message}',
+          file=sys.stderr)
+    sys.exit(2)
 
 
 def _experiment_path(experiment: str) -> str:
@@ -130,13 +136,70 @@ def expand_argv(experiment: str | None, argv: list[str]) -> list[str]:
 
 def parse_flags(experiment: str | None, argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors and --config expanded
-  (`expand_argv`: `experiment`'s presets, or `<experiment>:<preset>`)."""
+  (`expand_argv`: `experiment`'s presets, or `<experiment>:<preset>`).
+  `--help` prints the usage, the entry point's flags and the presets and
+  modifiers (`describe`), and exits 0."""
+  if any(a in ('--help', '-h', '--helpshort') for a in argv[1:]):
+    print(usage(experiment, argv[0]))
+    sys.exit(0)
   try:
     return flags.FLAGS(expand_argv(experiment, argv))
   except (flags.Error, ConfigError, AttributeError, KeyError, TypeError,
           ValueError) as e:
-    print(f'error: {one_line(str(e), argv)}', file=sys.stderr)
+    message = one_line(str(e), argv)
+    if experiment is not None and re.fullmatch(r"'?[\w.]+'?", message):
+      message = unknown_key(experiment, argv) or message
+    print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
+
+
+def usage(experiment: str | None, program: str) -> str:
+  """The main module's docstring, its flags (absl's help of the flags the
+  entry point defines) and, with an experiment, its presets."""
+  main = sys.modules['__main__']
+  parts = [(main.__doc__ or '').strip(), '', 'Flags:']
+  own = [f for f in flags.FLAGS.get_key_flags_for_module(main)
+         if f.name != 'config'] if hasattr(main, '__file__') else []
+  module_flags = [f for m, fl in flags.FLAGS.flags_by_module_dict().items()
+                  if m.startswith('experiments.') for f in fl]
+  seen = set()
+  for flag in [*(f for f in own), *module_flags]:
+    if flag.name in seen or flag.name == 'config':
+      continue
+    seen.add(flag.name)
+    default = '' if flag.default in (None, '') else f' (default: {flag.default!r})'
+    parts.append(f'  --{flag.name}: {flag.help}{default}')
+  if experiment is not None:
+    parts += ['  --config: a preset, see below', '', describe(experiment)]
+  parts += ['', f'absl flags (logging, ...): {os.path.basename(program)} '
+            '--helpfull']
+  return '\n'.join(parts)
+
+
+def unknown_key(experiment: str, argv: list[str]) -> str | None:
+  """For an override naming no key: the flag, where its path stops, and
+  the keys valid there (None if every override's path exists)."""
+  spec = next((a[len('--config='):] for a in argv
+               if a.startswith('--config=')), None)
+  try:
+    config = (from_spec(f'{experiment}:{spec}') if spec is not None
+              else importlib.import_module(
+                  f'experiments.configs.{experiment}').get_config())
+  except Exception:  # pylint: disable=broad-except  # reported already
+    return None
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    flag = arg.split('=')[0]
+    node, where = config, 'config'
+    for key in flag[len('--config.'):].split('.'):
+      if not isinstance(node, ml_collections.ConfigDict):
+        break
+      if key not in node:
+        return (f'{flag}: no key {key!r} in {where}; the keys there are '
+                f'{", ".join(sorted(node.keys()))}.')
+      node, where = node[key], f'{where}.{key}'
+  return None
 
 
 def one_line(message: str, argv: list[str]) -> str:

@@ -37,7 +37,7 @@ from flax.core import unfreeze
 
 from normjax._src import common
 from normjax._src import definition as nd
-from normjax._src import registry  # pylint: disable=unused-import
+from normjax._src import registry  # noqa: F401  # pylint: disable=unused-import
 
 Path = tuple[str, ...]
 COLLECTIONS = ('batch_stats', 'grad_stats')

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from normjax._src import definition as nd
 from normjax._src import probes
 # Importing the registry registers the built-in norms.
-from normjax._src import registry  # pylint: disable=unused-import
+from normjax._src import registry  # noqa: F401  # pylint: disable=unused-import
 from normjax._src.conditional_modules import CONDITIONAL_MODULES
 from normjax._src.training import GRAD_STATS
 

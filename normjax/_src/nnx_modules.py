@@ -33,7 +33,7 @@ from flax import nnx
 from normjax._src import definition as nd
 from normjax._src import modules as linen_modules
 # Importing the registry registers the built-in norms.
-from normjax._src import registry  # pylint: disable=unused-import
+from normjax._src import registry  # noqa: F401  # pylint: disable=unused-import
 
 Array = jax.Array
 

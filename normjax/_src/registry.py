@@ -13,18 +13,18 @@ from typing import Any
 import jax.numpy as jnp
 
 # Importing a norm's file registers its definition.
-from normjax._src import batch_norm  # pylint: disable=unused-import
-from normjax._src import bcn  # pylint: disable=unused-import
+from normjax._src import batch_norm  # noqa: F401  # pylint: disable=unused-import
+from normjax._src import bcn  # noqa: F401  # pylint: disable=unused-import
 from normjax._src import conditional_norm as cond_lib
 from normjax._src import definition as nd
-from normjax._src import derf  # pylint: disable=unused-import
-from normjax._src import dyt  # pylint: disable=unused-import
-from normjax._src import evonorm_b0  # pylint: disable=unused-import
-from normjax._src import group_norm  # pylint: disable=unused-import
-from normjax._src import layer_norm  # pylint: disable=unused-import
-from normjax._src import power_norm  # pylint: disable=unused-import
-from normjax._src import seednorm  # pylint: disable=unused-import
-from normjax._src import unified_norm  # pylint: disable=unused-import
+from normjax._src import derf  # noqa: F401  # pylint: disable=unused-import
+from normjax._src import dyt  # noqa: F401  # pylint: disable=unused-import
+from normjax._src import evonorm_b0  # noqa: F401  # pylint: disable=unused-import
+from normjax._src import group_norm  # noqa: F401  # pylint: disable=unused-import
+from normjax._src import layer_norm  # noqa: F401  # pylint: disable=unused-import
+from normjax._src import power_norm  # noqa: F401  # pylint: disable=unused-import
+from normjax._src import seednorm  # noqa: F401  # pylint: disable=unused-import
+from normjax._src import unified_norm  # noqa: F401  # pylint: disable=unused-import
 
 
 class _Functions(Mapping):

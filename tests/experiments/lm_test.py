@@ -179,7 +179,7 @@ def test_evaluation_does_not_see_future_tokens(kind):
   tokens = jnp.asarray(rng.integers(2, 20, size=(4, 10)), jnp.int32)
   variables = model.init(jax.random.key(0), tokens, train=False)
   # A few training steps move the running statistics away from their init.
-  for step in range(4):
+  for _ in range(4):
     batch = jnp.asarray(rng.integers(2, 20, size=(4, 10)), jnp.int32)
     _, updates = model.apply(variables, batch, train=True,
                              mutable=['batch_stats'])

@@ -141,7 +141,7 @@ def test_layer_norm_scaling_equals_pre_after_dividing_the_affine():
     for norm in ('attention_norm', 'ffn_norm'):
       decoder[f'layer_{i}'][norm] = jax.tree.map(
           lambda p, i=i: p / math.sqrt(i + 1), decoder[f'layer_{i}'][norm])
-  (a, ia), (b, ib) = lns(variables), pre(surgery)
+  (a, ia), (b, _) = lns(variables), pre(surgery)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   # Layer 1 (l = 1) is unscaled: equal to pre-norm with the same params.
   _, ic = pre(variables)
