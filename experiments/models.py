@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from experiments.data.vocab import BOS_ID, PAD_ID
+from experiments.data.vocab import BOS_ID, EOS_ID, PAD_ID  # noqa: F401  (models.EOS_ID)
 from normjax import linen as nnorm
 
 # Where the norms sit: the keys of TransformerConfig.norms (and of

@@ -230,8 +230,8 @@ def open_tfds_split(name: str, tfds_split: str, split: str,
         f'cfg.tfds_name={name!r}: tensorflow-datasets does not know it '
         f'(imported {module}); check the name or set cfg.tfds_module to '
         'the module that defines its builder.') from None
-  except (NotImplementedError, AssertionError, FileNotFoundError,
-          OSError) as e:
+  except (NotImplementedError, AssertionError, FileNotFoundError, OSError,
+          KeyError) as e:  # KeyError: a data_dir without the prepared splits
     raise FileNotFoundError(
         f'tfds dataset {name} split {tfds_split!r} is not prepared in '
         f'data_dir {shown_dir} ({type(e).__name__}); this machine cannot '

@@ -515,3 +515,16 @@ def test_multi30k_sentencepiece(tmp_path):
   batcher = TokenBatcher(data.train, max_tokens=4096, batch_multiple=8)
   batch = next(iter(batcher))
   assert batch['inputs'].shape[0] % 8 == 0
+
+
+def test_tfds_folder_without_prepared_splits_is_a_user_error(tmp_path):
+  """An empty version folder (a half-copied dataset) made tfds raise a raw
+  KeyError; it is now the 'not prepared' message with the fix."""
+  from experiments.data import sources  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = 'tensorflow_datasets.translate.wmt14'
+  importlib.import_module(module)  # registers the builder
+  (tmp_path / 'wmt14_translate' / 'de-en' / '1.0.0').mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match='not prepared in data_dir'):
+    sources.open_tfds_split('wmt14_translate/de-en', 'train', 'train',
+                            str(tmp_path), module)
