@@ -19,7 +19,6 @@ and the sweep exits with the signal's code (143 or 130).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -79,14 +78,26 @@ def check_commands(runs: list[grid.Run]) -> None:
         'sweep another --workdir, or remove those runs.')
 
 
-def _die_with_parent() -> None:
-  """In the child: a SIGTERM when the sweep dies, even by SIGKILL (Linux's
-  PR_SET_PDEATHSIG), so no run outlives it; elsewhere a no-op."""
-  try:
-    libc = ctypes.CDLL('libc.so.6', use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
+# Exec'd in front of a run's command: the run gets SIGTERM when the sweep
+# dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG, kept across exec), so no
+# run outlives it. Not a preexec_fn: that forks with Python's at-fork hooks,
+# which JAX answers with a warning in a multithreaded parent.
+_DEATHSIG = (
+    'import ctypes, os, signal, sys\n'
+    'try:\n'
+    "  ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
+    'except (OSError, AttributeError):\n'
+    '  pass\n'
+    'if os.getppid() == 1:\n'
+    '  sys.exit(143)  # the sweep died before the prctl\n'
+    'os.execv(sys.argv[1], sys.argv[1:])\n')
+
+
+def _spawn_command(run: grid.Run) -> list[str]:
+  command = run.command(sys.executable)
+  if sys.platform.startswith('linux'):
+    return [sys.executable, '-c', _DEATHSIG, *command]
+  return command
 
 
 @dataclasses.dataclass
@@ -135,8 +146,8 @@ class Runner:
     log.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")} {run.shell()}\n')
     log.flush()
     process = subprocess.Popen(  # pylint: disable=consider-using-with
-        run.command(sys.executable), stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+        _spawn_command(run), stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
         env=dict(os.environ, PYTHONUNBUFFERED='1'))
     started = time.time()
     rec = record(run)
