@@ -3,9 +3,11 @@ the report on synthetic runs, the runner's skip/resume/stop on a fake
 command, and a real smoke grid end to end."""
 
 import csv
+import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -356,8 +358,22 @@ def test_smoke_grid_end_to_end(tmp_path):
   with open(tmp_path / 'ptb_layernorm_smoke' / 'seed2' / 'sweep.json') as f:
     rec = json.load(f)
   assert rec['command'] in printed and len(rec['attempts']) == 1
-  assert curves.read(str(tmp_path / 'ptb_layernorm_smoke' / 'seed2'))[
-      'step'] == [3]
+  run = tmp_path / 'ptb_layernorm_smoke' / 'seed2'
+  assert curves.read(str(run))['step'] == [3]
+  # What every run records and prints (experiments.main_lib, train_lib).
+  log = (run / 'log.txt').read_text()
+  assert re.search(f'ptb_layernorm,smoke: workdir {run}; \\d+ cpu '
+                   r'device\(s\) on 1 process\(es\), mesh \(data ', log), log
+  assert 'parameters; from scratch to step 3' in log
+  assert 'step 1: compiled and ran in' in log
+  with open(run / 'config.json') as f:
+    config = json.load(f)
+  assert config['seed'] == 2 and config['train']['num_steps'] == 3
+  events, = glob.glob(str(run / 'tensorboard' / 'events.out.*'))
+  with open(events, 'rb') as f:
+    raw = f.read()
+  assert b'hparams' in raw and b'train.num_steps' in raw
+  assert b'config/text_summary' in raw
 
 
 def test_a_typo_in_the_grid_fails_before_anything_runs(tmp_path):
