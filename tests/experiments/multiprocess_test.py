@@ -37,8 +37,9 @@ def results(workdir):
 
 
 def step_lines(out):
+  """The logged steps' lines (not the first step's compile-time line)."""
   return [l for l in out.replace('\r', '\n').splitlines()
-          if re.match(r'step \d+: ', l)]
+          if re.match(r'step \d+: (?!compiled)', l)]
 
 
 @pytest.mark.slow  # two JAX processes: run by `pytest -m slow` (CI does)
