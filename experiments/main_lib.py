@@ -84,7 +84,7 @@ def run(experiment: str, config_flag: flags.FlagHolder,
         write_config(config, workdir)
         train(config, workdir)
     except BaseException:
-      if created and not has_checkpoint(workdir):
+      if created and jax.process_index() == 0 and not has_checkpoint(workdir):
         shutil.rmtree(workdir, ignore_errors=True)
       raise
 
