@@ -141,19 +141,20 @@ def test_boundary_values_accepted(kind, option, value):
 # 2. Non-finite inputs.
 
 
-KERNEL_KINDS = ('powernorm', 'unified')  # the norms with a fused CPU kernel
+# The norms with a fused CPU kernel (power_kernel, batch_kernel).
+KERNEL_KINDS = ('powernorm', 'unified', 'batchnorm', 'paper_batchnorm', 'pn_v')
 
 
 @pytest.fixture(params=['xla', 'kernel'])
 def path(request, monkeypatch):
-  """The jnp path, or the fused CPU kernels (PowerNorm, UN) on tiny x."""
+  """The jnp path, or the fused CPU kernels (`KERNEL_KINDS`) on tiny x."""
   if request.param == 'kernel':
     if request.node.callspec.params.get('kind') not in KERNEL_KINDS:
-      pytest.skip('only PowerNorm and UN have a fused CPU kernel')
+      pytest.skip('no fused CPU kernel for this norm')
     if not cpu_kernel.available():
       pytest.skip('no fused CPU kernel on this machine')
     monkeypatch.setattr(power_kernel, 'MIN_ELEMENTS',
-                        {'power_norm': 0, 'unified_norm': 0})
+                        dict.fromkeys(power_kernel.MIN_ELEMENTS, 0))
     yield request.param
   else:
     with cpu_kernel.use_cpu_kernel(False):

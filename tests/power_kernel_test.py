@@ -38,7 +38,17 @@ NORMS = {
                          c, 2, num_batch_groups=n),
                      dict(warmup_steps=2, window_size=2,
                           compensation_delay=2)),
+    'batch_norm': (nf.batch_norm,
+                   lambda c, n=1: nf.init_batch_norm_state(
+                       c, num_batch_groups=n), {}),
+    'paper_batch_norm': (nf.paper_batch_norm,
+                         lambda c, n=1: nf.init_paper_batch_norm_state(
+                             c, num_batch_groups=n), {}),
+    'pn_v': (nf.pn_v,
+             lambda c, n=1: nf.init_pn_v_state(c, num_batch_groups=n),
+             dict(num_groups=4)),
 }
+EXACT = ('batch_norm', 'paper_batch_norm', 'pn_v')  # autodiff's gradient
 OPTIONS = {
     'power_norm': {
         'official': {},
@@ -53,6 +63,12 @@ OPTIONS = {
         'filtration': dict(outlier_filtration=True),
         'no_params': dict(_params=False),
     },
+    'batch_norm': {'masked': {}, 'no_mask': dict(_mask=False),
+                   'no_params': dict(_params=False)},
+    'paper_batch_norm': {'masked': {}, 'no_mask': dict(_mask=False),
+                         'no_params': dict(_params=False)},
+    'pn_v': {'masked': {}, 'no_mask': dict(_mask=False),
+             'no_group_scaling': dict(use_group_scaling=False)},
 }
 
 
@@ -74,7 +90,7 @@ def steps(name, options, shape, kernel, num_steps=4, num_batch_groups=1):
   use_mask = options.pop('_mask', True)
   use_params = options.pop('_params', True)
   state = init(shape[-1], num_batch_groups)
-  fields = type(state).BACKWARD_FIELDS
+  fields = getattr(type(state), 'BACKWARD_FIELDS', ())
 
   def step(x, dy, mask, params, state):
     def loss(x, params, stats):
@@ -117,14 +133,16 @@ def test_kernels_are_what_run(name):
   x, dy, mask, params = data((4, 8, C))
   state = init(C)
 
-  def train_grad(x, p):  # dx and dparams only: statistics frozen on purpose
+  if name not in EXACT:  # dx and dparams only: statistics frozen on purpose
+    options = dict(options, freeze_backward_stats=True)
+
+  def train_grad(x, p):
     return jax.value_and_grad(lambda x, p: jnp.sum(
-        fn(x, p, state, mask=mask, freeze_backward_stats=True,
-           **options)[0] * dy), (0, 1))(x, p)
+        fn(x, p, state, mask=mask, **options)[0] * dy), (0, 1))(x, p)
   hlo = jax.jit(train_grad).lower(x, params).compile().as_text()
   assert 'normjax_power_stats' in hlo and 'normjax_power_apply' in hlo
   assert 'normjax_power_bwd' in hlo
-  if name == 'unified_norm':
+  if name in ('unified_norm',) + EXACT:  # two backward passes
     assert 'normjax_power_columns' in hlo
   with cpu_kernel.use_cpu_kernel(False):
     hlo = jax.jit(lambda *a: train_grad(*a)).lower(x, params).compile(
@@ -188,7 +206,7 @@ def test_row_sharded_step_matches_and_has_no_gather(name):
                        axis_types=(jax.sharding.AxisType.Auto,))
   x, dy, mask, params = data((8, 4, C))
   state = init(C)
-  fields = type(state).BACKWARD_FIELDS
+  fields = getattr(type(state), 'BACKWARD_FIELDS', ())
 
   def step(x, dy, mask, p):
     def loss(x, p, stats):

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax._src import common, rules
+from normjax._src import batch_kernel, common, rules
 from normjax._src import definition as nd
 from normjax._src.layer_norm import group_scale
 
@@ -63,12 +63,20 @@ DOC = """Masked BatchNorm (Ioffe & Szegedy, 2015, https://arxiv.org/abs/1502.031
 def _train(x, mask, state, params, options, axis_name):
   """One batch group's training step: batch statistics, EMA update."""
   dtype = common.stats_dtype(x)
-  xf = x.astype(dtype)
-  mu, var, update = common.batch_moments(xf, mask, axis_name, state.var,
-                                         state.mean)
-  z = (xf - common.feat(mu, xf.ndim)) * common.feat(
-      jax.lax.rsqrt(var + options['eps']), xf.ndim)
-  y = common.affine(z, params, dtype)
+
+  def xla(xf):
+    mu, var, update = common.batch_moments(xf, mask, axis_name, state.var,
+                                           state.mean)
+    z = (xf - common.feat(mu, xf.ndim)) * common.feat(
+        jax.lax.rsqrt(var + options['eps']), xf.ndim)
+    return common.affine(z, params, dtype), mu, var, update
+
+  opts = batch_kernel.BatchOptions(
+      eps=options['eps'], center=True, num_groups=0, group_scaling_eps=0.0,
+      per_row_keep=False, var_over_every_row=False)
+  y, mu, var, update = batch_kernel.train(
+      x.astype(dtype), mask, params, state.mean, state.var, opts,
+      'batch_norm', axis_name, xla)
   mu, var = jax.lax.stop_gradient((mu, var))
   m = options['momentum']
   new = BatchNormState(mean=m * state.mean + (1 - m) * mu,
@@ -190,8 +198,30 @@ def _layer_scaling_core(options) -> tuple[str, dict[str, Any]]:
 def _paper_train(x, mask, state, params, options, axis_name):
   """One batch group's training step of the official MaskSyncBatchNorm."""
   dtype = common.stats_dtype(x)
-  xf = x.astype(dtype)
+  opts = batch_kernel.BatchOptions(
+      eps=options['eps'], center=True, num_groups=1,
+      group_scaling_eps=options['layer_scaling_eps'],
+      per_row_keep=mask is not None, var_over_every_row=True)
+  y, mu, var, update = batch_kernel.train(
+      x.astype(dtype), mask, params, state.running_mean, state.running_var,
+      opts, 'paper_batch_norm', axis_name,
+      lambda xf: _paper_xla(xf, mask, state, params, options, axis_name))
   rows = jnp.asarray(x.size // x.shape[-1], dtype)
+  if axis_name is not None:
+    rows = jax.lax.psum(rows, axis_name)
+  mu, var = jax.lax.stop_gradient((mu, var))
+  unbiased = var * rows / jnp.maximum(rows - 1, 1)
+  m = options['momentum']
+  new = PaperBatchNormState(
+      running_mean=m * state.running_mean + (1 - m) * mu,
+      running_var=m * state.running_var + (1 - m) * unbiased)
+  return y, common.keep_if(update, new, state)
+
+
+def _paper_xla(xf, mask, state, params, options, axis_name):
+  """(y, mu, var, update) of the official MaskSyncBatchNorm, in jnp."""
+  dtype = xf.dtype
+  rows = jnp.asarray(xf.size // xf.shape[-1], dtype)
   if axis_name is not None:
     rows = jax.lax.psum(rows, axis_name)
   if mask is None:
@@ -217,14 +247,7 @@ def _paper_train(x, mask, state, params, options, axis_name):
   mu = jnp.where(has_data, mu, state.running_mean.astype(dtype))
   var = jnp.where(has_data, var, state.running_var.astype(dtype))
   z = deviation(mu) * common.feat(jax.lax.rsqrt(var + options['eps']), a.ndim)
-  y = common.affine(z, params, dtype)
-  mu, var = jax.lax.stop_gradient((mu, var))
-  unbiased = var * rows / jnp.maximum(rows - 1, 1)
-  m = options['momentum']
-  new = PaperBatchNormState(
-      running_mean=m * state.running_mean + (1 - m) * mu,
-      running_var=m * state.running_var + (1 - m) * unbiased)
-  return y, common.keep_if(update, new, state)
+  return common.affine(z, params, dtype), mu, var, update
 
 
 def _paper_eval_affine(params, state, options, xp):

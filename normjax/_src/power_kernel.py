@@ -50,23 +50,46 @@ def _sequential_vmap(f: Callable) -> Callable:
   return f
 
 
+def _shift(x, w, groups, gs_eps, axes):
+  """k [C]: a = x (GroupScaled with `groups`) at the first row with w > 0,
+  averaged over the shards of `axes` that have one (0 without any)."""
+  rows, real = x.reshape(-1, x.shape[-1]), w.reshape(-1) > 0
+  row = rows[jnp.argmax(real)]
+  if groups:
+    g = row.reshape(groups, -1)
+    row = (g * jax.lax.rsqrt(jnp.mean(g * g, -1, keepdims=True) + gs_eps)
+           ).reshape(-1)
+  has = jnp.any(real)
+  row = jnp.where(has, row, 0)
+  if axes:
+    row = jax.lax.psum(row, axes) / jnp.maximum(
+        jax.lax.psum(has.astype(x.dtype), axes), 1)
+  return jax.lax.stop_gradient(row)
+
+
 @functools.cache
-def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple
-        ) -> Callable:
+def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple,
+        centered: bool = False) -> Callable:
   """The FFI call `target` as a row-sharded, vmappable JAX function.
 
   Results take the shape of x ('x'), of rs ('r': x's rows and
-  `attrs['rs_width']` columns) or [C] ('s').
+  `attrs['rs_width']` columns) or [C] ('s'). `centered` (the statistics):
+  the FFI call gets one more operand, the shift `_shift(x, w)` of the whole
+  (sharded) batch, which is also returned last.
   """
   attrs = dict(attrs)
   rs_width = attrs.pop('rs_width', 1)
 
-  def call(*args):
+  def call_on(axes, *args):
     x = args[0]
     shapes = {'x': x.shape, 'r': x.shape[:-1] + (rs_width,),
               's': x.shape[-1:]}
     outs = tuple(jax.ShapeDtypeStruct(shapes[k], x.dtype)
                  for k in result_kinds)
+    if centered:
+      k = _shift(x, args[1], attrs['groups'], attrs['gs_eps'], axes)
+      return jax.ffi.ffi_call(target, outs, vmap_method='sequential')(
+          *args, k, **attrs) + (k,)
     return jax.ffi.ffi_call(target, outs, vmap_method='sequential')(
         *args, **attrs)
 
@@ -81,49 +104,81 @@ def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple
     axes = cpu_kernel._mesh_axes(cpu_kernel._row_spec(arg_shapes[0]))
 
     def lower(*args):
-      outs = call(*args)
+      outs = call_on(axes, *args)
       if axes:  # each shard summed its own rows
         outs = tuple(jax.lax.psum(o, axes) if k == 's' else o
-                     for o, k in zip(outs, result_kinds))
+                     for o, k in zip(outs, all_results))
       return outs
-    return (mesh, lower, shardings(mesh, arg_shapes, result_kinds),
+    return (mesh, lower, shardings(mesh, arg_shapes, all_results),
             shardings(mesh, arg_shapes, arg_kinds))
 
-  op = custom_partitioning(call)
+  all_results = result_kinds + ('c' if centered else '')
+  op = custom_partitioning(lambda *args: call_on((), *args))
   op.def_partition(
       partition=partition,
       infer_sharding_from_operands=lambda mesh, args, res: shardings(
-          mesh, args, result_kinds),
+          mesh, args, all_results),
       sharding_rule=(', '.join(_RULE[k] for k in arg_kinds) + ' -> '
-                     + ', '.join(_RULE[k] for k in result_kinds)))
+                     + ', '.join(_RULE[k] for k in all_results)))
   return _sequential_vmap(op)
 
 
 def stats(x, w, groups, gs_eps):
-  """(rs [..., max(G, 1)], sum_rows(w * x_s^2) [C])."""
-  return _op('normjax_power_stats', 'xw', 'rs',
+  """(rs [..., max(G, 1)], sum_rows(w a^2) [C]) with a = x * rs."""
+  zeros = jnp.zeros(x.shape[-1:], x.dtype)
+  return _op('normjax_power_stats', 'xwc', 'rss',
              (('groups', np.int64(groups)), ('gs_eps', np.float32(gs_eps)),
-              ('rs_width', max(groups, 1))))(x, w)
+              ('center', False), ('rs_width', max(groups, 1))))(
+                  x, w, zeros)[:2]
 
 
-def apply(x, rs, inv_d, scale, bias):
-  """y = x * rs * inv_d * scale + bias."""
-  return _op('normjax_power_apply', 'xrccc', 'x', ())(x, rs, inv_d, scale,
-                                                       bias)[0]
+def centered_stats(x, w, groups, gs_eps):
+  """(rs, sum_rows(w (a - k)^2), sum_rows(w (a - k)), k): the sums about a
+  shift k [C], a = x * rs at one real row (`_shift`), so that the variance
+  sq / n - (s1 / n)^2 keeps its precision when the mean is large."""
+  return _op('normjax_power_stats', 'xw', 'rss',
+             (('groups', np.int64(groups)), ('gs_eps', np.float32(gs_eps)),
+              ('center', True), ('rs_width', max(groups, 1))), True)(x, w)
 
 
-def backward(x, rs, inv_d, inv_bd, scale, corr, cw, dy, group_scaled):
-  """(dx, sum cw g_hat z, sum dy z, sum dy); see power_kernel.cc."""
-  return _op('normjax_power_bwd', 'xrccccwx', 'xsss',
-             (('group_scaled', bool(group_scaled)),))(
-                 x, rs, inv_d, inv_bd, scale, corr, cw, dy)
+def _column(v, x):
+  return jnp.zeros(x.shape[-1:], x.dtype) if v is None else v
 
 
-def columns(x, inv_d, scale, cw, dy):
-  """(sum cw dy scale z, sum dy z, sum dy) with z = x * inv_d."""
-  rs = jnp.ones(x.shape[:-1] + (1,), x.dtype)
-  return _op('normjax_power_columns', 'xrccwx', 'sss', ())(
-      x, rs, inv_d, scale, cw, dy)
+def _row(v, x):
+  return jnp.ones(x.shape[:-1], x.dtype) if v is None else v
+
+
+def _rs(rs, x):
+  return jnp.ones(x.shape[:-1] + (1,), x.dtype) if rs is None else rs
+
+
+def apply(x, rs, inv_d, scale, bias, mu=None, keep=None):
+  """y = keep * (x * rs - mu) * inv_d * scale + bias (rs None: 1; mu None:
+  0; keep [...] None: 1)."""
+  return _op('normjax_power_apply', 'xrcwccc', 'x', ())(
+      x, _rs(rs, x), _column(mu, x), _row(keep, x), inv_d, scale, bias)[0]
+
+
+def backward(x, rs, inv_d, inv_bd, scale, corr, cw, dy, group_scaled,
+             mu=None, keep=None, e=None):
+  """(dx, sum cw g_hat zh, sum dy z, sum dy, sum keep dy); see
+  power_kernel.cc (the last is 0 without a per-row `keep`)."""
+  return _op('normjax_power_bwd', 'xrcwcccccwx', 'xssss',
+             (('group_scaled', bool(group_scaled)),
+              ('per_row_keep', keep is not None)))(
+                  x, _rs(rs, x), _column(mu, x), _row(keep, x), inv_d,
+                  inv_bd, scale, _column(e, x), corr, cw, dy)
+
+
+def columns(x, inv_d, scale, cw, dy, rs=None, mu=None, keep=None):
+  """(sum cw dy scale zh, sum dy z, sum dy, sum keep dy) with
+  zh = (x * rs - mu) * inv_d and z = keep * zh (the last is 0 without a
+  per-row `keep`)."""
+  return _op('normjax_power_columns', 'xrcwccwx', 'ssss',
+             (('per_row_keep', keep is not None),))(
+                 x, _rs(rs, x), _column(mu, x), _row(keep, x), inv_d, scale,
+                 cw, dy)
 
 
 # The smallest x (elements) for which each norm takes the fused kernels.
@@ -132,7 +187,8 @@ def columns(x, inv_d, scale, cw, dy):
 # elements and 2.5x faster from 2^19; UN's, whose jnp path fuses well, is up
 # to 1.5x slower below 2^19, level there and faster at 2^22 (the README's
 # benchmark). Tests set these to 0 to exercise the kernels on small inputs.
-MIN_ELEMENTS = {'power_norm': 0, 'unified_norm': 1 << 19}
+MIN_ELEMENTS = {'power_norm': 0, 'unified_norm': 1 << 19, 'batch_norm': 0,
+                'paper_batch_norm': 0, 'pn_v': 0}
 
 
 def usable(x: Array, norm: str) -> bool:
@@ -188,8 +244,8 @@ def _pn_forward(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
 def _pn_backward(opts, res, cotangents):
   x, rs, inv_d, inv_bd, scale, corr, cw, has_data = res
   dy, _ = cotangents  # psi2 is a statistic: no gradient flows through it
-  dx, du, dscale, dbias = backward(x, rs, inv_d, inv_bd, scale, corr, cw,
-                                    dy, opts.num_groups > 0)
+  dx, du, dscale, dbias, _ = backward(x, rs, inv_d, inv_bd, scale, corr,
+                                       cw, dy, opts.num_groups > 0)
   du = jnp.where(has_data & jnp.all(jnp.isfinite(du)),
                  du / jnp.maximum(jnp.sum(cw), 1), 0)
   return (dx, dscale, dbias, None, None, jnp.zeros_like(corr), du, None)

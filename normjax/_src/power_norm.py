@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from normjax._src import common, power_kernel, rules
+from normjax._src import batch_kernel, common, power_kernel, rules
 from normjax._src import definition as nd
 from normjax._src.layer_norm import check_num_groups, group_scale
 
@@ -391,14 +391,27 @@ power_norm = POWER_NORM.function
 def _pn_v_train(x, mask, state, params, options, axis_name):
   """One batch group's PN-V training step."""
   dtype = common.stats_dtype(x)
-  xs = _prescale(x, dtype, options)
-  psi2, count = common.masked_row_mean(jnp.square(xs), mask, axis_name)
-  has_data = count > 0
-  update = has_data & common.all_finite(psi2)
-  psi2 = jnp.where(has_data, psi2, state.running_phi.astype(dtype))
-  y = common.affine(
-      xs * common.feat(jax.lax.rsqrt(psi2 + options['eps']), xs.ndim),
-      params, dtype)
+  phi_prev = state.running_phi.astype(dtype)
+
+  def xla(xf):
+    xs = _prescale(xf, dtype, options)
+    psi2, count = common.masked_row_mean(jnp.square(xs), mask, axis_name)
+    has_data = count > 0
+    update = has_data & common.all_finite(psi2)
+    psi2 = jnp.where(has_data, psi2, phi_prev)
+    y = common.affine(
+        xs * common.feat(jax.lax.rsqrt(psi2 + options['eps']), xs.ndim),
+        params, dtype)
+    return y, jnp.zeros_like(psi2), psi2, update
+
+  opts = batch_kernel.BatchOptions(
+      eps=options['eps'], center=False,
+      num_groups=options['num_groups'] if options['use_group_scaling'] else 0,
+      group_scaling_eps=options['group_scaling_eps'], per_row_keep=False,
+      var_over_every_row=False)
+  y, _, psi2, update = batch_kernel.train(
+      x.astype(dtype), mask, params, jnp.zeros_like(phi_prev), phi_prev,
+      opts, 'pn_v', axis_name, xla)
   m = options['momentum']
   phi = m * state.running_phi + (1 - m) * jax.lax.stop_gradient(psi2)
   return y, common.keep_if(update, PNVState(running_phi=phi), state)

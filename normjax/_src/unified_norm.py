@@ -193,21 +193,19 @@ def _un_fused(x, scale, bias, var, r, skip, step, cw, has_data, ema_gz,
 def _un_fused_fwd(x, scale, bias, var, r, skip, step, cw, has_data, ema_gz,
                   bwd_window, momentum, warmup_steps):
   inv = jax.lax.rsqrt(var)
-  y = power_kernel.apply(x, jnp.ones(x.shape[:-1] + (1,), x.dtype), inv,
-                         scale, bias)
+  y = power_kernel.apply(x, None, inv, scale, bias)
   return y, (x, scale, inv, r, skip, step, cw, has_data, ema_gz, bwd_window)
 
 
 def _un_fused_bwd(momentum, warmup_steps, res, dy):
   x, scale, inv, r, skip, t, cw, has_data, nu_prev, window_prev = res
   g_scale = r * scale
-  q, dscale, dbias = power_kernel.columns(x, inv, g_scale, cw, dy)
+  q, dscale, dbias, _ = power_kernel.columns(x, inv, g_scale, cw, dy)
   q = q / jnp.maximum(jnp.sum(cw), 1)
   coef, nu, window = _gradient_statistics(q, t, skip, nu_prev, window_prev,
                                           momentum, warmup_steps)
-  dx, _, _, _ = power_kernel.backward(
-      x, jnp.ones(x.shape[:-1] + (1,), x.dtype), inv, inv, g_scale, coef, cw,
-      dy, False)
+  dx = power_kernel.backward(x, None, inv, inv, g_scale, coef, cw, dy,
+                             False)[0]
   d_nu, d_window = _updates(has_data, q, nu, nu_prev, window, window_prev)
   return (dx, r * dscale, dbias, None, None, None, None, None, None, d_nu,
           d_window)
