@@ -100,7 +100,7 @@ def _backward(opts, res, cotangents):
   keep_rows = keep if opts.per_row_keep else None
   mu_k = mu if opts.center else None
   _, dscale, dbias, dkeep = power_kernel.columns(
-      x, inv, scale, w, dy, rs=rs, mu=mu_k, keep=keep_rows)
+      x, inv, scale, w, dy, rs=rs, mu=mu_k, keep=keep_rows, with_du=False)
   has_data = count > 0
   a1 = scale * (dkeep if opts.per_row_keep else dbias)
   e = (jnp.where(has_data, a1 / jnp.maximum(count, 1), 0) if opts.center
@@ -108,7 +108,7 @@ def _backward(opts, res, cotangents):
   corr = jnp.where(has_data, scale * dscale / jnp.maximum(n_var, 1), 0)
   dx = power_kernel.backward(x, rs, inv, inv, scale, corr, w, dy,
                              opts.num_groups > 0, mu=mu_k, keep=keep_rows,
-                             e=e)[0]
+                             e=e, sums=False)[0]
   return dx, dscale, dbias, None, None, None, None
 
 

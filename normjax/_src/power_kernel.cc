@@ -192,34 +192,44 @@ struct Columns {
   const float* corr;
 };
 
-// PowerBackward (kDx) or PowerColumns (no correction, no dx); kKeep: keep
-// varies per row (else it is 1 and not read) and dk is summed. The options
-// are template parameters so that each inner loop is branch-free.
-template <bool kDx, bool kGroupScaled, bool kKeep>
+// What a backward pass does, as bits of a template parameter so that each
+// inner loop is branch-free: kDx writes dx (with the correction), kSums
+// accumulates dscale, dbias (and dk with kKeep), kDu also du; kGroupScaled
+// applies GroupScaling's VJP; kKeep reads a per-row keep (else 1); kCenter
+// reads mu and e (else 0).
+enum Flag { kDx = 1, kSums = 2, kDu = 4, kGroupScaled = 8, kKeep = 16,
+            kCenter = 32 };
+
+template <int F>
 void BackwardImpl(const float* __restrict xp, const float* __restrict rp,
                   int64_t ng, const float* __restrict kp, Columns col,
                   const float* __restrict cwp, const float* __restrict gp,
                   int64_t n, int64_t c, float* __restrict dxp,
                   float* const* sums) {
+  constexpr bool dx_ = F & kDx, sums_ = F & kSums, du_ = F & kDu;
+  constexpr bool gs_ = F & kGroupScaled, keep_ = F & kKeep;
+  constexpr bool center_ = F & kCenter;
   const int64_t cg = c / ng;
   const int threads = NumThreads(n * c);
-  const int k_count = kKeep ? 4 : 3;
+  const int k_count = 4;
   std::vector<float> partial(
-      static_cast<size_t>(k_count * threads * Stride(c)), 0.0f);
+      sums_ ? static_cast<size_t>(k_count * threads * Stride(c)) : 0, 0.0f);
   float* part = partial.data();
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
-    float* __restrict du = part + k_count * t * Stride(c);
-    float* __restrict ds = du + Stride(c);
-    float* __restrict db = ds + Stride(c);
-    float* __restrict dk = db + Stride(c);
+    float* __restrict du = sums_ ? part + k_count * t * Stride(c) : nullptr;
+    float* __restrict ds = sums_ ? du + Stride(c) : nullptr;
+    float* __restrict db = sums_ ? ds + Stride(c) : nullptr;
+    float* __restrict dk = sums_ ? db + Stride(c) : nullptr;
+    std::vector<float> row_buffer(gs_ && dx_ ? cg : 0);
+    float* __restrict da = row_buffer.data();  // g_hat * inv_bd of a group
     for (int64_t i = lo; i < hi; ++i) {
       const float* __restrict xr = xp + i * c;
       const float* __restrict gr = gp + i * c;
       const float cw = cwp[i];
-      const float ki = kKeep ? kp[i] : 1.0f;
-      if (kKeep && ki == 0.0f) {  // a dropped row: only dbias sees it
-        for (int64_t j = 0; j < c; ++j) db[j] += gr[j];
-        if (kDx) std::fill(dxp + i * c, dxp + (i + 1) * c, 0.0f);
+      const float ki = keep_ ? kp[i] : 1.0f;
+      if (keep_ && ki == 0.0f) {  // a dropped row: only dbias sees it
+        if (sums_) for (int64_t j = 0; j < c; ++j) db[j] += gr[j];
+        if (dx_) std::fill(dxp + i * c, dxp + (i + 1) * c, 0.0f);
         continue;
       }
       for (int64_t g = 0; g < ng; ++g) {
@@ -230,58 +240,83 @@ void BackwardImpl(const float* __restrict xp, const float* __restrict rp,
         const float* __restrict mg = col.mu + o;
         const float* __restrict dg = col.inv_d + o;
         const float* __restrict sg = col.scale + o;
-        const float* __restrict eg = kDx ? col.e + o : nullptr;
-        const float* __restrict cg_ = kDx ? col.corr + o : nullptr;
-        const float* __restrict bg = kDx ? col.inv_bd + o : nullptr;
-        float* __restrict ug = du + o;
-        float* __restrict vg = ds + o;
-        float* __restrict wg = db + o;
-        float* __restrict kg = dk + o;
-        float a = 0.0f;  // sum over the group of da * a
+        const float* __restrict eg = col.e + o;
+        const float* __restrict cg_ = col.corr + o;
+        const float* __restrict bg = col.inv_bd + o;
+        float* __restrict dr = dx_ ? dxp + i * c + o : nullptr;
+        float a = 0.0f;  // sum over the group of da * (x rs)
 #pragma omp simd reduction(+ : a)
         for (int64_t j = 0; j < cg; ++j) {
           const float xs = xg[j] * r;
-          const float zh = (xs - mg[j]) * dg[j];
+          const float zh = center_ ? (xs - mg[j]) * dg[j] : xs * dg[j];
           const float gy = gg[j];
-          const float gk = kKeep ? ki * gy : gy;
-          const float gh = kDx ? gk * sg[j] - cw * (eg[j] + cg_[j] * zh)
-                               : gk * sg[j];
-          ug[j] += cw != 0.0f ? cw * gh * zh : 0.0f;  // pads: NaN-proof
-          vg[j] += gk * zh;
-          wg[j] += gy;
-          if (kKeep) kg[j] += gk;
-          if (kDx && kGroupScaled) a += gh * bg[j] * xs;
+          const float gk = keep_ ? ki * gy : gy;
+          const float off =
+              dx_ ? (center_ ? eg[j] + cg_[j] * zh : cg_[j] * zh) : 0.0f;
+          const float gh = dx_ ? gk * sg[j] - cw * off : gk * sg[j];
+          if (du_) du[o + j] += cw != 0.0f ? cw * gh * zh : 0.0f;  // NaN pads
+          if (sums_) {
+            ds[o + j] += gk * zh;
+            db[o + j] += gy;
+            if (keep_) dk[o + j] += gk;
+          }
+          if (dx_ && gs_) {
+            da[j] = gh * bg[j];
+            a += da[j] * xs;
+          } else if (dx_) {
+            dr[j] = gh * bg[j];
+          }
         }
-        if (!kDx) continue;
-        // da = g_hat * inv_bd, then GroupScaling's VJP; the row is in L1.
-        float* __restrict dr = dxp + i * c + o;
-        const float m = kGroupScaled ? a / static_cast<float>(cg) : 0.0f;
-        const float rr = kGroupScaled ? r : 1.0f;
+        if (!(dx_ && gs_)) continue;
+        // GroupScaling's VJP: dx = rs (da - (x rs) mean_g(da x rs)).
+        const float m = a / static_cast<float>(cg);
 #pragma omp simd
-        for (int64_t j = 0; j < cg; ++j) {
-          const float xs = xg[j] * r;
-          const float zh = (xs - mg[j]) * dg[j];
-          const float gk = kKeep ? ki * gg[j] : gg[j];
-          const float gh = gk * sg[j] - cw * (eg[j] + cg_[j] * zh);
-          dr[j] = rr * (gh * bg[j] - xs * m);
-        }
+        for (int64_t j = 0; j < cg; ++j) dr[j] = r * (da[j] - xg[j] * r * m);
       }
     }
   });
-  SumPartials(partial, threads, k_count, c, sums);
+  if (sums_) SumPartials(partial, threads, k_count, c, sums);
 }
 
-template <bool kDx>
-void Dispatch(bool group_scaled, bool per_row_keep, const float* xp,
-              const float* rp, int64_t ng, const float* kp, Columns col,
-              const float* cwp, const float* gp, int64_t n, int64_t c,
-              float* dxp, float* const* sums) {
-  auto impl = group_scaled
-      ? (per_row_keep ? BackwardImpl<kDx, true, true>
-                      : BackwardImpl<kDx, true, false>)
-      : (per_row_keep ? BackwardImpl<kDx, false, true>
-                      : BackwardImpl<kDx, false, false>);
-  impl(xp, rp, ng, kp, col, cwp, gp, n, c, dxp, sums);
+// The combinations the callers use (others are not compiled): a pass does
+// something, du is one of the sums, GroupScaling's VJP is part of dx, and
+// a per-row keep comes with a centre (the paper's BN).
+constexpr bool Valid(int f) {
+  return (f & (kDx | kSums)) && (!(f & kDu) || (f & kSums)) &&
+         (!(f & kGroupScaled) || (f & kDx)) && (!(f & kKeep) || (f & kCenter));
+}
+
+// Runs BackwardImpl<flags>: the runtime flags mapped onto the instantiation;
+// false for a combination that is not compiled.
+template <int F = 0>
+bool DispatchFlags(int flags, const float* xp, const float* rp, int64_t ng,
+                   const float* kp, Columns col, const float* cwp,
+                   const float* gp, int64_t n, int64_t c, float* dxp,
+                   float* const* sums) {
+  if constexpr (F < 64) {
+    if constexpr (Valid(F)) {
+      if (flags == F) {
+        BackwardImpl<F>(xp, rp, ng, kp, col, cwp, gp, n, c, dxp, sums);
+        return true;
+      }
+    }
+    return DispatchFlags<F + 1>(flags, xp, rp, ng, kp, col, cwp, gp, n, c,
+                                dxp, sums);
+  }
+  return false;
+}
+
+ffi::Error Unsupported() {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "normjax: this combination of backward options is not "
+                    "compiled (power_kernel.cc, Valid)");
+}
+
+int Flags(bool dx, bool sums, bool du, bool group_scaled, bool keep,
+          bool center) {
+  return (dx ? kDx : 0) | (sums ? kSums : 0) | (du ? kDu | kSums : 0) |
+         (group_scaled ? kGroupScaled : 0) | (keep ? kKeep : 0) |
+         (center ? kCenter : 0);
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
@@ -294,19 +329,20 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
                     ffi::ResultBuffer<ffi::F32> dscale,
                     ffi::ResultBuffer<ffi::F32> dbias,
                     ffi::ResultBuffer<ffi::F32> dkeep, bool group_scaled,
-                    bool per_row_keep) {
+                    bool per_row_keep, bool center, bool sums) {
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   Columns col{mu.typed_data(),    inv_d.typed_data(), inv_bd.typed_data(),
               scale.typed_data(), e.typed_data(),     corr.typed_data()};
-  float* sums[4] = {du->typed_data(), dscale->typed_data(),
-                    dbias->typed_data(), dkeep->typed_data()};
-  if (!per_row_keep) std::fill(sums[3], sums[3] + c, 0.0f);
-  Dispatch<true>(group_scaled, per_row_keep, x.typed_data(), rs.typed_data(),
-                 LastDim(rs.dimensions()), keep.typed_data(), col,
-                 cw.typed_data(), dy.typed_data(), n, c, dx->typed_data(),
-                 sums);
-  return ffi::Error::Success();
+  float* out[4] = {du->typed_data(), dscale->typed_data(),
+                   dbias->typed_data(), dkeep->typed_data()};
+  for (int k = 0; k < 4; ++k) std::fill(out[k], out[k] + c, 0.0f);
+  const bool done = DispatchFlags(
+      Flags(true, sums, sums, group_scaled, per_row_keep, center),
+      x.typed_data(), rs.typed_data(), LastDim(rs.dimensions()),
+      keep.typed_data(), col, cw.typed_data(), dy.typed_data(), n, c,
+      dx->typed_data(), out);
+  return done ? ffi::Error::Success() : Unsupported();
 }
 
 ffi::Error ColumnSums(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
@@ -316,18 +352,21 @@ ffi::Error ColumnSums(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
                       ffi::ResultBuffer<ffi::F32> du,
                       ffi::ResultBuffer<ffi::F32> dscale,
                       ffi::ResultBuffer<ffi::F32> dbias,
-                      ffi::ResultBuffer<ffi::F32> dkeep, bool per_row_keep) {
+                      ffi::ResultBuffer<ffi::F32> dkeep, bool per_row_keep,
+                      bool center, bool with_du) {
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   Columns col{mu.typed_data(), inv_d.typed_data(), nullptr,
               scale.typed_data(), nullptr, nullptr};
-  float* sums[4] = {du->typed_data(), dscale->typed_data(),
-                    dbias->typed_data(), dkeep->typed_data()};
-  if (!per_row_keep) std::fill(sums[3], sums[3] + c, 0.0f);
-  Dispatch<false>(false, per_row_keep, x.typed_data(), rs.typed_data(),
-                  LastDim(rs.dimensions()), keep.typed_data(), col,
-                  cw.typed_data(), dy.typed_data(), n, c, nullptr, sums);
-  return ffi::Error::Success();
+  float* out[4] = {du->typed_data(), dscale->typed_data(),
+                   dbias->typed_data(), dkeep->typed_data()};
+  for (int k = 0; k < 4; ++k) std::fill(out[k], out[k] + c, 0.0f);
+  const bool done = DispatchFlags(
+      Flags(false, true, with_du, false, per_row_keep, center),
+      x.typed_data(), rs.typed_data(), LastDim(rs.dimensions()),
+      keep.typed_data(), col, cw.typed_data(), dy.typed_data(), n, c,
+      nullptr, out);
+  return done ? ffi::Error::Success() : Unsupported();
 }
 
 }  // namespace
@@ -374,7 +413,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dbias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dkeep
                                   .Attr<bool>("group_scaled")
-                                  .Attr<bool>("per_row_keep"));
+                                  .Attr<bool>("per_row_keep")
+                                  .Attr<bool>("center")
+                                  .Attr<bool>("sums"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerColumns, ColumnSums,
                               ffi::Ffi::Bind()
@@ -390,4 +431,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerColumns, ColumnSums,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dbias
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dkeep
-                                  .Attr<bool>("per_row_keep"));
+                                  .Attr<bool>("per_row_keep")
+                                  .Attr<bool>("center")
+                                  .Attr<bool>("with_du"));

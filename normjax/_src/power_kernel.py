@@ -161,22 +161,26 @@ def apply(x, rs, inv_d, scale, bias, mu=None, keep=None):
 
 
 def backward(x, rs, inv_d, inv_bd, scale, corr, cw, dy, group_scaled,
-             mu=None, keep=None, e=None):
+             mu=None, keep=None, e=None, sums=True):
   """(dx, sum cw g_hat zh, sum dy z, sum dy, sum keep dy); see
-  power_kernel.cc (the last is 0 without a per-row `keep`)."""
+  power_kernel.cc (the last is 0 without a per-row `keep`; all four are 0
+  without `sums`, a pass that only needs dx)."""
   return _op('normjax_power_bwd', 'xrcwcccccwx', 'xssss',
              (('group_scaled', bool(group_scaled)),
-              ('per_row_keep', keep is not None)))(
+              ('per_row_keep', keep is not None), ('center', mu is not None),
+              ('sums', bool(sums))))(
                   x, _rs(rs, x), _column(mu, x), _row(keep, x), inv_d,
                   inv_bd, scale, _column(e, x), corr, cw, dy)
 
 
-def columns(x, inv_d, scale, cw, dy, rs=None, mu=None, keep=None):
+def columns(x, inv_d, scale, cw, dy, rs=None, mu=None, keep=None,
+            with_du=True):
   """(sum cw dy scale zh, sum dy z, sum dy, sum keep dy) with
   zh = (x * rs - mu) * inv_d and z = keep * zh (the last is 0 without a
-  per-row `keep`)."""
+  per-row `keep`, the first without `with_du`)."""
   return _op('normjax_power_columns', 'xrcwccwx', 'ssss',
-             (('per_row_keep', keep is not None),))(
+             (('per_row_keep', keep is not None), ('center', mu is not None),
+              ('with_du', bool(with_du))))(
                  x, _rs(rs, x), _column(mu, x), _row(keep, x), inv_d, scale,
                  cw, dy)
 

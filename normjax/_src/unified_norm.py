@@ -205,7 +205,7 @@ def _un_fused_bwd(momentum, warmup_steps, res, dy):
   coef, nu, window = _gradient_statistics(q, t, skip, nu_prev, window_prev,
                                           momentum, warmup_steps)
   dx = power_kernel.backward(x, None, inv, inv, g_scale, coef, cw, dy,
-                             False)[0]
+                             False, sums=False)[0]
   d_nu, d_window = _updates(has_data, q, nu, nu_prev, window, window_prev)
   return (dx, r * dscale, dbias, None, None, None, None, None, None, d_nu,
           d_window)
