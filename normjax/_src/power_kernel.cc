@@ -200,80 +200,156 @@ struct Columns {
 enum Flag { kDx = 1, kSums = 2, kDu = 4, kGroupScaled = 8, kKeep = 16,
             kCenter = 32 };
 
-template <int F>
-void BackwardImpl(const float* __restrict xp, const float* __restrict rp,
-                  int64_t ng, const float* __restrict kp, Columns col,
-                  const float* __restrict cwp, const float* __restrict gp,
-                  int64_t n, int64_t c, float* __restrict dxp,
-                  float* const* sums) {
+// Block rows: the column sums are accumulated over kBlock rows at a time,
+// so that each column operand and partial sum is loaded and stored once per
+// block rather than once per row (the passes are compute-bound otherwise).
+constexpr int kBlock = 4;
+
+// The pointers one backward pass works with, for one thread.
+struct BackwardArgs {
+  const float* x;
+  const float* rs;
+  int64_t ng;
+  const float* keep;
+  Columns col;
+  const float* cw;
+  const float* dy;
+  int64_t c;
+  float* dx;
+  float* du;  // this thread's partial sums
+  float* ds;
+  float* db;
+  float* dk;
+  float* da;  // [kBlock, c / ng]: g_hat * inv_bd of a block's group
+};
+
+// Group g of the R rows from i0 (none dropped).
+template <int F, int R>
+inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
+  static_assert(R == 1 || R == kBlock);
   constexpr bool dx_ = F & kDx, sums_ = F & kSums, du_ = F & kDu;
   constexpr bool gs_ = F & kGroupScaled, keep_ = F & kKeep;
   constexpr bool center_ = F & kCenter;
-  const int64_t cg = c / ng;
+  const int64_t cg = p.c / p.ng, o = g * cg;
+  const int64_t c = p.c;
+  float r[R], cw[R], ki[R];
+  for (int q = 0; q < R; ++q) {
+    const int64_t i = i0 + q;
+    r[q] = p.rs[i * p.ng + g];
+    cw[q] = p.cw[i];
+    ki[q] = keep_ ? p.keep[i] : 1.0f;
+  }
+  // Row q of the block at x[q * c + j] (and dy, dx alike).
+  const float* __restrict x = p.x + i0 * c + o;
+  const float* __restrict dy = p.dy + i0 * c + o;
+  float* __restrict dx = dx_ ? p.dx + i0 * c + o : nullptr;
+  const float* __restrict mg = p.col.mu + o;
+  const float* __restrict dg = p.col.inv_d + o;
+  const float* __restrict sg = p.col.scale + o;
+  const float* __restrict eg = p.col.e + o;
+  const float* __restrict cg_ = p.col.corr + o;
+  const float* __restrict bg = p.col.inv_bd + o;
+  float* __restrict da = p.da;
+  float* __restrict du = p.du + o;
+  float* __restrict ds = p.ds + o;
+  float* __restrict db = p.db + o;
+  float* __restrict dk = p.dk + o;
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // sum_j da x rs per row
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t j = 0; j < cg; ++j) {
+    const float mu = center_ ? mg[j] : 0.0f;
+    float su = 0.0f, ss = 0.0f, sb = 0.0f, sk = 0.0f;
+    // Row q of the block; inlined, so that the j loop vectorises.
+    auto row = [&](int q, float& aq) __attribute__((always_inline)) {
+      const float xs = x[q * c + j] * r[q];
+      const float zh = center_ ? (xs - mu) * dg[j] : xs * dg[j];
+      const float gy = dy[q * c + j];
+      const float gk = keep_ ? ki[q] * gy : gy;
+      const float off =
+          dx_ ? (center_ ? eg[j] + cg_[j] * zh : cg_[j] * zh) : 0.0f;
+      const float gh = dx_ ? gk * sg[j] - cw[q] * off : gk * sg[j];
+      if (du_) su += cw[q] != 0.0f ? cw[q] * gh * zh : 0.0f;  // NaN pads
+      ss += gk * zh;
+      sb += gy;
+      sk += gk;
+      if (dx_ && gs_) {
+        const float d = gh * bg[j];
+        da[q * cg + j] = d;
+        aq += d * xs;
+      } else if (dx_) {
+        dx[q * c + j] = gh * bg[j];
+      }
+    };
+    row(0, a0);
+    if constexpr (R == 4) {
+      row(1, a1);
+      row(2, a2);
+      row(3, a3);
+    }
+    if (du_) du[j] += su;
+    if (sums_) {
+      ds[j] += ss;
+      db[j] += sb;
+      if (keep_) dk[j] += sk;
+    }
+  }
+  const float a[4] = {a0, a1, a2, a3};
+  if (!(dx_ && gs_)) return;
+  // GroupScaling's VJP: dx = rs (da - (x rs) mean_g(da x rs)).
+  for (int q = 0; q < R; ++q) {
+    const float m = a[q] / static_cast<float>(cg), rq = r[q];
+    const float* __restrict xq = x + q * c;
+    const float* __restrict dq = da + q * cg;
+    float* __restrict out = dx + q * c;
+#pragma omp simd
+    for (int64_t j = 0; j < cg; ++j) out[j] = rq * (dq[j] - xq[j] * rq * m);
+  }
+}
+
+// Row i alone: a dropped row (keep 0) adds to dbias only and gets dx = 0.
+template <int F>
+void BackwardRow(const BackwardArgs& p, int64_t i) {
+  if ((F & kKeep) && p.keep[i] == 0.0f) {
+    const float* gr = p.dy + i * p.c;
+    if (F & kSums) for (int64_t j = 0; j < p.c; ++j) p.db[j] += gr[j];
+    if (F & kDx) std::fill(p.dx + i * p.c, p.dx + (i + 1) * p.c, 0.0f);
+    return;
+  }
+  for (int64_t g = 0; g < p.ng; ++g) BackwardRows<F, 1>(p, i, g);
+}
+
+template <int F>
+void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
+  constexpr bool sums_ = F & kSums;
+  const int64_t c = args.c;
   const int threads = NumThreads(n * c);
   const int k_count = 4;
   std::vector<float> partial(
       sums_ ? static_cast<size_t>(k_count * threads * Stride(c)) : 0, 0.0f);
   float* part = partial.data();
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
-    float* __restrict du = sums_ ? part + k_count * t * Stride(c) : nullptr;
-    float* __restrict ds = sums_ ? du + Stride(c) : nullptr;
-    float* __restrict db = sums_ ? ds + Stride(c) : nullptr;
-    float* __restrict dk = sums_ ? db + Stride(c) : nullptr;
-    std::vector<float> row_buffer(gs_ && dx_ ? cg : 0);
-    float* __restrict da = row_buffer.data();  // g_hat * inv_bd of a group
-    for (int64_t i = lo; i < hi; ++i) {
-      const float* __restrict xr = xp + i * c;
-      const float* __restrict gr = gp + i * c;
-      const float cw = cwp[i];
-      const float ki = keep_ ? kp[i] : 1.0f;
-      if (keep_ && ki == 0.0f) {  // a dropped row: only dbias sees it
-        if (sums_) for (int64_t j = 0; j < c; ++j) db[j] += gr[j];
-        if (dx_) std::fill(dxp + i * c, dxp + (i + 1) * c, 0.0f);
+    BackwardArgs p = args;
+    if (sums_) {
+      p.du = part + k_count * t * Stride(c);
+      p.ds = p.du + Stride(c);
+      p.db = p.ds + Stride(c);
+      p.dk = p.db + Stride(c);
+    }
+    std::vector<float> buffer(kBlock * (c / p.ng));
+    p.da = buffer.data();
+    int64_t i = lo;
+    for (; i + kBlock <= hi; i += kBlock) {
+      bool whole = true;
+      if (F & kKeep) {
+        for (int q = 0; q < kBlock; ++q) whole &= p.keep[i + q] != 0.0f;
+      }
+      if (!whole) {
+        for (int q = 0; q < kBlock; ++q) BackwardRow<F>(p, i + q);
         continue;
       }
-      for (int64_t g = 0; g < ng; ++g) {
-        const float r = rp[i * ng + g];
-        const int64_t o = g * cg;  // this group's slice of the row
-        const float* __restrict xg = xr + o;
-        const float* __restrict gg = gr + o;
-        const float* __restrict mg = col.mu + o;
-        const float* __restrict dg = col.inv_d + o;
-        const float* __restrict sg = col.scale + o;
-        const float* __restrict eg = col.e + o;
-        const float* __restrict cg_ = col.corr + o;
-        const float* __restrict bg = col.inv_bd + o;
-        float* __restrict dr = dx_ ? dxp + i * c + o : nullptr;
-        float a = 0.0f;  // sum over the group of da * (x rs)
-#pragma omp simd reduction(+ : a)
-        for (int64_t j = 0; j < cg; ++j) {
-          const float xs = xg[j] * r;
-          const float zh = center_ ? (xs - mg[j]) * dg[j] : xs * dg[j];
-          const float gy = gg[j];
-          const float gk = keep_ ? ki * gy : gy;
-          const float off =
-              dx_ ? (center_ ? eg[j] + cg_[j] * zh : cg_[j] * zh) : 0.0f;
-          const float gh = dx_ ? gk * sg[j] - cw * off : gk * sg[j];
-          if (du_) du[o + j] += cw != 0.0f ? cw * gh * zh : 0.0f;  // NaN pads
-          if (sums_) {
-            ds[o + j] += gk * zh;
-            db[o + j] += gy;
-            if (keep_) dk[o + j] += gk;
-          }
-          if (dx_ && gs_) {
-            da[j] = gh * bg[j];
-            a += da[j] * xs;
-          } else if (dx_) {
-            dr[j] = gh * bg[j];
-          }
-        }
-        if (!(dx_ && gs_)) continue;
-        // GroupScaling's VJP: dx = rs (da - (x rs) mean_g(da x rs)).
-        const float m = a / static_cast<float>(cg);
-#pragma omp simd
-        for (int64_t j = 0; j < cg; ++j) dr[j] = r * (da[j] - xg[j] * r * m);
-      }
+      for (int64_t g = 0; g < p.ng; ++g) BackwardRows<F, kBlock>(p, i, g);
     }
+    for (; i < hi; ++i) BackwardRow<F>(p, i);
   });
   if (sums_) SumPartials(partial, threads, k_count, c, sums);
 }
@@ -289,19 +365,16 @@ constexpr bool Valid(int f) {
 // Runs BackwardImpl<flags>: the runtime flags mapped onto the instantiation;
 // false for a combination that is not compiled.
 template <int F = 0>
-bool DispatchFlags(int flags, const float* xp, const float* rp, int64_t ng,
-                   const float* kp, Columns col, const float* cwp,
-                   const float* gp, int64_t n, int64_t c, float* dxp,
+bool DispatchFlags(int flags, const BackwardArgs& args, int64_t n,
                    float* const* sums) {
   if constexpr (F < 64) {
     if constexpr (Valid(F)) {
       if (flags == F) {
-        BackwardImpl<F>(xp, rp, ng, kp, col, cwp, gp, n, c, dxp, sums);
+        BackwardImpl<F>(args, n, sums);
         return true;
       }
     }
-    return DispatchFlags<F + 1>(flags, xp, rp, ng, kp, col, cwp, gp, n, c,
-                                dxp, sums);
+    return DispatchFlags<F + 1>(flags, args, n, sums);
   }
   return false;
 }
@@ -337,11 +410,12 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
   float* out[4] = {du->typed_data(), dscale->typed_data(),
                    dbias->typed_data(), dkeep->typed_data()};
   for (int k = 0; k < 4; ++k) std::fill(out[k], out[k] + c, 0.0f);
+  BackwardArgs args{x.typed_data(), rs.typed_data(), LastDim(rs.dimensions()),
+                    keep.typed_data(), col, cw.typed_data(), dy.typed_data(),
+                    c, dx->typed_data()};
   const bool done = DispatchFlags(
-      Flags(true, sums, sums, group_scaled, per_row_keep, center),
-      x.typed_data(), rs.typed_data(), LastDim(rs.dimensions()),
-      keep.typed_data(), col, cw.typed_data(), dy.typed_data(), n, c,
-      dx->typed_data(), out);
+      Flags(true, sums, sums, group_scaled, per_row_keep, center), args, n,
+      out);
   return done ? ffi::Error::Success() : Unsupported();
 }
 
@@ -361,11 +435,11 @@ ffi::Error ColumnSums(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
   float* out[4] = {du->typed_data(), dscale->typed_data(),
                    dbias->typed_data(), dkeep->typed_data()};
   for (int k = 0; k < 4; ++k) std::fill(out[k], out[k] + c, 0.0f);
+  BackwardArgs args{x.typed_data(), rs.typed_data(), LastDim(rs.dimensions()),
+                    keep.typed_data(), col, cw.typed_data(), dy.typed_data(),
+                    c, nullptr};
   const bool done = DispatchFlags(
-      Flags(false, true, with_du, false, per_row_keep, center),
-      x.typed_data(), rs.typed_data(), LastDim(rs.dimensions()),
-      keep.typed_data(), col, cw.typed_data(), dy.typed_data(), n, c,
-      nullptr, out);
+      Flags(false, true, with_du, false, per_row_keep, center), args, n, out);
   return done ? ffi::Error::Success() : Unsupported();
 }
 
