@@ -279,41 +279,58 @@ def norm_inputs(shape, seed: int = 0):
   return x, dy, mask
 
 
+def device_inputs(shape, dtype: str):
+  """x, dy and a ~10%-pad mask made on the default device (fast at any
+  size; the correctness check uses `norm_inputs`)."""
+  kx, kd, km = jax.random.split(jax.random.key(0), 3)
+  x = (jax.random.normal(kx, shape) + 0.5).astype(dtype)
+  dy = jax.random.normal(kd, shape).astype(dtype)
+  t = shape[1]
+  lengths = jax.random.randint(km, (shape[0], 1), int(0.8 * t), t + 1)
+  return x, dy, jnp.arange(t)[None, :] < lengths
+
+
 def _put(tree, device):
   return jax.device_put(tree, device)
 
 
-def time_group(fns: dict, rounds: int, calls: int) -> tuple[dict, dict]:
-  """{key: median ms per call}, {key: compile+first-call s}; rounds of
-  bursts, one per function, in a shuffled order."""
-  first = {}
-  for k, (f, args) in fns.items():
+def time_group(fns: dict, rounds: int, calls: int
+               ) -> tuple[dict, dict, dict]:
+  """{key: median ms per call}, {key: compile+first-call s}, {key: error};
+  rounds of bursts, one per function, in a shuffled order. A function
+  whose first call fails is left out (its error kept)."""
+  first, errors = {}, {}
+  for k, (f, args) in list(fns.items()):
     t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
+    try:
+      jax.block_until_ready(f(*args))
+    except Exception as e:  # pylint: disable=broad-except
+      errors[k] = _error(e)
+      del fns[k]
     first[k] = time.perf_counter() - t0
   samples, order, rng = {k: [] for k in fns}, list(fns), random.Random(0)
   for _ in range(rounds):
     rng.shuffle(order)
     for k in order:
       samples[k].append(burst_ms(*fns[k], calls))
-  return {k: statistics.median(v) for k, v in samples.items()}, first
+  return {k: statistics.median(v) for k, v in samples.items()}, first, errors
 
 
 def bench_group(cases: list[Case], shape, dtype: str, copy_gbps: float,
-                rounds: int, calls: int) -> list[dict]:
-  """Rows of one (shape, dtype): launch floor, copy, every case."""
+                rounds: int, calls: int, forward: bool = True) -> list[dict]:
+  """Rows of one (shape, dtype): launch floor, copy, every case (its fwd
+  only if `forward`, and fwd+bwd)."""
   dev = jax.devices()[0]
-  x, dy, mask = norm_inputs(shape)
-  x, dy, mask = _put((jnp.asarray(x, dtype), jnp.asarray(dy, dtype),
-                      jnp.asarray(mask)), dev)
+  x, dy, mask = _put(device_inputs(shape, dtype), dev)
   floor = jax.jit(lambda x: x[0, 0, :1])
-  fns = {('launch floor', 'fwd'): (floor, (x,)),
+  fns = {('launch floor', 'fwd'): (floor, (x,)),  # the bursts' floor
          ('copy (same x)', 'fwd'): (jax.jit(jnp.copy), (x,))}
   for case in cases:
     p, s = _put(case.init(shape[-1]), dev)
-    fns[case.name, 'fwd'] = (case.fwd, (x, mask, p, s))
+    if forward:
+      fns[case.name, 'fwd'] = (case.fwd, (x, mask, p, s))
     fns[case.name, 'bwd'] = (case.step, (x, dy, mask, p, s))
-  ms, first = time_group(fns, rounds, calls)
+  ms, first, errors = time_group(fns, rounds, calls)
 
   def gbps(arrays, t):
     return arrays * x.nbytes / (1e-3 * t) / 1e9
@@ -321,25 +338,33 @@ def bench_group(cases: list[Case], shape, dtype: str, copy_gbps: float,
   rows = []
   for name in ['launch floor', 'copy (same x)'] + [c.name for c in cases]:
     case = next((c for c in cases if c.name == name), None)
-    f, b = ms[name, 'fwd'], ms.get((name, 'bwd'))
+    f, b = ms.get((name, 'fwd')), ms.get((name, 'bwd'))
+    if f is None and b is None:
+      rows.append(dict(norm=name, shape=list(shape), dtype=dtype,
+                       error=errors.get((name, 'fwd'), 'not timed')))
+      continue
     arrays = TRAFFIC[case.family] if case else (2, 2)
     row = dict(norm=name, shape=list(shape), dtype=dtype, fwd_ms=f,
-               fwd_bwd_ms=b, fwd_gbps=gbps(2, f),
+               fwd_bwd_ms=b, fwd_gbps=gbps(2, f) if f else None,
                fwd_bwd_gbps=gbps(4, b) if b else None,
-               compile_s=first[name, 'fwd'] + first.get((name, 'bwd'), 0.0),
-               algorithm_arrays=arrays if case else None)
-    row['fwd_pct_copy'] = 100 * row['fwd_gbps'] / copy_gbps
+               compile_s=first.get((name, 'fwd'), 0.0)
+               + first.get((name, 'bwd'), 0.0),
+               algorithm_arrays=arrays if case else None,
+               error=errors.get((name, 'bwd')))
+    if f:
+      row['fwd_pct_copy'] = 100 * row['fwd_gbps'] / copy_gbps
+    if f and case:
+      row['fwd_pct_copy_algorithm'] = 100 * gbps(arrays[0], f) / copy_gbps
     if b:
       row['fwd_bwd_pct_copy'] = 100 * row['fwd_bwd_gbps'] / copy_gbps
       row['fwd_bwd_pct_copy_algorithm'] = (
           100 * gbps(arrays[1], b) / copy_gbps)
-      row['fwd_pct_copy_algorithm'] = 100 * gbps(arrays[0], f) / copy_gbps
     rows.append(row)
   return rows
 
 
 def norms_section(cases: dict, size: str, copy_gbps: dict, budget: Budget,
-                  stop_at: float) -> dict:
+                  stop_at: float, forward: bool = True) -> dict:
   """Every (shape, dtype) group while the run is before `stop_at` s."""
   rounds, calls = (2, 2) if size == 'smoke' else (10, 10)
   rows, skipped = [], []
@@ -349,8 +374,9 @@ def norms_section(cases: dict, size: str, copy_gbps: dict, budget: Budget,
         skipped.append(f'{shape} {dtype}')
         continue
       rows += bench_group(cases[dtype], shape, dtype, copy_gbps[dtype],
-                          rounds, calls)
-  return dict(rows=rows, skipped=skipped, rounds=rounds, calls=calls)
+                          rounds, calls, forward)
+  return dict(rows=rows, skipped=skipped, rounds=rounds, calls=calls,
+              forward=forward)
 
 
 # ------------------------------------------------------------ correctness --
@@ -419,8 +445,13 @@ def correctness_section(cases: dict, size: str) -> dict:
   f32 = {c.name: c for c in cases['float32']}
   for dtype in ('float32', 'bfloat16'):
     for case in cases[dtype]:
-      if not case.peer:
+      if case.peer:
+        continue
+      try:
         rows.append(check_case(case, f32[case.name], x, dy, mask, dtype))
+      except Exception as e:  # pylint: disable=broad-except
+        rows.append(dict(norm=case.name, dtype=dtype, passed=False,
+                         error=_error(e)))
   guard = kernel_guard()
   return dict(shape=list(shape), rows=rows, kernel_guard=guard,
               passed=all(r['passed'] for r in rows) and guard['ok'])
@@ -487,7 +518,7 @@ def time_train_step(task: str, norm: str, size: str, steps: int,
   tps = tokens / step_s
   loss = metrics.get('loss') if isinstance(metrics, dict) else None
   return dict(task=task, norm=norm, size=size or 'full', params=params,
-              tokens=tokens,
+              tokens=tokens, vocab=exp.data.vocab.size,
               batch_shape={k: list(np.shape(v)) for k, v in raw.items()},
               setup_s=setup_s, compile_s=compile_s, step_ms=1e3 * step_s,
               tokens_per_s=tps, flops_per_token=per_token,
@@ -496,13 +527,13 @@ def time_train_step(task: str, norm: str, size: str, steps: int,
 
 
 def train_section(size: str, peak_flops: float, budget: Budget,
-                  norms=TRAIN_NORMS, steps: int | None = None,
+                  norms=TRAIN_NORMS, tasks=TASKS, steps: int | None = None,
                   on_row: Callable[[], None] = lambda: None) -> dict:
   steps = steps or (2 if size == 'smoke' else 10)
   rows, skipped, errors = [], [], []
   with tempfile.TemporaryDirectory() as tmp:
     for norm in norms:
-      for task in TASKS:
+      for task in tasks:
         guess = 0.0 if size == 'smoke' else COMPILE_GUESS_S[task]
         if budget.left() < guess:
           skipped.append(f'{task} {norm}')
@@ -551,8 +582,10 @@ def save_report(result: dict, out: str | None) -> None:
 
 
 def run(size: str = '', out: str | None = None,
-        budget_s: float | None = None, train_norms=TRAIN_NORMS) -> dict:
-  """All sections; size '' (the full run) or 'smoke' (tiny, for tests)."""
+        budget_s: float | None = None, train_norms=TRAIN_NORMS,
+        tasks=TASKS, time_forward: bool = True) -> dict:
+  """All sections; size '' (the full run) or 'smoke' (tiny, for tests).
+  `time_forward=False` times the norms' fwd+bwd only (fewer compiles)."""
   budget = Budget(BUDGET_S if budget_s is None else budget_s)
   result = dict(size=size or 'full', budget_s=budget.seconds, sections={})
 
@@ -567,11 +600,12 @@ def run(size: str = '', out: str | None = None,
            budget, save)
   copy_gbps = device.get('copy_gbps') or {d: math.nan for d in DTYPES}
   _section(result, 'norms', lambda: norms_section(
-      cases, size, copy_gbps, budget, stop_at=0.55 * budget.seconds),
+      cases, size, copy_gbps, budget, stop_at=0.55 * budget.seconds,
+      forward=time_forward),
            budget, save)
   peak = device.get('peak_tflops', {}).get('bfloat16', math.nan) * 1e12
   _section(result, 'train steps', lambda: train_section(
-      size, peak, budget, train_norms, on_row=save), budget, save)
+      size, peak, budget, train_norms, tasks, on_row=save), budget, save)
   result['kernel_guard'] = kernel_guard()
   save()
   return result
@@ -612,13 +646,17 @@ def _correctness_md(d: dict) -> list[str]:
            f'(f32); error = max|a - b| / max|b| per array; tolerance f32 '
            f'{F32_TOL:g}, bf16 {BF16_TOL:g}', '',
            f'fused CPU kernel never built on this backend: {guard}', '']
-  rows = [[r['norm'], r['dtype'], _fmt(r['worst']['y'], '.1e'),
-           _fmt(r['worst']['state'], '.1e'), _fmt(r['worst']['grads'], '.1e'),
-           r['worst_array'], 'PASS' if r['passed'] else 'FAIL']
-          for r in d['rows']]
+  rows = [[r['norm'], r['dtype'], *(
+      [_fmt(r['worst'][k], '.1e') for k in ('y', 'state', 'grads')]
+      + [r['worst_array']] if 'worst' in r else ['ERROR (below)'] * 4),
+            'PASS' if r['passed'] else 'FAIL'] for r in d['rows']]
   lines += _table(['norm', 'dtype', 'y', 'new state', 'grads',
                    'worst array', 'result'], rows)
   lines += ['', f"correctness: {'PASS' if d['passed'] else 'FAIL'}"]
+  for r in d['rows']:
+    if r.get('error'):
+      lines += ['', f"ERROR {r['norm']} {r['dtype']}:", '```', r['error'],
+                '```']
   return lines
 
 
@@ -630,19 +668,23 @@ def _norms_md(d: dict) -> list[str]:
   rows = [[r['norm'], r['dtype'], 'x'.join(map(str, r['shape'])),
            _fmt(r['fwd_ms'], '.4f'), _fmt(r['fwd_bwd_ms'], '.4f'),
            _fmt(r['fwd_gbps'], '.0f'), _fmt(r['fwd_bwd_gbps'], '.0f'),
-           _fmt(r['fwd_pct_copy'], '.0f'), _fmt(r.get('fwd_bwd_pct_copy'),
+           _fmt(r.get('fwd_pct_copy'), '.0f'), _fmt(r.get('fwd_bwd_pct_copy'),
                                                 '.0f'),
            _fmt(r.get('fwd_pct_copy_algorithm'), '.0f'),
            _fmt(r.get('fwd_bwd_pct_copy_algorithm'), '.0f'),
            '—' if not r['algorithm_arrays'] else
            '{}, {}'.format(*r['algorithm_arrays']),
-           _fmt(r['compile_s'], '.1f')] for r in d['rows']]
+           _fmt(r['compile_s'], '.1f')] for r in d['rows'] if 'fwd_ms' in r]
   lines += _table(['norm', 'dtype', 'x', 'fwd ms', 'fwd+bwd ms', 'fwd GB/s',
                    'fwd+bwd GB/s', '% copy fwd', '% copy fwd+bwd',
                    '% copy fwd (algorithm)', '% copy fwd+bwd (algorithm)',
                    'arrays (fwd, fwd+bwd)', 'compile s'], rows)
   if d['skipped']:
     lines += ['', 'skipped (time budget): ' + '; '.join(d['skipped'])]
+  for r in d['rows']:
+    if r.get('error'):
+      lines += ['', f"ERROR {r['norm']} {r['dtype']} {r['shape']}:", '```',
+                r['error'], '```']
   return lines
 
 
@@ -652,11 +694,13 @@ def _train_md(d: dict) -> list[str]:
            'model FLOPs per token (experiments.sweeps.cost) x tokens/s / '
            'the measured bf16 matmul peak', '']
   rows = [[r['task'], r['size'], r['norm'], f"{r['params']:,}",
+           str(r['vocab']),
            str(r['tokens']), _fmt(r['compile_s'], '.1f'),
            _fmt(r['step_ms'], '.2f'), _fmt(r['tokens_per_s'], '.0f'),
            _fmt(r['flops_per_token'] / 1e9, '.3f'),
            _fmt(100 * r['mfu'], '.1f')] for r in d['rows']]
-  lines += _table(['task', 'preset', 'norm', 'parameters', 'tokens/step',
+  lines += _table(['task', 'preset', 'norm', 'parameters', 'vocabulary',
+                   'tokens/step',
                    'compile s', 'step ms', 'tokens/s', 'GFLOP/token',
                    'MFU %'], rows)
   for label in ('skipped', 'errors'):
@@ -703,13 +747,20 @@ def main(argv=None) -> None:
                   help='seconds; sections past it are skipped')
   ap.add_argument('--force', action='store_true',
                   help='run on the CPU too, at smoke sizes (a check)')
+  ap.add_argument('--size', choices=('', 'smoke'), default=None,
+                  help="'smoke': tiny sizes (default on the CPU)")
+  ap.add_argument('--train_norms', default=','.join(TRAIN_NORMS))
+  ap.add_argument('--tasks', default=','.join(TASKS))
   a = ap.parse_args(argv)
   if jax.default_backend() == 'cpu' and not a.force:
     print('accelerator benchmark: skipped (backend cpu; no GPU/TPU here; '
           '--force runs it at smoke sizes)')
     return
-  size = 'smoke' if jax.default_backend() == 'cpu' else ''
-  print(markdown(run(size, a.out, a.budget)), flush=True)
+  size = a.size
+  if size is None:
+    size = 'smoke' if jax.default_backend() == 'cpu' else ''
+  print(markdown(run(size, a.out, a.budget, tuple(a.train_norms.split(',')),
+                     tuple(a.tasks.split(',')))), flush=True)
 
 
 if __name__ == '__main__':
