@@ -1,0 +1,117 @@
+"""The accelerator benchmark runs on the CPU at smoke sizes (so it is ready
+for a lent GPU), flags a wrong result, and guards the fused CPU kernel."""
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import accelerator
+from normjax._src import cpu_kernel
+
+NORMS = ('LayerNorm', 'RMSNorm', 'GroupScaling (4)', 'BatchNorm',
+         'paper BN (paper_batch_norm)', 'PN-V', 'PowerNorm',
+         'UN (unified_norm)', 'flax LayerNorm', 'flax RMSNorm',
+         'flax BatchNorm')
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+  """One smoke run (fwd+bwd timing only, the LM step only: ~20 s)."""
+  out = tmp_path_factory.mktemp('acc') / 'accelerator.md'
+  result = accelerator.run('smoke', out=str(out), train_norms=('layernorm',),
+                           tasks=('lm',), time_forward=False)
+  return result, out
+
+
+def test_smoke_report_has_every_section_and_norm(smoke):
+  result, out = smoke
+  sections = result['sections']
+  for key, _, _ in accelerator.SECTIONS:
+    assert 'error' not in sections[key], sections[key]
+  text = out.read_text()
+  for _, title, _ in accelerator.SECTIONS:
+    assert f'### {title}' in text
+  assert 'ERROR' not in text
+  for dtype in accelerator.DTYPES:
+    timed = {r['norm'] for r in sections['norms']['rows']
+             if r['dtype'] == dtype and r['fwd_bwd_ms']}
+    assert set(NORMS) <= timed, set(NORMS) - timed
+  assert {r['family'] for r in [
+      c.__dict__ for c in accelerator.norm_cases('float32')]} == set(
+          accelerator.TRAFFIC)
+  (row,) = sections['train steps']['rows']
+  assert row['task'] == 'lm' and 0 < row['mfu'] and row['step_ms'] > 0
+  raw = json.loads(out.with_suffix('.json').read_text())
+  assert raw['sections']['device']['copy_gbps']['float32'] > 0
+
+
+def test_smoke_correctness_passes_for_every_norm(smoke):
+  result, out = smoke
+  check = result['sections']['correctness']
+  assert check['passed']
+  checked = {(r['norm'], r['dtype']) for r in check['rows'] if r['passed']}
+  for norm in NORMS[:8]:
+    for dtype in accelerator.DTYPES:
+      assert (norm, dtype) in checked
+  assert 'correctness: PASS' in out.read_text()
+
+
+def test_a_wrong_result_fails(monkeypatch):
+  real = accelerator.accelerator_outputs
+
+  def wrong(case, *args):
+    y, state, grads = real(case, *args)
+    if case.name == 'RMSNorm':
+      y = y + 1e-2 * np.max(np.abs(y))
+    return y, state, grads
+  monkeypatch.setattr(accelerator, 'accelerator_outputs', wrong)
+  cases = {d: [c for c in accelerator.norm_cases(d)
+               if c.name in ('LayerNorm', 'RMSNorm')]
+           for d in accelerator.DTYPES}
+  check = accelerator.correctness_section(cases, 'smoke')
+  result = {(r['norm'], r['dtype']): r['passed'] for r in check['rows']}
+  assert result == {('LayerNorm', 'float32'): True,
+                    ('RMSNorm', 'float32'): False,
+                    ('LayerNorm', 'bfloat16'): True,
+                    ('RMSNorm', 'bfloat16'): True}  # 1% is within bf16's 5%
+  assert not check['passed']
+  text = accelerator.markdown(dict(size='smoke', budget_s=1, sections={
+      'correctness': dict(check, seconds=0.0)}))
+  assert '| RMSNorm | float32 |' in text and 'FAIL' in text
+  assert 'correctness: FAIL' in text
+
+
+def test_kernel_guard_only_off_the_cpu(monkeypatch):
+  assert accelerator.kernel_guard()['ok']  # on the CPU the kernel may load
+  cpu_kernel.available()  # loads it here (or caches that it cannot)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  guard = accelerator.kernel_guard()
+  assert guard['applies'] and guard['kernel_loaded'] and not guard['ok']
+  fresh = functools.cache(lambda: True)
+  monkeypatch.setattr(cpu_kernel, '_load', fresh)
+  assert accelerator.kernel_guard()['ok']
+  assert not cpu_kernel.available() and fresh.cache_info().currsize == 0
+
+
+def test_a_failing_section_is_reported_and_the_rest_run(monkeypatch,
+                                                        tmp_path):
+  def broken(*args, **kwargs):
+    raise RuntimeError('no device here')
+  monkeypatch.setattr(accelerator, 'device_section', broken)
+  monkeypatch.setattr(accelerator, 'correctness_section', broken)
+  monkeypatch.setattr(accelerator, 'norms_section', broken)
+  monkeypatch.setattr(accelerator, 'train_section', lambda *a, **k: dict(
+      rows=[], skipped=['lm layernorm'], errors=[], steps=1))
+  out = tmp_path / 'r.md'
+  result = accelerator.run('smoke', out=str(out))
+  text = out.read_text()
+  assert text.count('RuntimeError: no device here') == 3
+  assert 'skipped: lm layernorm' in text
+  assert result['kernel_guard']['ok']
+  late = {'sections': {}}
+  accelerator._section(late, 'x', lambda: {}, accelerator.Budget(0.0),  # pylint: disable=protected-access
+                       lambda: None)
+  assert 'budget is spent' in late['sections']['x']['error']
