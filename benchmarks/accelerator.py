@@ -63,6 +63,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -90,9 +91,9 @@ TRAFFIC = {
 }
 SHAPES = {'': ((32, 128, 1024), (256, 128, 2048)), 'smoke': ((2, 16, 64),)}
 DTYPES = ('bfloat16', 'float32')
-F32_TOL, BF16_TOL = 1e-4, 5e-2
+F32_TOL, BF16_TOL = 1e-4, 2e-2  # bf16 on the CPU: <= 3.4e-3
 TRANSLATION_TOKENS = 8192
-COMPILE_GUESS_S = {'lm': 30.0, 'translation': 60.0}
+COMPILE_GUESS_S = {'lm': 30.0, 'translation': 75.0}  # set-up + compile
 BUDGET_S = 270.0
 TRAIN_NORMS = ('layernorm', 'powernorm', 'unified')
 TASKS = ('lm', 'translation')
@@ -171,14 +172,22 @@ def device_section(size: str) -> dict:
   smoke = size == 'smoke'
   nbytes, n = (2**22, 256) if smoke else (2**30, 8192)
   info = device_info()
-  info['copy_gbps'] = {d: copy_bandwidth(nbytes, d) for d in DTYPES}
-  info['copy_bytes'] = nbytes
-  info['matmul_n'] = n
+  info.update(copy_bytes=nbytes, matmul_n=n, errors=[])
+
+  def measure(label, fn, *args):  # one failure leaves the others
+    try:
+      return fn(*args)
+    except Exception as e:  # pylint: disable=broad-except
+      info['errors'].append(f'{label}: {_error(e)}')
+      return math.nan
+  info['copy_gbps'] = {d: measure(f'copy {d}', copy_bandwidth, nbytes, d)
+                       for d in DTYPES}
   info['peak_tflops'] = {
-      'bfloat16': matmul_peak(n, 'bfloat16') / 1e12,
-      'float32': matmul_peak(n, 'float32') / 1e12,
-      'float32 (precision=highest)':
-          matmul_peak(n, 'float32', jax.lax.Precision.HIGHEST) / 1e12}
+      label: measure(label, matmul_peak, n, dtype, precision) / 1e12
+      for label, dtype, precision in (
+          ('bfloat16', 'bfloat16', None), ('float32', 'float32', None),
+          ('float32 (precision=highest)', 'float32',
+           jax.lax.Precision.HIGHEST))}
   return info
 
 
@@ -345,13 +354,14 @@ def bench_group(cases: list[Case], shape, dtype: str, copy_gbps: float,
       continue
     arrays = TRAFFIC[case.family] if case else (2, 2)
     row = dict(norm=name, shape=list(shape), dtype=dtype, fwd_ms=f,
-               fwd_bwd_ms=b, fwd_gbps=gbps(2, f) if f else None,
+               fwd_bwd_ms=b, fwd_gbps=gbps(2, f) if f and name != 'launch floor'
+               else None,
                fwd_bwd_gbps=gbps(4, b) if b else None,
                compile_s=first.get((name, 'fwd'), 0.0)
                + first.get((name, 'bwd'), 0.0),
                algorithm_arrays=arrays if case else None,
                error=errors.get((name, 'bwd')))
-    if f:
+    if row['fwd_gbps']:
       row['fwd_pct_copy'] = 100 * row['fwd_gbps'] / copy_gbps
     if f and case:
       row['fwd_pct_copy_algorithm'] = 100 * gbps(arrays[0], f) / copy_gbps
@@ -406,8 +416,20 @@ def accelerator_outputs(case: Case, x, dy, mask, dtype: str):
   return run_step(case, jax.devices()[0], x, dy, mask, dtype)
 
 
+OUTPUTS = ('y', 'state', 'dx', 'dparams', 'dstats')  # of Case.step
+
+
+def _label(path) -> str:
+  """'dparams['scale']' for the path (2, 1, 'scale') of step's output."""
+  keys = jax.tree_util.keystr(path)
+  first, rest = path[0].idx, jax.tree_util.keystr(path[1:])
+  if first == 2:
+    first, rest = 2 + path[1].idx, jax.tree_util.keystr(path[2:])
+  return (OUTPUTS[first] + rest) if first < len(OUTPUTS) else keys
+
+
 def relative_errors(got, want) -> dict[str, float]:
-  """{leaf path: max|got - want| / max|want|} over the output tree."""
+  """{array: max|got - want| / max|want|} over step's output tree."""
   errors = {}
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got),
                           jax.tree.leaves(want)):
@@ -415,7 +437,7 @@ def relative_errors(got, want) -> dict[str, float]:
     diff = float(np.max(np.abs(a - b))) if b.size else 0.0
     if not np.all(np.isfinite(a)):
       diff = math.inf
-    errors[jax.tree_util.keystr(path)] = diff / scale if scale else diff
+    errors[_label(path)] = diff / scale if scale else diff
   return errors
 
 
@@ -428,9 +450,10 @@ def check_case(case: Case, f32_case: Case, x, dy, mask, dtype: str) -> dict:
   got = accelerator_outputs(case, x, dy, mask, dtype)
   want = run_step(f32_case, cpu, x, dy, mask, 'float32')
   errors = relative_errors(got, want)
-  names = ('y', 'state', 'grads')
-  worst = {n: max((e for k, e in errors.items() if k.startswith(f'[{i}]')),
-                  default=0.0) for i, n in enumerate(names)}
+  groups = {'y': ('y',), 'state': ('state',),
+            'grads': ('dx', 'dparams', 'dstats')}
+  worst = {n: max((e for k, e in errors.items() if k.startswith(prefixes)),
+                  default=0.0) for n, prefixes in groups.items()}
   tol = F32_TOL if dtype == 'float32' else BF16_TOL
   worst_path = max(errors, key=errors.get)
   return dict(norm=case.name, dtype=dtype, tol=tol, worst=worst,
@@ -473,7 +496,12 @@ def train_config(task: str, norm: str, size: str):
   if task == 'translation' and not size:  # the wmt model, synthetic task
     config.data.update(dict(vocab='word', vocab_size=0, lowercase=False,
                             max_len=64, max_tokens=TRANSLATION_TOKENS,
-                            synthetic_train=4000))
+                            synthetic_train=4000, synthetic_valid=50,
+                            synthetic_test=50))
+  if task == 'lm' and not size:  # fewer synthetic lines: faster to make
+    config.data.update(dict(synthetic_train_lines=5000,
+                            synthetic_valid_lines=200,
+                            synthetic_test_lines=200))
   config.lock()
   return config
 
@@ -567,6 +595,9 @@ def _section(result: dict, name: str, fn: Callable[[], Any],
   out['seconds'] = time.perf_counter() - t0
   result['sections'][name] = out
   save()
+  print(f"accelerator: {name} done in {out['seconds']:.1f} s (run "
+        f"{budget.elapsed():.0f} s){'; ERROR' if 'error' in out else ''}",
+        file=sys.stderr, flush=True)
   return out
 
 
@@ -635,6 +666,8 @@ def _device_md(d: dict) -> list[str]:
                 f'{k} {v:.0f} GB/s' for k, v in d['copy_gbps'].items())]
   lines += [f"matmul peak ({d['matmul_n']}^3, jitted): " + ', '.join(
       f'{k} {v:.1f} TFLOP/s' for k, v in d['peak_tflops'].items())]
+  for e in d.get('errors', []):
+    lines += ['ERROR:', '```', e, '```']
   return lines
 
 
