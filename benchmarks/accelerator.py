@@ -11,7 +11,13 @@ and its raw numbers to the same path with `.json`, both rewritten after
 every section so that a killed run still leaves what it measured. Do not
 set JAX_PLATFORMS: the CPU backend is needed for the correctness check.
 Without a GPU/TPU it prints "skipped" unless `--force` (all sections on the
-CPU at tiny sizes: a check of the script, ~15 s; `tests/accelerator_test.py`).
+CPU at tiny sizes, a check of the script: 100-150 s on 2 cores, most of it
+compiling the six train steps; `tests/accelerator_test.py`). `--size=smoke`
+runs the tiny sizes on a GPU too (a first check, ~1 minute).
+
+Entry points: `run(size='', out=None, budget_s=None, ...)` -> a dict of raw
+numbers ('smoke' for tiny sizes), `markdown(result)` -> the report, as
+`python -m benchmarks` calls them.
 
 Sections, each in its own try (an error is printed in the report and the
 next section runs):
@@ -39,7 +45,9 @@ next section runs):
    "% copy" is that over the measured copy bandwidth of the dtype;
    "% copy (algorithm)" counts each norm's own minimal traffic of a
    separate forward and backward (`TRAFFIC`). A "launch floor" row times a
-   trivial jitted function the same way.
+   trivial jitted function the same way: at (32, 128, 1024) a call can be
+   shorter than its dispatch (then it reads near the floor); the larger
+   shape is the bandwidth measurement.
 4. Train steps: translation (the `wmt` model, 6+6 layers of d 1024, on the
    synthetic task, `TRANSLATION_TOKENS` target tokens per step) and the
    LM (`ptb_*`, the paper's PTB model) with `model.dtype='bfloat16'`,
@@ -49,9 +57,13 @@ next section runs):
    the model FLOPs per token of `experiments.sweeps.cost.flops_per_step`
    (6 x weights passed + attention; the vocabulary the experiment built).
 
-Compile times on a GPU: ~0.3-1 s per norm function (88 of them) and 10-60 s
-per train step; the train steps start only while the budget has room for
-one (`COMPILE_GUESS_S`).
+Time on an H100 (estimated; nothing here was run on a GPU yet): ~10 s to
+import and start, ~5 s device, ~20 s correctness (16 GPU and 8 CPU
+compiles), ~60 s norms (88 GPU compiles of ~0.3-1 s, the norms stop
+starting new (shape, dtype) groups at 55% of the budget), then train steps
+in the order LM/translation x LayerNorm, PowerNorm, UN, each started only
+while the budget has room for its set-up and compile (`COMPILE_GUESS_S`;
+10-60 s each on a GPU, the wmt-size model the longest).
 """
 
 from __future__ import annotations
@@ -229,8 +241,7 @@ def _normjax(name, family, fn, state_init, fields=(), scale_only=False,
   return Case(name, family, apply, init, fields)
 
 
-def _flax(name, family, make: Callable[[], nn.Module], scale_only=False
-          ) -> Case:
+def _flax(name, family, make: Callable[[], nn.Module]) -> Case:
   module = make()
 
   def init(c):
@@ -243,7 +254,6 @@ def _flax(name, family, make: Callable[[], nn.Module], scale_only=False
     y, new = module.apply({'params': p, 'batch_stats': s}, x,
                           mask=m[..., None], mutable=['batch_stats'])
     return y, new['batch_stats']
-  del scale_only
   return Case(name, family, apply, init, peer=True)
 
 
@@ -749,11 +759,11 @@ SECTIONS = (('device', 'Device, copy bandwidth, matmul peak', _device_md),
 
 
 def markdown(result: dict) -> str:
-  lines = [f"## Accelerator benchmark ({result['size']}; budget "
+  lines = [f"**Accelerator benchmark** ({result['size']}; budget "
            f"{result['budget_s']:.0f} s, elapsed "
            f"{result.get('elapsed_s', 0):.0f} s)"]
   for key, title, render in SECTIONS:
-    lines += ['', f'### {title}', '']
+    lines += ['', f'#### {title}', '']
     d = result['sections'].get(key)
     if d is None:
       lines.append('not run')
