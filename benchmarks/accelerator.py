@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -87,7 +88,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.norms import _train_step
 from normjax import functional as nf
 from normjax._src import cpu_kernel
 
@@ -204,6 +204,21 @@ def device_section(size: str) -> dict:
 
 
 # ------------------------------------------------------------------ norms --
+
+
+def _train_step(apply, fields):
+  """Jitted fwd+bwd: grads of sum(y * dy) wrt x, params, backward stats
+  (as `benchmarks.norms._train_step`; not imported from there, since that
+  module imports `experiments`, whose extra the GPU image lacks)."""
+  def step(x, dy, m, p, s):
+    def loss(x, p, b):
+      st = s._replace(**b) if b else s
+      y, new = apply(x, m, p, st)
+      return jnp.sum(y * dy), (y, new)
+    b = {f: getattr(s, f) for f in fields}
+    grads, (y, new) = jax.grad(loss, (0, 1, 2), has_aux=True)(x, p, b)
+    return y, new, grads
+  return jax.jit(step)
 
 
 @dataclasses.dataclass
@@ -492,6 +507,34 @@ def correctness_section(cases: dict, size: str) -> dict:
 
 # ------------------------------------------------------------ train steps --
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the train steps' code path imports of the `experiments` extra (not
+# tensorflow_datasets, array_record, tensorboardX, matplotlib: the GPU
+# image lacks those, and ml_collections, which must be carried as a wheel).
+TRAIN_NEEDS = ('ml_collections', 'optax', 'orbax.checkpoint', 'sacrebleu',
+               'sentencepiece', 'tqdm', 'absl')
+
+
+def import_experiments() -> None:
+  """Makes `import experiments` work where its extra is only partly
+  installed: its import-time check (which exits) is narrowed to
+  `TRAIN_NEEDS`; a missing one of those raises here."""
+  if 'experiments' in sys.modules:
+    return
+  path = os.path.join(ROOT, 'experiments', '_requirements.py')
+  spec = importlib.util.spec_from_file_location('experiments._requirements',
+                                                path)
+  requirements = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(requirements)
+  needed = {m: d for m, d in requirements.REQUIRED.items()
+            if m in TRAIN_NEEDS}
+  absent = requirements.missing(needed)
+  if absent:
+    raise RuntimeError(f'the train steps need {absent} (not installed): '
+                       'carry their wheels (benchmarks.accelerator docstring)')
+  requirements.check = lambda required=None: None
+  sys.modules['experiments._requirements'] = requirements
+
 
 def train_config(task: str, norm: str, size: str):
   """The preset with bf16 compute and synthetic data."""
@@ -568,6 +611,7 @@ def train_section(size: str, peak_flops: float, budget: Budget,
                   norms=TRAIN_NORMS, tasks=TASKS, steps: int | None = None,
                   on_row: Callable[[], None] = lambda: None) -> dict:
   steps = steps or (2 if size == 'smoke' else 10)
+  import_experiments()
   rows, skipped, errors = [], [], []
   with tempfile.TemporaryDirectory() as tmp:
     for norm in norms:
@@ -579,7 +623,7 @@ def train_section(size: str, peak_flops: float, budget: Budget,
         try:
           rows.append(time_train_step(task, norm, size, steps, peak_flops,
                                       os.path.join(tmp, f'{task}_{norm}')))
-        except Exception as e:  # pylint: disable=broad-except
+        except (Exception, SystemExit) as e:  # pylint: disable=broad-except
           errors.append(f'{task} {norm}: {_error(e)}')
         on_row()
   return dict(rows=rows, skipped=skipped, errors=errors, steps=steps)
@@ -600,7 +644,7 @@ def _section(result: dict, name: str, fn: Callable[[], Any],
     if budget.left() <= 0:
       raise OutOfTime(f'skipped: the {budget.seconds:.0f} s budget is spent')
     out = fn()
-  except Exception as e:  # pylint: disable=broad-except
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except
     out = dict(error=_error(e))
   out['seconds'] = time.perf_counter() - t0
   result['sections'][name] = out

@@ -3,6 +3,9 @@ for a lent GPU), flags a wrong result, and guards the fused CPU kernel."""
 
 import functools
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -132,3 +135,31 @@ def test_the_whole_forced_run(tmp_path, capsys):
   norms = raw['sections']['norms']['rows']
   assert all(r['fwd_ms'] > 0 for r in norms if r['norm'] in NORMS)
   assert 'ERROR' not in out.read_text()
+
+
+def test_train_steps_import_experiments_without_its_whole_extra():
+  """The GPU image lacks tfds, array_record, tensorboardX (the train steps
+  never import them) and ml_collections (they do: a clear error, then,
+  once it is there, the import works)."""
+  code = """if True:
+    import sys
+    for m in ('tensorflow_datasets', 'array_record', 'tensorboardX',
+              'matplotlib', 'ml_collections'):
+      sys.modules[m] = None  # as if not installed
+    from benchmarks import accelerator
+    assert 'experiments' not in sys.modules
+    try:
+      accelerator.import_experiments()
+    except RuntimeError as e:
+      print('ERROR', e)
+    del sys.modules['ml_collections']
+    accelerator.import_experiments()
+    from experiments.configs import lm
+    print('OK', lm.__name__)"""
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, cwd=accelerator.ROOT, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert done.returncode == 0, done.stderr[-2000:]
+  lines = done.stdout.splitlines()
+  assert "need ['ml-collections']" in lines[0]
+  assert lines[1] == 'OK experiments.configs.lm'
