@@ -5,7 +5,23 @@ On the lent machine (one GPU; no network needed), from the repository root:
 
     python -m benchmarks.accelerator --out=$OUT/accelerator.md
 
-about 4-5 minutes on one H100 (a hard internal budget of 270 s, `--budget`;
+The project's GPU image (python3 3.12, jax 0.11 with CUDA, flax, optax,
+orbax) lacks ml-collections, which the train steps' configs need (the other
+sections run without it): carry its pure-Python wheel (76 KB; its needs,
+absl-py and PyYAML, are there). Once, here, in the repository root:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: \
+        --python-version 3.12 -d .whl ml-collections==1.1.0
+
+and on the machine (carry `.whl`, timeout_s 420):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; \
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.accelerator \
+        --out=$OUT/accelerator.md
+
+It takes about 4-5 minutes on one H100 (a hard internal budget of 270 s, `--budget`;
 sections past it are reported as skipped), writing the report to `--out`
 and its raw numbers to the same path with `.json`, both rewritten after
 every section so that a killed run still leaves what it measured. Do not
