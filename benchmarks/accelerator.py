@@ -381,37 +381,37 @@ def bench_group(cases: list[Case], shape, dtype: str, copy_gbps: float,
       fns[case.name, 'fwd'] = (case.fwd, (x, mask, p, s))
     fns[case.name, 'bwd'] = (case.step, (x, dy, mask, p, s))
   ms, first, errors = time_group(fns, rounds, calls)
-
-  def gbps(arrays, t):
-    return arrays * x.nbytes / (1e-3 * t) / 1e9
-
   rows = []
   for name in ['launch floor', 'copy (same x)'] + [c.name for c in cases]:
     case = next((c for c in cases if c.name == name), None)
     f, b = ms.get((name, 'fwd')), ms.get((name, 'bwd'))
-    if f is None and b is None:
-      rows.append(dict(norm=name, shape=list(shape), dtype=dtype,
-                       error=errors.get((name, 'fwd'), 'not timed')))
-      continue
-    arrays = TRAFFIC[case.family] if case else (2, 2)
     row = dict(norm=name, shape=list(shape), dtype=dtype, fwd_ms=f,
-               fwd_bwd_ms=b, fwd_gbps=gbps(2, f) if f and name != 'launch floor'
-               else None,
-               fwd_bwd_gbps=gbps(4, b) if b else None,
-               compile_s=first.get((name, 'fwd'), 0.0)
+               fwd_bwd_ms=b, compile_s=first.get((name, 'fwd'), 0.0)
                + first.get((name, 'bwd'), 0.0),
-               algorithm_arrays=arrays if case else None,
-               error=errors.get((name, 'bwd')))
-    if row['fwd_gbps']:
-      row['fwd_pct_copy'] = 100 * row['fwd_gbps'] / copy_gbps
-    if f and case:
-      row['fwd_pct_copy_algorithm'] = 100 * gbps(arrays[0], f) / copy_gbps
-    if b:
-      row['fwd_bwd_pct_copy'] = 100 * row['fwd_bwd_gbps'] / copy_gbps
-      row['fwd_bwd_pct_copy_algorithm'] = (
-          100 * gbps(arrays[1], b) / copy_gbps)
+               algorithm_arrays=TRAFFIC[case.family] if case else None,
+               error=errors.get((name, 'bwd'), errors.get((name, 'fwd'))))
+    if name != 'launch floor':
+      row.update(traffic(f, b, row['algorithm_arrays'], x.nbytes, copy_gbps))
     rows.append(row)
   return rows
+
+
+def traffic(fwd_ms, fwd_bwd_ms, arrays, nbytes: int, copy_gbps: float
+            ) -> dict:
+  """GB/s at the interface traffic (fwd 2, fwd+bwd 4 arrays of nbytes) and
+  % of the copy bandwidth, also at the algorithm's own `arrays`."""
+  def gbps(n, ms):
+    return n * nbytes / (1e-3 * ms) / 1e9
+  out = {}
+  for key, ms, interface, i in (('fwd', fwd_ms, 2, 0),
+                                ('fwd_bwd', fwd_bwd_ms, 4, 1)):
+    if not ms:
+      continue
+    out[f'{key}_gbps'] = gbps(interface, ms)
+    out[f'{key}_pct_copy'] = 100 * out[f'{key}_gbps'] / copy_gbps
+    if arrays:
+      out[f'{key}_pct_copy_algorithm'] = 100 * gbps(arrays[i], ms) / copy_gbps
+  return out
 
 
 def norms_section(cases: dict, size: str, copy_gbps: dict, budget: Budget,
@@ -763,21 +763,24 @@ def _correctness_md(d: dict) -> list[str]:
   return lines
 
 
+def _norm_cells(r: dict) -> list[str]:
+  arrays = r['algorithm_arrays']
+  return [r['norm'], r['dtype'], 'x'.join(map(str, r['shape'])),
+          _fmt(r['fwd_ms'], '.4f'), _fmt(r['fwd_bwd_ms'], '.4f'),
+          *[_fmt(r.get(k), '.0f') for k in (
+              'fwd_gbps', 'fwd_bwd_gbps', 'fwd_pct_copy', 'fwd_bwd_pct_copy',
+              'fwd_pct_copy_algorithm', 'fwd_bwd_pct_copy_algorithm')],
+          '{}, {}'.format(*arrays) if arrays else '—',
+          _fmt(r['compile_s'], '.1f')]
+
+
 def _norms_md(d: dict) -> list[str]:
   lines = [f"medians of {d['rounds']} rounds of {d['calls']}-call bursts; "
            'GB/s: fwd 2, fwd+bwd 4 arrays of x; % copy: of the measured copy '
            "bandwidth of the dtype; (algorithm): the norm's own minimal "
-           'traffic of a separate fwd and bwd (arrays in the last column)', '']
-  rows = [[r['norm'], r['dtype'], 'x'.join(map(str, r['shape'])),
-           _fmt(r['fwd_ms'], '.4f'), _fmt(r['fwd_bwd_ms'], '.4f'),
-           _fmt(r['fwd_gbps'], '.0f'), _fmt(r['fwd_bwd_gbps'], '.0f'),
-           _fmt(r.get('fwd_pct_copy'), '.0f'), _fmt(r.get('fwd_bwd_pct_copy'),
-                                                '.0f'),
-           _fmt(r.get('fwd_pct_copy_algorithm'), '.0f'),
-           _fmt(r.get('fwd_bwd_pct_copy_algorithm'), '.0f'),
-           '—' if not r['algorithm_arrays'] else
-           '{}, {}'.format(*r['algorithm_arrays']),
-           _fmt(r['compile_s'], '.1f')] for r in d['rows'] if 'fwd_ms' in r]
+           'traffic of a separate fwd and bwd (`TRAFFIC`: arrays of x)', '']
+  rows = [_norm_cells(r) for r in d['rows']
+          if r['fwd_ms'] or r['fwd_bwd_ms']]
   lines += _table(['norm', 'dtype', 'x', 'fwd ms', 'fwd+bwd ms', 'fwd GB/s',
                    'fwd+bwd GB/s', '% copy fwd', '% copy fwd+bwd',
                    '% copy fwd (algorithm)', '% copy fwd+bwd (algorithm)',

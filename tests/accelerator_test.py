@@ -163,3 +163,14 @@ def test_train_steps_import_experiments_without_its_whole_extra():
   lines = done.stdout.splitlines()
   assert "need ['ml-collections']" in lines[0]
   assert lines[1] == 'OK experiments.configs.lm'
+
+
+def test_a_function_that_fails_is_reported_and_the_others_timed():
+  def broken(x):
+    raise ValueError('does not compile')
+  x = jax.numpy.ones((4,))
+  ms, _, errors = accelerator.time_group(
+      {('ok', 'fwd'): (jax.jit(lambda x: x + 1), (x,)),
+       ('bad', 'fwd'): (broken, (x,))}, rounds=2, calls=2)
+  assert set(ms) == {('ok', 'fwd')} and ms['ok', 'fwd'] > 0
+  assert 'does not compile' in errors['bad', 'fwd']
