@@ -847,7 +847,8 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap = argparse.ArgumentParser(
+      description=' '.join(__doc__.split('\n\n')[0].split()))
   ap.add_argument('--out', help='write the report here (and .json beside)')
   ap.add_argument('--budget', type=float, default=BUDGET_S,
                   help='seconds; sections past it are skipped')
@@ -855,7 +856,8 @@ def main(argv=None) -> None:
                   help='run on the CPU too, at smoke sizes (a check)')
   ap.add_argument('--size', choices=('', 'smoke'), default=None,
                   help="'smoke': tiny sizes (default on the CPU)")
-  ap.add_argument('--train_norms', default=','.join(TRAIN_NORMS))
+  ap.add_argument('--train_norms', default=','.join(TRAIN_NORMS),
+                  help='comma-separated; empty: no train steps')
   ap.add_argument('--tasks', default=','.join(TASKS))
   a = ap.parse_args(argv)
   if jax.default_backend() == 'cpu' and not a.force:
@@ -865,8 +867,9 @@ def main(argv=None) -> None:
   size = a.size
   if size is None:
     size = 'smoke' if jax.default_backend() == 'cpu' else ''
-  print(markdown(run(size, a.out, a.budget, tuple(a.train_norms.split(',')),
-                     tuple(a.tasks.split(',')))), flush=True)
+  norms = tuple(n for n in a.train_norms.split(',') if n)
+  tasks = tuple(t for t in a.tasks.split(',') if t)
+  print(markdown(run(size, a.out, a.budget, norms, tasks)), flush=True)
 
 
 if __name__ == '__main__':
