@@ -658,15 +658,18 @@ def _section(result: dict, name: str, fn: Callable[[], Any],
   t0 = time.perf_counter()
   try:
     if budget.left() <= 0:
-      raise OutOfTime(f'skipped: the {budget.seconds:.0f} s budget is spent')
+      raise OutOfTime(f'the {budget.seconds:.0f} s budget is spent')
     out = fn()
+  except OutOfTime as e:
+    out = dict(not_run=str(e))
   except (Exception, SystemExit) as e:  # pylint: disable=broad-except
     out = dict(error=_error(e))
   out['seconds'] = time.perf_counter() - t0
   result['sections'][name] = out
   save()
   print(f"accelerator: {name} done in {out['seconds']:.1f} s (run "
-        f"{budget.elapsed():.0f} s){'; ERROR' if 'error' in out else ''}",
+        f"{budget.elapsed():.0f} s){'; ERROR' if 'error' in out else ''}"
+        f"{'; not run' if 'not_run' in out else ''}",
         file=sys.stderr, flush=True)
   return out
 
@@ -830,6 +833,8 @@ def markdown(result: dict) -> str:
     d = result['sections'].get(key)
     if d is None:
       lines.append('not run')
+    elif 'not_run' in d:
+      lines.append(f"not run: {d['not_run']}")
     elif 'error' in d:
       lines += ['ERROR:', '```', d['error'], '```']
     else:

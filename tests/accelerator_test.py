@@ -115,9 +115,11 @@ def test_a_failing_section_is_reported_and_the_rest_run(monkeypatch,
   assert 'skipped: lm layernorm' in text
   assert result['kernel_guard']['ok']
   late = {'sections': {}}
-  accelerator._section(late, 'x', lambda: {}, accelerator.Budget(0.0),  # pylint: disable=protected-access
+  accelerator._section(late, 'norms', lambda: {}, accelerator.Budget(0.0),  # pylint: disable=protected-access
                        lambda: None)
-  assert 'budget is spent' in late['sections']['x']['error']
+  assert 'budget is spent' in late['sections']['norms']['not_run']
+  assert 'not run: the 0 s budget is spent' in accelerator.markdown(
+      dict(late, size='smoke', budget_s=0.0))
 
 
 @pytest.mark.slow
