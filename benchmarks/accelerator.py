@@ -24,8 +24,9 @@ and on the machine (carry `.whl`, timeout_s 420):
 It takes about 4-5 minutes on one H100 (a hard internal budget of 270 s, `--budget`;
 sections past it are reported as skipped), writing the report to `--out`
 and its raw numbers to the same path with `.json`, both rewritten after
-every section so that a killed run still leaves what it measured. Do not
-set JAX_PLATFORMS: the CPU backend is needed for the correctness check.
+every section so that a killed run still leaves what it measured. The
+correctness check needs the CPU backend beside the GPU: a JAX_PLATFORMS
+without 'cpu' gets it added.
 Without a GPU/TPU it prints "skipped" unless `--force` (all sections on the
 CPU at tiny sizes, a check of the script: 100-150 s on 2 cores, most of it
 compiling the six train steps; `tests/accelerator_test.py`). `--size=smoke`
@@ -851,6 +852,14 @@ def markdown(result: dict) -> str:
   return '\n'.join(lines)
 
 
+def keep_cpu_backend() -> None:
+  """Adds 'cpu' to a JAX_PLATFORMS that lacks it (the correctness check
+  needs the CPU backend beside the accelerator); before backends start."""
+  platforms = jax.config.jax_platforms
+  if platforms and 'cpu' not in platforms.split(','):
+    jax.config.update('jax_platforms', f'{platforms},cpu')
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(
       description=' '.join(__doc__.split('\n\n')[0].split()))
@@ -865,6 +874,7 @@ def main(argv=None) -> None:
                   help='comma-separated; empty: no train steps')
   ap.add_argument('--tasks', default=','.join(TASKS))
   a = ap.parse_args(argv)
+  keep_cpu_backend()
   if jax.default_backend() == 'cpu' and not a.force:
     print('accelerator benchmark: skipped (backend cpu; no GPU/TPU here; '
           '--force runs it at smoke sizes)')
