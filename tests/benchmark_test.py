@@ -77,6 +77,7 @@ def test_torch_powernorm_peer_computes_what_normjax_does():
                                  rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow  # 3 fresh compiles: ~23 s of CPU (60 s wall at load 7)
 def test_quick_efficiency_benchmark_runs():
   """benchmarks.efficiency --quick: a train step's FLOPs and MFU, and the
   decoding speed with beam 4 and 1."""
