@@ -76,3 +76,18 @@ def test_torch_powernorm_peer_computes_what_normjax_does():
                       (state.ema_gz, peer.ema_gz)):
       np.testing.assert_allclose(np.asarray(got), want.detach().numpy(),
                                  rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow  # 3 fresh compiles: ~23 s of CPU (60 s wall at load 7)
+def test_quick_efficiency_benchmark_runs():
+  """benchmarks.efficiency --quick: a train step's FLOPs and MFU, and the
+  decoding speed with beam 4 and 1."""
+  from benchmarks import efficiency  # pylint: disable=g-import-not-at-top
+  result = efficiency.run(quick=True)
+  assert result['peak']['flops'] > 0
+  (row,) = result['train']
+  assert row['step_ms'] > 0 and row['xla_gflop'] > 0 and row['cost_gflop'] > 0
+  assert 0 < row['mfu'] and math.isfinite(row['mfu'])
+  assert sorted(r['beam'] for r in result['decode']) == [1, 4]
+  assert all(r['tokens_per_s'] > 0 for r in result['decode'])
+  assert efficiency.markdown(result).startswith('Measured float32 matmul')

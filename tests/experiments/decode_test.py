@@ -271,3 +271,17 @@ def test_filler_rows_are_not_decoded():
                                          beam_size=2, max_len=max_len))
   np.testing.assert_array_equal(together[:len(INPUTS)], alone)
   assert (together[len(INPUTS)] == PAD).all()
+
+
+def test_per_beam_top_k_equals_the_flat_top_k_ties_included():
+  """The fast candidate selection picks what one top-k over K * V picks,
+  in the same order, with ties and -inf (banned tokens, dead beams)."""
+  rng = np.random.default_rng(0)
+  for b, k, v in [(3, 4, 451), (2, 4, 5), (5, 1, 7), (4, 3, 6)]:
+    for _ in range(10):
+      x = rng.integers(-3, 3, (b, k, v)).astype(np.float32)  # many ties
+      x[rng.uniform(size=x.shape) < 0.3] = -np.inf
+      want = decode._top_k_flat(x, 2 * k)
+      got = decode._top_k_per_beam(x, 2 * k)
+      np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+      np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
