@@ -64,12 +64,45 @@ void SumPartials(const std::vector<float>& part, int threads, int k_count,
   }
 }
 
+// Block rows: the column sums are accumulated over kBlock rows at a time,
+// so that each column operand and partial sum is loaded and stored once per
+// block rather than once per row (the passes are compute-bound otherwise).
+constexpr int kBlock = 4;
+
 // 1 / sqrt(mean(x^2) + eps) over one group of cg features.
 inline float GroupScale(const float* __restrict xg, int64_t cg, float eps) {
   float q = 0.0f;
 #pragma omp simd reduction(+ : q)
   for (int64_t j = 0; j < cg; ++j) q += xg[j] * xg[j];
   return 1.0f / std::sqrt(q / static_cast<float>(cg) + eps);
+}
+
+// Adds group g of the R rows from i0 (all with w > 0) to the column sums:
+// sq += w (a - k)^2 and, centred, s1 += w (a - k) (uncentred: k = 0).
+template <bool kCenter, int R>
+inline void StatsRows(const float* __restrict x, const float* w,
+                      const float* r, const float* __restrict k, int64_t c,
+                      int64_t cg, float* __restrict sq,
+                      float* __restrict s1) {
+  static_assert(R == 1 || R == kBlock);
+#pragma omp simd
+  for (int64_t j = 0; j < cg; ++j) {
+    const float kj = kCenter ? k[j] : 0.0f;
+    float q = 0.0f, m = 0.0f;
+    auto row = [&](int i) __attribute__((always_inline)) {
+      const float d = x[i * c + j] * r[i] - kj;
+      q += w[i] * d * d;
+      if (kCenter) m += w[i] * d;
+    };
+    row(0);
+    if constexpr (R == kBlock) {
+      row(1);
+      row(2);
+      row(3);
+    }
+    sq[j] += q;
+    if (kCenter) s1[j] += m;
+  }
 }
 
 template <bool kCenter>
@@ -85,32 +118,43 @@ void StatsImpl(const float* __restrict xp, const float* __restrict wp,
       static_cast<size_t>(k_count * threads * Stride(c)), 0.0f);
   float* part = partial.data();
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
-    float* __restrict sq = part + k_count * t * Stride(c);
-    float* __restrict s1 = sq + Stride(c);
-    for (int64_t i = lo; i < hi; ++i) {
-      const float* xr = xp + i * c;
-      const float wi = wp[i];
+    float* sq = part + k_count * t * Stride(c);
+    float* s1 = sq + Stride(c);
+    auto scales = [&](int64_t i, float* r) {  // rs of row i, one per group
       for (int64_t g = 0; g < ng; ++g) {
-        const int64_t o = g * cg;
-        const float r = groups > 0 ? GroupScale(xr + o, cg, gs_eps) : 1.0f;
-        rp[i * ng + g] = r;
-        if (wi == 0.0f) continue;  // a pad: a NaN there must not enter sums
-        const float* __restrict xg = xr + o;
-        float* __restrict qg = sq + o;
-        if (kCenter) {
-          const float* __restrict kg = kp + o;
-          float* __restrict sg = s1 + o;
-#pragma omp simd
-          for (int64_t j = 0; j < cg; ++j) {
-            const float d = xg[j] * r - kg[j];
-            sg[j] += wi * d;
-            qg[j] += wi * d * d;
+        r[g] = groups > 0 ? GroupScale(xp + i * c + g * cg, cg, gs_eps) : 1.0f;
+      }
+    };
+    int64_t i = lo;
+    for (; i + kBlock <= hi; i += kBlock) {
+      bool whole = true;
+      for (int q = 0; q < kBlock; ++q) whole &= wp[i + q] != 0.0f;
+      for (int q = 0; q < kBlock; ++q) scales(i + q, rp + (i + q) * ng);
+      if (!whole) {  // a pad: a NaN there must not enter the sums
+        for (int q = 0; q < kBlock; ++q) {
+          if (wp[i + q] == 0.0f) continue;
+          for (int64_t g = 0; g < ng; ++g) {
+            StatsRows<kCenter, 1>(xp + (i + q) * c + g * cg, wp + i + q,
+                                  rp + (i + q) * ng + g, kp + g * cg, c, cg,
+                                  sq + g * cg, s1 + g * cg);
           }
-        } else {
-          const float wr2 = wi * r * r;
-#pragma omp simd
-          for (int64_t j = 0; j < cg; ++j) qg[j] += wr2 * (xg[j] * xg[j]);
         }
+        continue;
+      }
+      for (int64_t g = 0; g < ng; ++g) {
+        float r[kBlock];
+        for (int q = 0; q < kBlock; ++q) r[q] = rp[(i + q) * ng + g];
+        StatsRows<kCenter, kBlock>(xp + i * c + g * cg, wp + i, r,
+                                   kp + g * cg, c, cg, sq + g * cg,
+                                   s1 + g * cg);
+      }
+    }
+    for (; i < hi; ++i) {
+      scales(i, rp + i * ng);
+      if (wp[i] == 0.0f) continue;
+      for (int64_t g = 0; g < ng; ++g) {
+        StatsRows<kCenter, 1>(xp + i * c + g * cg, wp + i, rp + i * ng + g,
+                              kp + g * cg, c, cg, sq + g * cg, s1 + g * cg);
       }
     }
   });
@@ -199,11 +243,6 @@ struct Columns {
 // reads mu and e (else 0).
 enum Flag { kDx = 1, kSums = 2, kDu = 4, kGroupScaled = 8, kKeep = 16,
             kCenter = 32 };
-
-// Block rows: the column sums are accumulated over kBlock rows at a time,
-// so that each column operand and partial sum is loaded and stored once per
-// block rather than once per row (the passes are compute-bound otherwise).
-constexpr int kBlock = 4;
 
 // The pointers one backward pass works with, for one thread.
 struct BackwardArgs {
