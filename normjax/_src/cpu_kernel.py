@@ -159,13 +159,18 @@ def row_threading(pool: bool | None = None,
   it). None keeps the current value. Acts at call time, not trace time, for
   every kernel in the process. Raises RuntimeError without the kernel.
   """
+  got = _row_threading_fn()(-1 if pool is None else int(bool(pool)),
+                            -1 if min_elements is None else int(min_elements))
+  return bool(got >> 62), got & ((1 << 62) - 1)
+
+
+@functools.cache
+def _row_threading_fn():
   if not _load() or not _library:
     raise RuntimeError('the fused CPU kernel is not loaded')
   fn = _library[0].NormjaxSetRowThreading
   fn.restype, fn.argtypes = ctypes.c_int64, (ctypes.c_int, ctypes.c_int64)
-  got = fn(-1 if pool is None else int(bool(pool)),
-           -1 if min_elements is None else int(min_elements))
-  return bool(got >> 62), got & ((1 << 62) - 1)
+  return fn
 
 
 def available() -> bool:

@@ -59,9 +59,10 @@
 
 namespace normjax {
 
-constexpr int64_t kMinElementsPerThread = 1 << 15;
+constexpr int64_t kMinElementsPerThread = 1 << 17;
 constexpr int64_t kSpawnMinElementsPerThread = 1 << 18;  // the spawn path's
-constexpr int kSpinMicros = 50;  // a worker's busy wait before it sleeps
+constexpr int kSpinMicros = 0;  // a worker's busy wait before it sleeps
+constexpr int kCallerSpins = 64;  // pause loops before the caller yields
 
 // The size of the last axis (1 for a scalar).
 template <typename Dims>
@@ -91,6 +92,8 @@ inline int64_t EnvInt(const char* name, int64_t fallback) {
 struct Settings {
   std::atomic<bool> pool;
   std::atomic<int64_t> min_elements;
+  int64_t spin_us = EnvInt("NORMJAX_KERNEL_SPIN_US", kSpinMicros);
+  int64_t caller_spins = EnvInt("NORMJAX_KERNEL_CALLER_SPINS", kCallerSpins);
   Settings() {
     const bool p = EnvInt("NORMJAX_KERNEL_POOL", 1) != 0;
     pool.store(p);
@@ -131,7 +134,7 @@ class Pool {
     if (sleepers_.load(std::memory_order_relaxed) > 0) wake_.notify_all();
     Work(gen_);
     for (int spins = 0; done_.load(std::memory_order_acquire) < chunks;) {
-      if (++spins < 4096) {
+      if (++spins < GetSettings().caller_spins) {
         CpuRelax();
       } else {
         std::this_thread::yield();
@@ -160,12 +163,12 @@ class Pool {
   }
 
   void Loop() {
-    uint64_t seen = Gen(state_.load(std::memory_order_acquire));
+    uint64_t seen = 0;  // the generation before the first job
     for (;;) {
       uint64_t gen = Gen(state_.load(std::memory_order_acquire));
-      if (gen == seen) {
+      if (gen == seen && GetSettings().spin_us > 0) {
         const auto until = std::chrono::steady_clock::now() +
-                           std::chrono::microseconds(kSpinMicros);
+                           std::chrono::microseconds(GetSettings().spin_us);
         for (int i = 1; gen == seen; ++i) {
           CpuRelax();
           gen = Gen(state_.load(std::memory_order_acquire));
