@@ -143,16 +143,13 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
 // Row-threading switches for measurement (kernel_rows.h): pool 1 uses the
 // persistent pool, 0 spawns std::threads per call (the previous path), < 0
 // keeps the current choice; min_elements > 0 sets the elements per thread,
-// 0 restores the default of the chosen path, < 0 keeps the current value.
+// 0 restores the default (kMinElementsPerThread), < 0 keeps the current one.
 // Returns the (pool, min_elements) in effect, packed as pool << 62 | min.
 extern "C" __attribute__((visibility("default"))) int64_t
 NormjaxSetRowThreading(int pool, int64_t min_elements) {
   auto& s = normjax::rows_internal::GetSettings();
   if (pool >= 0) s.pool.store(pool != 0);
-  if (min_elements == 0) {
-    min_elements = s.pool.load() ? normjax::kMinElementsPerThread
-                                 : normjax::kSpawnMinElementsPerThread;
-  }
+  if (min_elements == 0) min_elements = normjax::kMinElementsPerThread;
   if (min_elements > 0) s.min_elements.store(min_elements);
   return (static_cast<int64_t>(s.pool.load()) << 62) | s.min_elements.load();
 }

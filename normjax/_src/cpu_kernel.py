@@ -154,9 +154,8 @@ def row_threading(pool: bool | None = None,
   """Sets how the kernels thread rows; returns (pool, min_elements) in effect.
 
   For measurement (benchmarks/sizes.py): `pool=False` spawns std::threads
-  per call as before the pool (and `min_elements=0` then restores that
-  path's 2^18); `min_elements` is the elements per thread (one thread below
-  it). None keeps the current value. Acts at call time, not trace time, for
+  per call as before the pool; `min_elements` is the elements per thread
+  (one thread below it; 0: the default, 2^18). None keeps the current value. Acts at call time, not trace time, for
   every kernel in the process. Raises RuntimeError without the kernel.
   """
   got = _row_threading_fn()(-1 if pool is None else int(bool(pool)),

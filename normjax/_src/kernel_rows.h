@@ -16,29 +16,36 @@
 // Threads come from a persistent process-wide pool (hardware_concurrency - 1
 // workers, created at the first threaded call, never destroyed). The caller
 // publishes a job by bumping a generation counter packed with the chunk
-// count and the next unclaimed chunk in one 64-bit atomic; workers spin
-// briefly (kSpinMicros) after their last job, then sleep on a condition
-// variable. Chunks are claimed with a compare-and-swap by the workers and by
-// the caller alike, so a worker that is slow to wake (the machine is busy)
-// costs nothing: the caller runs the remaining chunks itself. Only one
-// ParallelRows uses the pool at a time (try_lock): a concurrent call (XLA
-// running several kernels at once, e.g. one per simulated device) or a
-// nested one runs its chunks serially on its own thread, with the same split
-// and therefore the same result.
+// count and the next unclaimed chunk in one 64-bit atomic, wakes the
+// workers (condition variable; they do not busy-wait between jobs unless
+// NORMJAX_KERNEL_SPIN_US > 0: on a shared machine spinning cost more than
+// it saved) and runs chunks itself. Chunks are claimed with a
+// compare-and-swap by the workers and the caller alike, so a worker that is
+// slow to wake (the machine is busy) costs little: the caller runs the
+// unclaimed chunks itself, then waits (pause loop, then yield) for claimed
+// ones. Only one ParallelRows uses the pool at a time (try_lock): a
+// concurrent call (XLA running several kernels at once, e.g. one per
+// simulated device) or a nested one runs its chunks serially on its own
+// thread, with the same split and therefore the same result.
 //
-// Threshold: one thread per kMinElementsPerThread elements, at most
-// hardware_concurrency. Spawning std::threads per call (the previous
-// implementation) cost ~50-100 us and paid only from 2^18 elements; with the
-// pool a second thread pays from about 2^15 elements (2^15 x f32 = 128 KiB
-// per thread) on the project's 2-core CPU (benchmarks/sizes.py).
+// Threshold: one thread per kMinElementsPerThread = 2^18 elements (1 MiB of
+// f32), at most hardware_concurrency, so 2 threads from 2^19 elements on
+// the project's 2-core VM. The pool costs ~10 us per threaded call where
+// spawning std::threads (the previous implementation) cost 35-50 us, but a
+// lower threshold still did not pay there (benchmarks/sizes.py and the
+// measurements in its commit: with other jobs on the 2 cores, 2 threads vs
+// 1 was 1.3-1.45x slower at 2^16 elements, 1.1-1.2x at 2^18, ~1.0-1.1x at
+// 2^19-2^20 and 0.9-1.0x from 2^21): a second core is seldom free on a
+// shared machine, so the threshold stays; the pool makes the threaded sizes
+// cheaper (pool / spawn 0.5-0.9 at 2^19-2^22).
 //
 // Switches, for measurement: NORMJAX_KERNEL_POOL=0 (read once, at the first
-// threaded call) restores the previous behaviour (std::threads spawned per
-// call, 2^18 elements per thread); NORMJAX_KERNEL_MIN_ELEMENTS=n sets the
-// threshold. `NormjaxSetRowThreading(pool, min_elements)` (exported by
-// cpu_kernel.cc; normjax._src.cpu_kernel.row_threading from Python) changes
-// both at run time; a changed threshold can change `threads` and hence the
-// summation order of per-thread partial sums.
+// kernel call) restores the previous path (std::threads spawned per call);
+// NORMJAX_KERNEL_MIN_ELEMENTS=n sets the elements per thread.
+// `NormjaxSetRowThreading(pool, min_elements)` (exported by cpu_kernel.cc;
+// normjax._src.cpu_kernel.row_threading from Python) changes both at run
+// time; a changed threshold changes `threads` for some sizes and with it the
+// summation order of the per-thread partial sums (still deterministic).
 
 #ifndef NORMJAX_SRC_KERNEL_ROWS_H_
 #define NORMJAX_SRC_KERNEL_ROWS_H_
@@ -59,8 +66,7 @@
 
 namespace normjax {
 
-constexpr int64_t kMinElementsPerThread = 1 << 17;
-constexpr int64_t kSpawnMinElementsPerThread = 1 << 18;  // the spawn path's
+constexpr int64_t kMinElementsPerThread = 1 << 18;
 constexpr int kSpinMicros = 0;  // a worker's busy wait before it sleeps
 constexpr int kCallerSpins = 64;  // pause loops before the caller yields
 
@@ -95,12 +101,9 @@ struct Settings {
   int64_t spin_us = EnvInt("NORMJAX_KERNEL_SPIN_US", kSpinMicros);
   int64_t caller_spins = EnvInt("NORMJAX_KERNEL_CALLER_SPINS", kCallerSpins);
   Settings() {
-    const bool p = EnvInt("NORMJAX_KERNEL_POOL", 1) != 0;
-    pool.store(p);
+    pool.store(EnvInt("NORMJAX_KERNEL_POOL", 1) != 0);
     const int64_t m = EnvInt("NORMJAX_KERNEL_MIN_ELEMENTS", 0);
-    min_elements.store(m > 0 ? m
-                             : (p ? kMinElementsPerThread
-                                  : kSpawnMinElementsPerThread));
+    min_elements.store(m > 0 ? m : kMinElementsPerThread);
   }
 };
 
