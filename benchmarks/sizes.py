@@ -3,7 +3,7 @@
 Run from the repository root:
 
     python -m benchmarks.sizes            # 2^14 .. 2^24 elements, ~2-3 min
-    python -m benchmarks.sizes --quick    # 2^12 elements, 3 reps: a CI smoke run
+    python -m benchmarks.sizes --quick    # 2^12 elements, 3 reps: CI smoke
 
 x: f32 (rows, 1024), rows = N / 1024 for N = 2^14, 2^15, ..., 2^24 elements
 (16 to 16384 rows; the quick run: 4 rows), standard normal + 0.5; dy
@@ -200,11 +200,12 @@ def markdown(rows: list[dict]) -> str:
     return '| ' + ' | '.join(values) + ' |'
   out = []
   for mode in ('fwd+bwd', 'fwd'):
-    head = ['norm', 'shape', 'elements'] + [h for h, _, _ in COLUMNS]
+    head = ['norm', 'shape', 'elements', 'reps'] + [h for h, _, _ in COLUMNS]
     out += [f'{mode}:', '', cells(head), cells('---' for _ in head)]
     for r in rows:
       out.append(cells(
-          [r['norm'], f"{r['shape'][0]}x{r['shape'][1]}", f"2^{r['log2n']}"]
+          [r['norm'], f"{r['shape'][0]}x{r['shape'][1]}", f"2^{r['log2n']}",
+           str(r['reps'])]
           + [_fmt(r[k.format(mode)], f) for _, k, f in COLUMNS]))
     out.append('')
   return '\n'.join(out).rstrip('\n')
@@ -262,7 +263,7 @@ def figure(rows: list[dict], path: str = FIGURE) -> str:
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--quick', action='store_true',
-                  help="2^12 elements, 3 reps: a smoke test for CI")
+                  help='2^12 elements, 3 reps: a smoke test for CI')
   ap.add_argument('--reps', type=int, default=None,
                   help='rounds per size (default: what fits in ~5 s)')
   ap.add_argument('--figure', default=None,

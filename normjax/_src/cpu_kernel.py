@@ -155,8 +155,9 @@ def row_threading(pool: bool | None = None,
 
   For measurement (benchmarks/sizes.py): `pool=False` spawns std::threads
   per call as before the pool; `min_elements` is the elements per thread
-  (one thread below it; 0: the default, 2^18). None keeps the current value. Acts at call time, not trace time, for
-  every kernel in the process. Raises RuntimeError without the kernel.
+  (one thread below it; 0: the default, 2^18). None keeps the current
+  value. Acts at call time, not trace time, for every kernel in the
+  process. Raises RuntimeError without the kernel.
   """
   got = _row_threading_fn()(-1 if pool is None else int(bool(pool)),
                             -1 if min_elements is None else int(min_elements))

@@ -112,6 +112,13 @@ inline Settings& GetSettings() {
   return *s;
 }
 
+// Whether this thread is running pool work (a worker, or a caller inside
+// TryRun): a nested ParallelRows then runs serially.
+inline bool& InPool() {
+  static thread_local bool in_pool = false;
+  return in_pool;
+}
+
 // The persistent pool. A job is (fn, ctx, chunks); `state_` packs
 // generation (32 bits) | chunks (16) | next unclaimed chunk (16).
 class Pool {
@@ -166,6 +173,7 @@ class Pool {
   }
 
   void Loop() {
+    InPool() = true;
     uint64_t seen = 0;  // the generation before the first job
     for (;;) {
       uint64_t gen = Gen(state_.load(std::memory_order_acquire));
@@ -249,8 +257,14 @@ void ParallelRows(int64_t rows, int threads, Body body) {
   }
   using Range = decltype(range);
   auto call = [](void* ctx, int t) { (*static_cast<Range*>(ctx))(t); };
-  if (threads > 0xffff ||
-      !rows_internal::GetPool().TryRun(threads, call, &range)) {
+  bool& in_pool = rows_internal::InPool();
+  bool ran = false;
+  if (!in_pool && threads <= 0xffff) {
+    in_pool = true;
+    ran = rows_internal::GetPool().TryRun(threads, call, &range);
+    in_pool = false;
+  }
+  if (!ran) {
     for (int t = 0; t < threads; ++t) range(t);  // busy: serial, same split
   }
 }
