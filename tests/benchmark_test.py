@@ -91,3 +91,26 @@ def test_quick_efficiency_benchmark_runs():
   assert sorted(r['beam'] for r in result['decode']) == [1, 4]
   assert all(r['tokens_per_s'] > 0 for r in result['decode'])
   assert efficiency.markdown(result).startswith('Measured float32 matmul')
+
+
+def test_quick_size_sweep(tmp_path):
+  """`python -m benchmarks.sizes --quick`: table, targets and figure."""
+  from benchmarks import sizes  # pylint: disable=g-import-not-at-top
+  rows = sizes.run(quick=True)
+  assert [(r['norm'], r['log2n']) for r in rows] == [
+      (n, s) for s in sizes.QUICK_SIZES for n in sizes.NORMS]
+  for r in rows:
+    for mode in sizes.MODES:
+      for lib in ('normjax', 'flax'):
+        assert r[f'{lib} {mode} us'] > 0
+      assert r[f'vs flax {mode}'] > 0 and r[f'GB/s {mode}'] > 0
+  table = sizes.markdown(rows)
+  assert table.startswith('fwd+bwd:')
+  assert '| LayerNorm | 4x1024 | 2^12 | 3 |' in table
+  lines = sizes.targets(rows)
+  assert len(lines) == len(sizes.NORMS) * len(sizes.MODES) * 2
+  assert all(('ok' in l or 'MISSED' in l or 'not measured' in l)
+             for l in lines)
+  path = sizes.figure(rows, str(tmp_path / 'sizes.png'))
+  with open(path, 'rb') as fh:
+    assert fh.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -205,3 +205,94 @@ def test_a_build_is_announced_once_with_its_path_and_time(tmp_path):
   again = subprocess.run([sys.executable, '-c', code], env=env,
                          capture_output=True, text=True, timeout=180)
   assert 'compiling' not in again.stderr  # cached
+
+
+# The row-threading pool (kernel_rows.h): 2 threads from 2 * 2^18 elements
+# by default; `row_threading(min_elements=1)` threads every array, with
+# hardware_concurrency threads (more than the rows of the small shapes).
+THRESHOLD = 1 << 18
+
+
+@pytest.fixture
+def row_threading():
+  """Sets the kernels' row threading for one test, then restores it."""
+  if not cpu_kernel.available():
+    pytest.skip('the fused CPU kernel is unavailable')
+  before = cpu_kernel.row_threading()
+  yield cpu_kernel.row_threading
+  cpu_kernel.row_threading(*before)
+
+
+def assert_bitwise_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('name,shape,min_elements', [
+    ('layer_norm', (2 * THRESHOLD // 256 - 1, 256), 0),  # below: 1 thread
+    ('layer_norm', (2 * THRESHOLD // 256 + 1, 256), 0),  # 2 threads, odd rows
+    ('rms_norm', (1, 2 * THRESHOLD), 0),                 # 2 threads, 1 row
+    ('layer_norm', (3, 40), 1),        # every thread; rows < threads on 4+
+    ('rms_norm', (1, 40), 1),          # rows < threads
+    ('layer_norm', (7, 8), 1),         # rows not divisible by threads
+    ('rms_norm', (7, 8), 1),
+], ids=['below', 'above_odd_rows', 'one_row', 'three_rows', 'rows_lt_threads',
+        'ragged_ln', 'ragged_rms'])
+def test_threaded_rows_are_deterministic_and_match_xla(
+    row_threading, name, shape, min_elements):
+  """Repeated calls give the same bits, and agree with the XLA path, on both
+  sides of the threshold and with rows that do not split evenly."""
+  row_threading(True, min_elements)
+  x, dy, params = data(shape, seed=1)
+  fn = NORMS[name]
+
+  def loss(x, p):
+    return jnp.sum(fn(x, p) * dy)
+  f = jax.jit(lambda x, p: (fn(x, p), jax.grad(loss, (0, 1))(x, p)))
+  first = f(x, params)
+  assert_bitwise_equal(f(x, params), first)
+  assert_bitwise_equal(f(x, params), first)
+  want = value_and_grads(fn, x, dy, params, kernel=False)
+  chex.assert_trees_all_close(first, want, atol=2e-5 * np.sqrt(shape[0]),
+                              rtol=2e-5)
+
+
+def test_pool_and_serial_threads_give_the_same_bits(row_threading):
+  """The split depends only on (rows, threads): run in parallel by the pool,
+  by spawned threads or (pool busy) serially, the bits are the same."""
+  x, dy, params = data((37, 24), seed=2)
+  fn = NORMS['layer_norm']
+  row_threading(True, 1)
+  want = value_and_grads(fn, x, dy, params)
+  row_threading(False, 1)
+  assert_bitwise_equal(value_and_grads(fn, x, dy, params), want)
+
+
+def test_concurrent_callers_share_the_pool(row_threading):
+  """Calls from several threads at once (one gets the pool, the others run
+  serially) and per-device shards all give the single-call bits."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  row_threading(True, 1)
+  x, dy, params = data((16, 8, 32), seed=3)
+  fn = NORMS['rms_norm']
+  f = jax.jit(lambda x, p, dy: (fn(x, p), jax.grad(
+      lambda x, p: jnp.sum(fn(x, p) * dy), (0, 1))(x, p)))
+  want = jax.block_until_ready(f(x, params, dy))
+  with concurrent.futures.ThreadPoolExecutor(4) as ex:
+    outs = list(ex.map(lambda _: jax.block_until_ready(f(x, params, dy)),
+                       range(16)))
+  for got in outs:
+    assert_bitwise_equal(got, want)
+  mesh = jax.make_mesh((8,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  put = lambda a: jax.device_put(a, NamedSharding(mesh, P('data')))
+  sharded = [f(put(x), params, put(dy)) for _ in range(3)]
+  for got in sharded[1:]:
+    assert_bitwise_equal(got, sharded[0])
+  chex.assert_trees_all_close(sharded[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_row_threading_switch_round_trips(row_threading):
+  assert row_threading(True, 0) == (True, THRESHOLD)
+  assert row_threading(False, 123) == (False, 123)
+  assert row_threading() == (False, 123)

@@ -11,7 +11,8 @@
 // Forward returns y, mu and r; backward recomputes xh from x, mu, r:
 //   g = dy * scale, dx = r * (g - mean(g) - xh * mean(g * xh))   [no mean(g)
 //   term without centring], dscale = sum_rows(dy * xh), dbias = sum_rows(dy).
-// Rows are split over std::threads when the array is large enough to pay.
+// Rows are split over the persistent thread pool of kernel_rows.h when the
+// array is large enough to pay.
 
 #include <algorithm>
 #include <cmath>
@@ -138,6 +139,20 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
 }
 
 }  // namespace
+
+// Row-threading switches for measurement (kernel_rows.h): pool 1 uses the
+// persistent pool, 0 spawns std::threads per call (the previous path), < 0
+// keeps the current choice; min_elements > 0 sets the elements per thread,
+// 0 restores the default (kMinElementsPerThread), < 0 keeps the current one.
+// Returns the (pool, min_elements) in effect, packed as pool << 62 | min.
+extern "C" __attribute__((visibility("default"))) int64_t
+NormjaxSetRowThreading(int pool, int64_t min_elements) {
+  auto& s = normjax::rows_internal::GetSettings();
+  if (pool >= 0) s.pool.store(pool != 0);
+  if (min_elements == 0) min_elements = normjax::kMinElementsPerThread;
+  if (min_elements > 0) s.min_elements.store(min_elements);
+  return (static_cast<int64_t>(s.pool.load()) << 62) | s.min_elements.load();
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPerTokenNormForward, Forward,
                               ffi::Ffi::Bind()

@@ -23,6 +23,10 @@ wheel built elsewhere would carry the wrong instructions or ABI. Without a
 compiler the norms warn once and use the XLA path. `NORMJAX_CPU_KERNEL=0` turns the kernel
 off; `use_cpu_kernel(False)` does so inside a `with` block. Both act when a
 function is traced: a function jitted before keeps its compiled choice.
+
+Rows are threaded over a persistent pool (`kernel_rows.h`);
+`row_threading(pool=, min_elements=)` switches it at run time for
+measurement (`NORMJAX_KERNEL_POOL=0`: the previous spawn-per-call path).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ _TARGETS = {
     'normjax_power_columns': 'NormjaxPowerColumns',
 }
 _enabled = [os.environ.get('NORMJAX_CPU_KERNEL', '1') != '0']
+_library: list[ctypes.CDLL] = []  # the loaded kernels, once `_load` ran
 
 
 @contextlib.contextmanager
@@ -131,6 +136,7 @@ def _load() -> bool:
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(_build())
+    _library[:] = [lib]
     for target, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(
           target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
@@ -141,6 +147,30 @@ def _load() -> bool:
         'NORMJAX_CPU_KERNEL=0 to silence this.', RuntimeWarning, stacklevel=3)
     return False
   return True
+
+
+def row_threading(pool: bool | None = None,
+                  min_elements: int | None = None) -> tuple[bool, int]:
+  """Sets how the kernels thread rows; returns (pool, min_elements) in effect.
+
+  For measurement (benchmarks/sizes.py): `pool=False` spawns std::threads
+  per call as before the pool; `min_elements` is the elements per thread
+  (one thread below it; 0: the default, 2^18). None keeps the current
+  value. Acts at call time, not trace time, for every kernel in the
+  process. Raises RuntimeError without the kernel.
+  """
+  got = _row_threading_fn()(-1 if pool is None else int(bool(pool)),
+                            -1 if min_elements is None else int(min_elements))
+  return bool(got >> 62), got & ((1 << 62) - 1)
+
+
+@functools.cache
+def _row_threading_fn():
+  if not _load() or not _library:
+    raise RuntimeError('the fused CPU kernel is not loaded')
+  fn = _library[0].NormjaxSetRowThreading
+  fn.restype, fn.argtypes = ctypes.c_int64, (ctypes.c_int, ctypes.c_int64)
+  return fn
 
 
 def available() -> bool:

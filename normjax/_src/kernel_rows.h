@@ -1,21 +1,74 @@
-// Row threading shared by cpu_kernel.cc and power_kernel.cc.
+// Row threading shared by the fused CPU kernels (cpu_kernel.cc,
+// power_kernel.cc, ...).
 //
-// x is [rows, C] with the leading axes flattened; rows are split into
-// contiguous ranges over std::threads when the array is large enough to pay
-// for spawning them (measured: below 2^18 elements one thread is faster on
-// the project's 2-core CPU).
+// x is [rows, C] with the leading axes flattened. A kernel asks
+// `NumThreads(elements)` for a thread count and calls
+// `ParallelRows(rows, threads, body)`, which calls body(t, lo, hi) once for
+// every t in [0, threads) on the contiguous row range
+//   chunk = ceil(rows / threads),  lo = min(rows, t * chunk),
+//   hi = min(rows, lo + chunk)
+// (empty ranges included: a body may zero or use its slot t regardless).
+// The split depends only on (rows, threads), and t indexes per-thread
+// partial sums that the kernel adds in a fixed order afterwards, so the same
+// input gives bit-identical output on every call, whichever OS thread ran
+// which chunk and whether it ran in parallel at all.
+//
+// Threads come from a persistent process-wide pool (hardware_concurrency - 1
+// workers, created at the first threaded call, never destroyed). The caller
+// publishes a job by bumping a generation counter packed with the chunk
+// count and the next unclaimed chunk in one 64-bit atomic, wakes the
+// workers (condition variable; they do not busy-wait between jobs unless
+// NORMJAX_KERNEL_SPIN_US > 0: on a shared machine spinning cost more than
+// it saved) and runs chunks itself. Chunks are claimed with a
+// compare-and-swap by the workers and the caller alike, so a worker that is
+// slow to wake (the machine is busy) costs little: the caller runs the
+// unclaimed chunks itself, then waits (pause loop, then yield) for claimed
+// ones. Only one ParallelRows uses the pool at a time (try_lock): a
+// concurrent call (XLA running several kernels at once, e.g. one per
+// simulated device) or a nested one runs its chunks serially on its own
+// thread, with the same split and therefore the same result.
+//
+// Threshold: one thread per kMinElementsPerThread = 2^18 elements (1 MiB of
+// f32), at most hardware_concurrency, so 2 threads from 2^19 elements on
+// the project's 2-core VM. The pool costs ~10 us per threaded call where
+// spawning std::threads (the previous implementation) cost 35-50 us, but a
+// lower threshold still did not pay there (benchmarks/sizes.py and the
+// measurements in its commit: with other jobs on the 2 cores, 2 threads vs
+// 1 was 1.3-1.45x slower at 2^16 elements, 1.1-1.2x at 2^18, ~1.0-1.1x at
+// 2^19-2^20 and 0.9-1.0x from 2^21): a second core is seldom free on a
+// shared machine, so the threshold stays; the pool makes the threaded sizes
+// cheaper (pool / spawn 0.5-0.9 at 2^19-2^22).
+//
+// Switches, for measurement: NORMJAX_KERNEL_POOL=0 (read once, at the first
+// kernel call) restores the previous path (std::threads spawned per call);
+// NORMJAX_KERNEL_MIN_ELEMENTS=n sets the elements per thread.
+// `NormjaxSetRowThreading(pool, min_elements)` (exported by cpu_kernel.cc;
+// normjax._src.cpu_kernel.row_threading from Python) changes both at run
+// time; a changed threshold changes `threads` for some sizes and with it the
+// summation order of the per-thread partial sums (still deterministic).
 
 #ifndef NORMJAX_SRC_KERNEL_ROWS_H_
 #define NORMJAX_SRC_KERNEL_ROWS_H_
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace normjax {
 
 constexpr int64_t kMinElementsPerThread = 1 << 18;
+constexpr int kSpinMicros = 0;  // a worker's busy wait before it sleeps
+constexpr int kCallerSpins = 64;  // pause loops before the caller yields
 
 // The size of the last axis (1 for a scalar).
 template <typename Dims>
@@ -23,28 +76,197 @@ int64_t LastDim(const Dims& dims) {
   return dims.size() == 0 ? 1 : dims[dims.size() - 1];
 }
 
-inline int NumThreads(int64_t elements) {
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min(hw, elements / kMinElementsPerThread)));
+namespace rows_internal {
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
 }
 
-// Calls body(thread, first_row, end_row) on `threads` contiguous row ranges.
+inline int64_t EnvInt(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  return *end == '\0' ? static_cast<int64_t>(n) : fallback;
+}
+
+// Run-time settings: whether to use the pool, and the elements per thread.
+struct Settings {
+  std::atomic<bool> pool;
+  std::atomic<int64_t> min_elements;
+  int64_t spin_us = EnvInt("NORMJAX_KERNEL_SPIN_US", kSpinMicros);
+  int64_t caller_spins = EnvInt("NORMJAX_KERNEL_CALLER_SPINS", kCallerSpins);
+  Settings() {
+    pool.store(EnvInt("NORMJAX_KERNEL_POOL", 1) != 0);
+    const int64_t m = EnvInt("NORMJAX_KERNEL_MIN_ELEMENTS", 0);
+    min_elements.store(m > 0 ? m : kMinElementsPerThread);
+  }
+};
+
+inline Settings& GetSettings() {
+  static Settings* s = new Settings();  // never destroyed
+  return *s;
+}
+
+// Whether this thread is running pool work (a worker, or a caller inside
+// TryRun): a nested ParallelRows then runs serially.
+inline bool& InPool() {
+  static thread_local bool in_pool = false;
+  return in_pool;
+}
+
+// The persistent pool. A job is (fn, ctx, chunks); `state_` packs
+// generation (32 bits) | chunks (16) | next unclaimed chunk (16).
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int i = 0; i < workers; ++i) std::thread([this] { Loop(); }).detach();
+  }
+
+  // Runs fn(ctx, t) for t in [0, chunks) over the pool and the calling
+  // thread; false (nothing run) if the pool is busy.
+  bool TryRun(int chunks, void (*fn)(void*, int), void* ctx) {
+    std::unique_lock<std::mutex> run(run_mu_, std::try_to_lock);
+    if (!run.owns_lock()) return false;
+    fn_ = fn;
+    ctx_ = ctx;
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(sleep_mu_);  // no lost wake-up
+      gen_ = (gen_ + 1) & 0xffffffffu;
+      state_.store((gen_ << 32) | (static_cast<uint64_t>(chunks) << 16),
+                   std::memory_order_release);
+    }
+    if (sleepers_.load(std::memory_order_relaxed) > 0) wake_.notify_all();
+    Work(gen_);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < chunks;) {
+      if (++spins < GetSettings().caller_spins) {
+        CpuRelax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    return true;
+  }
+
+ private:
+  static uint64_t Gen(uint64_t s) { return s >> 32; }
+
+  // Claims and runs chunks of job `gen` until none is left.
+  void Work(uint64_t gen) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t chunks = (s >> 16) & 0xffff, next = s & 0xffff;
+      if (Gen(s) != gen || next >= chunks) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acquire,
+                                        std::memory_order_acquire)) {
+        continue;  // s reloaded
+      }
+      fn_(ctx_, static_cast<int>(next));  // job `gen` waits for this chunk
+      done_.fetch_add(1, std::memory_order_release);
+      s = state_.load(std::memory_order_acquire);
+    }
+  }
+
+  void Loop() {
+    InPool() = true;
+    uint64_t seen = 0;  // the generation before the first job
+    for (;;) {
+      uint64_t gen = Gen(state_.load(std::memory_order_acquire));
+      if (gen == seen && GetSettings().spin_us > 0) {
+        const auto until = std::chrono::steady_clock::now() +
+                           std::chrono::microseconds(GetSettings().spin_us);
+        for (int i = 1; gen == seen; ++i) {
+          CpuRelax();
+          gen = Gen(state_.load(std::memory_order_acquire));
+          if (i % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+        }
+      }
+      if (gen == seen) {
+        std::unique_lock<std::mutex> lock(sleep_mu_);
+        sleepers_.fetch_add(1, std::memory_order_relaxed);
+        wake_.wait(lock, [&] {
+          return Gen(state_.load(std::memory_order_acquire)) != seen;
+        });
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        gen = Gen(state_.load(std::memory_order_acquire));
+      }
+      seen = gen;
+      Work(gen);
+    }
+  }
+
+  std::mutex run_mu_;    // held by the ParallelRows using the pool
+  uint64_t gen_ = 0;     // written under run_mu_ and sleep_mu_
+  void (*fn_)(void*, int) = nullptr;
+  void* ctx_ = nullptr;  // fn_, ctx_: written before state_ (release)
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int> done_{0};
+  std::mutex sleep_mu_;
+  std::condition_variable wake_;
+  std::atomic<int> sleepers_{0};
+};
+
+inline int HardwareThreads() {
+  static const int hw =
+      static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return hw;
+}
+
+inline Pool& GetPool() {
+  static Pool* pool = new Pool(HardwareThreads() - 1);  // never destroyed
+  return *pool;
+}
+
+}  // namespace rows_internal
+
+inline int NumThreads(int64_t elements) {
+  const int64_t hw = std::min(rows_internal::HardwareThreads(), 0xffff);
+  const int64_t per = std::max<int64_t>(
+      1, rows_internal::GetSettings().min_elements.load(
+             std::memory_order_relaxed));
+  return static_cast<int>(std::max<int64_t>(1, std::min(hw, elements / per)));
+}
+
+// Calls body(thread, first_row, end_row) on `threads` contiguous row ranges
+// (see the header comment); returns when all have run.
 template <typename Body>
 void ParallelRows(int64_t rows, int threads, Body body) {
-  if (threads == 1) {
+  if (threads <= 1) {
     body(0, 0, rows);
     return;
   }
-  std::vector<std::thread> pool;
   const int64_t chunk = (rows + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
+  auto range = [&](int t) {
     const int64_t lo = std::min(rows, t * chunk);
-    const int64_t hi = std::min(rows, lo + chunk);
-    pool.emplace_back(body, t, lo, hi);
+    body(t, lo, std::min(rows, lo + chunk));
+  };
+  if (!rows_internal::GetSettings().pool.load(std::memory_order_relaxed)) {
+    std::vector<std::thread> spawned;  // the previous implementation
+    for (int t = 1; t < threads; ++t) {
+      const int64_t lo = std::min(rows, t * chunk);
+      spawned.emplace_back(body, t, lo, std::min(rows, lo + chunk));
+    }
+    body(0, 0, std::min(rows, chunk));
+    for (auto& th : spawned) th.join();
+    return;
   }
-  body(0, 0, std::min(rows, chunk));
-  for (auto& th : pool) th.join();
+  using Range = decltype(range);
+  auto call = [](void* ctx, int t) { (*static_cast<Range*>(ctx))(t); };
+  bool& in_pool = rows_internal::InPool();
+  bool ran = false;
+  if (!in_pool && threads <= 0xffff) {
+    in_pool = true;
+    ran = rows_internal::GetPool().TryRun(threads, call, &range);
+    in_pool = false;
+  }
+  if (!ran) {
+    for (int t = 0; t < threads; ++t) range(t);  // busy: serial, same split
+  }
 }
 
 }  // namespace normjax
