@@ -11,7 +11,8 @@
 //
 // PowerStats:    rs, sq = sum_i w_i (a - k)^2 and s1 = sum_i w_i (a - k)
 //                (k [C] a shift, one real row, so that the variance keeps
-//                its precision; s1 only when centred)          (pass 1 of 2)
+//                its precision: given, or found here; s1 only when centred)
+//                                                              (pass 1 of 2)
 // PowerApply:    y = z * scale + bias                         (pass 2 of 2)
 // PowerBackward: g_hat = keep_i dy scale - cw_i (e + corr zh),
 //                du = sum_i cw_i g_hat zh, dscale = sum_i dy z, dbias = sum_i dy,
@@ -162,16 +163,41 @@ void StatsImpl(const float* __restrict xp, const float* __restrict wp,
   SumPartials(partial, threads, k_count, c, out);
 }
 
+// k [C] = a at the first row with w > 0 (0 without one): the shift of the
+// centred sums, found here so that the caller needs no pass of its own.
+void FirstRealRow(const float* xp, const float* wp, int64_t n, int64_t c,
+                  int64_t groups, float gs_eps, float* k) {
+  const int64_t i = std::find_if(wp, wp + n, [](float v) { return v != 0.0f; })
+                    - wp;
+  if (i == n) {
+    std::fill(k, k + c, 0.0f);
+    return;
+  }
+  const int64_t ng = std::max<int64_t>(groups, 1), cg = c / ng;
+  for (int64_t g = 0; g < ng; ++g) {
+    const float* xg = xp + i * c + g * cg;
+    const float r = groups > 0 ? GroupScale(xg, cg, gs_eps) : 1.0f;
+    for (int64_t j = 0; j < cg; ++j) k[g * cg + j] = xg[j] * r;
+  }
+}
+
 ffi::Error Stats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                  ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> rs,
                  ffi::ResultBuffer<ffi::F32> sq, ffi::ResultBuffer<ffi::F32> s1,
-                 int64_t groups, float gs_eps, bool center) {
+                 ffi::ResultBuffer<ffi::F32> shift_used, int64_t groups,
+                 float gs_eps, bool center, bool find_shift) {
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   float* s1p = s1->typed_data();
+  float* k = shift_used->typed_data();
+  if (center && find_shift) {
+    FirstRealRow(x.typed_data(), w.typed_data(), n, c, groups, gs_eps, k);
+  } else {
+    std::copy(shift.typed_data(), shift.typed_data() + c, k);
+  }
   if (center) {
-    StatsImpl<true>(x.typed_data(), w.typed_data(), shift.typed_data(), n, c,
-                    groups, gs_eps, rs->typed_data(), sq->typed_data(), s1p);
+    StatsImpl<true>(x.typed_data(), w.typed_data(), k, n, c, groups, gs_eps,
+                    rs->typed_data(), sq->typed_data(), s1p);
   } else {
     StatsImpl<false>(x.typed_data(), w.typed_data(), nullptr, n, c, groups,
                      gs_eps, rs->typed_data(), sq->typed_data(), nullptr);
@@ -335,13 +361,19 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   const float a[4] = {a0, a1, a2, a3};
   if (!(dx_ && gs_)) return;
   // GroupScaling's VJP: dx = rs (da - (x rs) mean_g(da x rs)).
-  for (int q = 0; q < R; ++q) {
-    const float m = a[q] / static_cast<float>(cg), rq = r[q];
-    const float* __restrict xq = x + q * c;
-    const float* __restrict dq = da + q * cg;
-    float* __restrict out = dx + q * c;
+  float b[R];  // rs^2 mean_g(da x rs) per row
+  for (int q = 0; q < R; ++q) b[q] = r[q] * r[q] * a[q] / static_cast<float>(cg);
 #pragma omp simd
-    for (int64_t j = 0; j < cg; ++j) out[j] = rq * (dq[j] - xq[j] * rq * m);
+  for (int64_t j = 0; j < cg; ++j) {
+    auto row = [&](int q) __attribute__((always_inline)) {
+      dx[q * c + j] = r[q] * da[q * cg + j] - x[q * c + j] * b[q];
+    };
+    row(0);
+    if constexpr (R == 4) {
+      row(1);
+      row(2);
+      row(3);
+    }
   }
 }
 
@@ -492,9 +524,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerStats, Stats,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // rs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sq
                                   .Ret<ffi::Buffer<ffi::F32>>()  // s1
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // k used
                                   .Attr<int64_t>("groups")
                                   .Attr<float>("gs_eps")
-                                  .Attr<bool>("center"));
+                                  .Attr<bool>("center")
+                                  .Attr<bool>("find_shift"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerApply, Apply,
                               ffi::Ffi::Bind()

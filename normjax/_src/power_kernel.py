@@ -73,9 +73,11 @@ def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple,
   """The FFI call `target` as a row-sharded, vmappable JAX function.
 
   Results take the shape of x ('x'), of rs ('r': x's rows and
-  `attrs['rs_width']` columns) or [C] ('s'). `centered` (the statistics):
-  the FFI call gets one more operand, the shift `_shift(x, w)` of the whole
-  (sharded) batch, which is also returned last.
+  `attrs['rs_width']` columns), [C] ('s', a column sum) or a replicated [C]
+  ('c'). `centered` (the statistics): the FFI call gets one more operand,
+  the shift: on one device the kernel finds it itself (`find_shift`); on
+  row shards `_shift(x, w)` of the whole batch, one psum of [C]. The shift
+  used is returned last.
   """
   attrs = dict(attrs)
   rs_width = attrs.pop('rs_width', 1)
@@ -83,13 +85,14 @@ def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple,
   def call_on(axes, *args):
     x = args[0]
     shapes = {'x': x.shape, 'r': x.shape[:-1] + (rs_width,),
-              's': x.shape[-1:]}
+              's': x.shape[-1:], 'c': x.shape[-1:]}
     outs = tuple(jax.ShapeDtypeStruct(shapes[k], x.dtype)
-                 for k in result_kinds)
-    if centered:
-      k = _shift(x, args[1], attrs['groups'], attrs['gs_eps'], axes)
+                 for k in all_results)
+    if centered:  # one device: the kernel finds the shift itself
+      k = (_shift(x, args[1], attrs['groups'], attrs['gs_eps'], axes) if axes
+           else jnp.zeros(x.shape[-1:], x.dtype))
       return jax.ffi.ffi_call(target, outs, vmap_method='sequential')(
-          *args, k, **attrs) + (k,)
+          *args, k, find_shift=not axes, **attrs)
     return jax.ffi.ffi_call(target, outs, vmap_method='sequential')(
         *args, **attrs)
 
@@ -126,10 +129,10 @@ def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple,
 def stats(x, w, groups, gs_eps):
   """(rs [..., max(G, 1)], sum_rows(w a^2) [C]) with a = x * rs."""
   zeros = jnp.zeros(x.shape[-1:], x.dtype)
-  return _op('normjax_power_stats', 'xwc', 'rss',
+  return _op('normjax_power_stats', 'xwc', 'rssc',
              (('groups', np.int64(groups)), ('gs_eps', np.float32(gs_eps)),
-              ('center', False), ('rs_width', max(groups, 1))))(
-                  x, w, zeros)[:2]
+              ('center', False), ('find_shift', False),
+              ('rs_width', max(groups, 1))))(x, w, zeros)[:2]
 
 
 def centered_stats(x, w, groups, gs_eps):
