@@ -57,6 +57,7 @@ TORCH_BN = 'torch BatchNorm (no mask)'
 TORCH_PN = 'torch PowerNorm train (official algorithm)'
 LN, RMS, BN = 'normjax LayerNorm', 'normjax RMSNorm', 'normjax BatchNorm (mask)'
 PN, UN = 'normjax PowerNorm train (mask)', 'normjax UnifiedNorm train (mask)'
+PN_WARMUP = 'normjax PowerNorm train, in warmup (mask)'
 FLAX_RMS, FLAX_BN = 'flax RMSNorm', 'flax BatchNorm (mask)'
 
 
@@ -104,7 +105,9 @@ def _cases(c: int):
   """[(name, apply(x, mask, p, s) -> (y, s'), p, s, backward fields|None)]."""
   p = {'scale': jnp.ones((c,)), 'bias': jnp.zeros((c,))}
   p_scale, pn = {'scale': p['scale']}, dict(num_groups=4, warmup_steps=4000)
-  none, pn_state = nf.EmptyState(), nf.init_power_norm_state(c)
+  none = nf.EmptyState()
+  pn_warmup = nf.init_power_norm_state(c)  # step 0 of warmup_steps 4000
+  pn_state = pn_warmup._replace(step=jnp.asarray(4000, pn_warmup.step.dtype))
 
   def nj(fn, **kw):  # per-token norms accept the mask and ignore it
     return lambda x, m, p, s: fn(x, p, s, mask=m, **kw)
@@ -154,6 +157,7 @@ def _cases(c: int):
        ('ema_gz',)),
       ('normjax PowerNorm train (mask, XLA path)',
        xla_path(nj(nf.power_norm, **pn)), p, pn_state, ('ema_gz',)),
+      (PN_WARMUP, nj(nf.power_norm, **pn), p, pn_warmup, ('ema_gz',)),
       ('normjax PowerNorm eval', nj(nf.power_norm, use_running_average=True,
                                     **pn), p, pn_state, None),
       ('normjax UnifiedNorm train (mask)',
@@ -275,15 +279,16 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
 
 # Arrays of x.nbytes that a separate forward and backward must move at
 # least (the one place this count is written): per-token norms 5 (fwd reads
-# x, writes y; bwd reads x, dy, writes dx). PowerNorm reads x twice in the
-# forward (its denominator needs every row first): 6. The exact batch norms
+# x, writes y; bwd reads x, dy, writes dx). PowerNorm after its warmup too
+# (its denominator is phi_{t-1}); in the warmup it reads x twice in the
+# forward (the denominator needs every row first): 6. The exact batch norms
 # (BatchNorm, the paper's BN, PN-V) also read x and dy twice in the backward
 # (dx needs column sums over every row first), and so does UN (its
 # correction needs the gradient statistic first): 8. The GB/s columns count
 # 4; the bound targets count these.
 TRAFFIC = {LN: 5, RMS: 5, 'normjax GroupScaling (4)': 5, BN: 8,
-           'normjax paper BN (mask)': 8, 'normjax PN-V (mask)': 8, PN: 6,
-           UN: 8}
+           'normjax paper BN (mask)': 8, 'normjax PN-V (mask)': 8, PN: 5,
+           PN_WARMUP: 6, UN: 8}
 BOUND_PCT = 85  # every trained norm's fwd+bwd, % of its own traffic bound
 # label, norm, peer, bound, compared modes (0 fwd, 1 fwd+bwd): paired ratios.
 TARGETS = (

@@ -14,6 +14,8 @@
 //                its precision: given, or found here; s1 only when centred)
 //                                                              (pass 1 of 2)
 // PowerApply:    y = z * scale + bias                         (pass 2 of 2)
+// PowerStatsApply: rs, sq and y in one pass, where inv_d is known first
+//                (PowerNorm after its warmup: the running denominator)
 // PowerBackward: g_hat = keep_i dy scale - cw_i (e + corr zh),
 //                du = sum_i cw_i g_hat zh, dscale = sum_i dy z, dbias = sum_i dy,
 //                dk = sum_i keep_i dy (with per-row keep only; a row with
@@ -67,8 +69,15 @@ void SumPartials(const std::vector<float>& part, int threads, int k_count,
 
 // Block rows: the column sums are accumulated over kBlock rows at a time,
 // so that each column operand and partial sum is loaded and stored once per
-// block rather than once per row (the passes are compute-bound otherwise).
-constexpr int kBlock = 4;
+// block rather than once per row. Two rows, not four: rows of 1024 floats
+// are 4 KiB apart, so the rows of a block share L1 sets (8 ways), and four
+// rows of x and dy with the column vectors evicted each other (measured:
+// PowerNorm's step 1.27x LayerNorm's with four, 1.03-1.24x with two, 1.09-
+// 1.25x with one, on the benchmark shape). Outputs are written one row at
+// a time: storing row q while loading row q + 1 at the same column aliases
+// in the low 12 address bits (a stall on every load). Passes without column
+// sums (dx only) take one row at a time.
+constexpr int kBlock = 2;
 
 // 1 / sqrt(mean(x^2) + eps) over one group of cg features.
 inline float GroupScale(const float* __restrict xg, int64_t cg, float eps) {
@@ -85,7 +94,7 @@ inline void StatsRows(const float* __restrict x, const float* w,
                       const float* r, const float* __restrict k, int64_t c,
                       int64_t cg, float* __restrict sq,
                       float* __restrict s1) {
-  static_assert(R == 1 || R == kBlock);
+  static_assert(R == 1 || R == 2 || R == 4);
 #pragma omp simd
   for (int64_t j = 0; j < cg; ++j) {
     const float kj = kCenter ? k[j] : 0.0f;
@@ -96,8 +105,8 @@ inline void StatsRows(const float* __restrict x, const float* w,
       if (kCenter) m += w[i] * d;
     };
     row(0);
-    if constexpr (R == kBlock) {
-      row(1);
+    if constexpr (R >= 2) row(1);
+    if constexpr (R == 4) {
       row(2);
       row(3);
     }
@@ -206,6 +215,63 @@ ffi::Error Stats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
+// PowerNorm after its warmup: the denominator is known before the pass, so
+// y = x rs inv_d scale + bias and the statistic sq = sum_i w_i (x rs)^2 come
+// from one pass over x (rows with w = 0 stay out of sq).
+ffi::Error StatsApply(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::Buffer<ffi::F32> inv_d, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> rs,
+                      ffi::ResultBuffer<ffi::F32> sq,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t groups,
+                      float gs_eps) {
+  const int64_t c = LastDim(x.dimensions());
+  const int64_t n = x.element_count() / c;
+  const int64_t ng = std::max<int64_t>(groups, 1), cg = c / ng;
+  std::vector<float> coef(static_cast<size_t>(c));
+  for (int64_t j = 0; j < c; ++j) {
+    coef[j] = inv_d.typed_data()[j] * scale.typed_data()[j];
+  }
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const float* ap = coef.data();
+  const float* bp = bias.typed_data();
+  float* rp = rs->typed_data();
+  float* yp = y->typed_data();
+  const int threads = NumThreads(n * c);
+  std::vector<float> partial(static_cast<size_t>(threads * Stride(c)), 0.0f);
+  float* part = partial.data();
+  ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
+    float* acc = part + t * Stride(c);
+    for (int64_t i = lo; i < hi; ++i) {
+      const float wi = wp[i];
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t o = g * cg;
+        const float* __restrict xg = xp + i * c + o;
+        const float r = groups > 0 ? GroupScale(xg, cg, gs_eps) : 1.0f;
+        rp[i * ng + g] = r;
+        const float* __restrict ag = ap + o;
+        const float* __restrict bg = bp + o;
+        float* __restrict yg = yp + i * c + o;
+        float* __restrict qg = acc + o;
+        if (wi == 0.0f) {  // a pad: normalised, kept out of sq
+#pragma omp simd
+          for (int64_t j = 0; j < cg; ++j) yg[j] = xg[j] * r * ag[j] + bg[j];
+          continue;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < cg; ++j) {
+          const float xs = xg[j] * r;
+          yg[j] = xs * ag[j] + bg[j];
+          qg[j] += wi * xs * xs;
+        }
+      }
+    }
+  });
+  float* out[1] = {sq->typed_data()};
+  SumPartials(partial, threads, 1, c, out);
+  return ffi::Error::Success();
+}
+
 // y = keep_i * (x rs - mu) * inv_d * scale + bias, as keep_i (a A - B) + bias
 // with A = inv_d scale and B = mu inv_d scale per column.
 ffi::Error Apply(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
@@ -285,13 +351,14 @@ struct BackwardArgs {
   float* ds;
   float* db;
   float* dk;
-  float* da;  // [kBlock, c / ng]: g_hat * inv_bd of a block's group
+  float* da;  // [kBlock, c / ng + 16]: g_hat * inv_bd of a block's group
+  const float* coef;  // [4, c]: DxOnlyRow's column vectors
 };
 
 // Group g of the R rows from i0 (none dropped).
 template <int F, int R>
 inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
-  static_assert(R == 1 || R == kBlock);
+  static_assert(R == 1 || R == 2 || R == 4);
   constexpr bool dx_ = F & kDx, sums_ = F & kSums, du_ = F & kDu;
   constexpr bool gs_ = F & kGroupScaled, keep_ = F & kKeep;
   constexpr bool center_ = F & kCenter;
@@ -314,6 +381,10 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   const float* __restrict eg = p.col.e + o;
   const float* __restrict cg_ = p.col.corr + o;
   const float* __restrict bg = p.col.inv_bd + o;
+  // da = g_hat * inv_bd goes through a row buffer (ld apart: not a multiple
+  // of 4 KiB) when a later loop needs it or rows are blocked.
+  constexpr bool buffered = gs_ || R > 1;
+  const int64_t ld = cg + 16;
   float* __restrict da = p.da;
   float* __restrict du = p.du + o;
   float* __restrict ds = p.ds + o;
@@ -337,17 +408,17 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
       ss += gk * zh;
       sb += gy;
       sk += gk;
-      if (dx_ && gs_) {
+      if (dx_ && buffered) {
         const float d = gh * bg[j];
-        da[q * cg + j] = d;
-        aq += d * xs;
+        da[q * ld + j] = d;
+        if (gs_) aq += d * xs;
       } else if (dx_) {
         dx[q * c + j] = gh * bg[j];
       }
     };
     row(0, a0);
+    if constexpr (R >= 2) row(1, a1);
     if constexpr (R == 4) {
-      row(1, a1);
       row(2, a2);
       row(3, a3);
     }
@@ -358,22 +429,60 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
       if (keep_) dk[j] += sk;
     }
   }
+  if (!(dx_ && buffered)) return;
+  // dx row by row (see kBlock), with GroupScaling's VJP:
+  // dx = rs (da - (x rs) mean_g(da x rs)).
   const float a[4] = {a0, a1, a2, a3};
-  if (!(dx_ && gs_)) return;
-  // GroupScaling's VJP: dx = rs (da - (x rs) mean_g(da x rs)).
-  float b[R];  // rs^2 mean_g(da x rs) per row
-  for (int q = 0; q < R; ++q) b[q] = r[q] * r[q] * a[q] / static_cast<float>(cg);
+  for (int q = 0; q < R; ++q) {
+    const float b = r[q] * r[q] * a[q] / static_cast<float>(cg), rq = r[q];
+    const float* __restrict xq = x + q * c;
+    const float* __restrict dq = da + q * ld;
+    float* __restrict out = dx + q * c;
 #pragma omp simd
-  for (int64_t j = 0; j < cg; ++j) {
-    auto row = [&](int q) __attribute__((always_inline)) {
-      dx[q * c + j] = r[q] * da[q * cg + j] - x[q * c + j] * b[q];
-    };
-    row(0);
-    if constexpr (R == 4) {
-      row(1);
-      row(2);
-      row(3);
+    for (int64_t j = 0; j < cg; ++j) {
+      out[j] = gs_ ? rq * dq[j] - xq[j] * b : dq[j];
     }
+  }
+}
+
+// dx of row i in a pass without column sums, from four column vectors
+// computed once per call (six would not stay in L1 beside the rows):
+// da = keep dy A + cw (E + Z (x rs - mu)) with A = scale inv_bd,
+// E = -e inv_bd, Z = -corr inv_d inv_bd, M = mu; then GroupScaling's VJP.
+template <int F>
+void DxOnlyRow(const BackwardArgs& p, int64_t i, const float* coef) {
+  constexpr bool gs_ = F & kGroupScaled, keep_ = F & kKeep;
+  const int64_t c = p.c, ng = p.ng, cg = c / ng;
+  const float cw = p.cw[i], ki = keep_ ? p.keep[i] : 1.0f;
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t o = g * cg;
+    const float r = p.rs[i * ng + g];
+    const float* __restrict x = p.x + i * c + o;
+    const float* __restrict dy = p.dy + i * c + o;
+    const float* __restrict ag = coef + o;
+    const float* __restrict eg = coef + c + o;
+    const float* __restrict zg = coef + 2 * c + o;
+    const float* __restrict mg = coef + 3 * c + o;
+    float* __restrict dx = p.dx + i * c + o;
+    if (!gs_) {
+#pragma omp simd
+      for (int64_t j = 0; j < cg; ++j) {
+        dx[j] = ki * dy[j] * ag[j] + cw * (eg[j] + zg[j] * (x[j] * r - mg[j]));
+      }
+      continue;
+    }
+    float* __restrict da = p.da;
+    float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+    for (int64_t j = 0; j < cg; ++j) {
+      const float xs = x[j] * r;
+      const float d = ki * dy[j] * ag[j] + cw * (eg[j] + zg[j] * (xs - mg[j]));
+      da[j] = d;
+      a += d * xs;
+    }
+    const float b = r * r * a / static_cast<float>(cg);
+#pragma omp simd
+    for (int64_t j = 0; j < cg; ++j) dx[j] = r * da[j] - x[j] * b;
   }
 }
 
@@ -386,7 +495,11 @@ void BackwardRow(const BackwardArgs& p, int64_t i) {
     if (F & kDx) std::fill(p.dx + i * p.c, p.dx + (i + 1) * p.c, 0.0f);
     return;
   }
-  for (int64_t g = 0; g < p.ng; ++g) BackwardRows<F, 1>(p, i, g);
+  if constexpr ((F & kDx) && !(F & kSums)) {
+    DxOnlyRow<F>(p, i, p.coef);
+  } else {
+    for (int64_t g = 0; g < p.ng; ++g) BackwardRows<F, 1>(p, i, g);
+  }
 }
 
 template <int F>
@@ -398,18 +511,31 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
   std::vector<float> partial(
       sums_ ? static_cast<size_t>(k_count * threads * Stride(c)) : 0, 0.0f);
   float* part = partial.data();
+  std::vector<float> coef(sums_ ? 0 : 4 * c);
+  if constexpr (!sums_) {
+    const Columns& k = args.col;
+    for (int64_t j = 0; j < c; ++j) {
+      const bool center = F & kCenter;
+      coef[j] = k.scale[j] * k.inv_bd[j];
+      coef[c + j] = center ? -k.e[j] * k.inv_bd[j] : 0.0f;
+      coef[2 * c + j] = -k.corr[j] * k.inv_d[j] * k.inv_bd[j];
+      coef[3 * c + j] = center ? k.mu[j] : 0.0f;
+    }
+  }
+  const float* coef_p = coef.data();
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
     BackwardArgs p = args;
+    p.coef = coef_p;
     if (sums_) {
       p.du = part + k_count * t * Stride(c);
       p.ds = p.du + Stride(c);
       p.db = p.ds + Stride(c);
       p.dk = p.db + Stride(c);
     }
-    std::vector<float> buffer(kBlock * (c / p.ng));
+    std::vector<float> buffer(kBlock * (c / p.ng + 16));
     p.da = buffer.data();
     int64_t i = lo;
-    for (; i + kBlock <= hi; i += kBlock) {
+    for (; sums_ && i + kBlock <= hi; i += kBlock) {
       bool whole = true;
       if (F & kKeep) {
         for (int q = 0; q < kBlock; ++q) whole &= p.keep[i + q] != 0.0f;
@@ -529,6 +655,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerStats, Stats,
                                   .Attr<float>("gs_eps")
                                   .Attr<bool>("center")
                                   .Attr<bool>("find_shift"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerStatsApply, StatsApply,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // inv_d
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // rs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // sq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("gs_eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerApply, Apply,
                               ffi::Ffi::Bind()

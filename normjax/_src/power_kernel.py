@@ -3,8 +3,10 @@
 PowerNorm's training step under XLA:CPU costs about three LayerNorms: its
 masked column reductions over tokens (psi2, dscale, dbias, the gradient
 statistic u) run at a fraction of memory speed. Here the forward is two
-passes over memory (the statistics, then the normalisation: `d` is only
-known once every row is seen) and the approximate backward is one, with
+passes over memory during the warmup (the statistics, then the
+normalisation: `d` is only known once every row is seen) and one after it
+(`d` comes from phi_{t-1}; psi2 is summed while y is written), and the
+approximate backward is one, with
 GroupScaling and its VJP fused in and x_s recomputed from x and one float
 per row and group. UN's backward needs its gradient statistic before dx, so
 it takes two passes.
@@ -144,6 +146,14 @@ def centered_stats(x, w, groups, gs_eps):
               ('center', True), ('rs_width', max(groups, 1))), True)(x, w)
 
 
+def stats_apply(x, w, inv_d, scale, bias, groups, gs_eps):
+  """(rs, sum_rows(w a^2), y = a * inv_d * scale + bias) in one pass, with
+  a = x * rs: where inv_d does not depend on this batch."""
+  return _op('normjax_power_stats_apply', 'xwccc', 'rsx',
+             (('groups', np.int64(groups)), ('gs_eps', np.float32(gs_eps)),
+              ('rs_width', max(groups, 1))))(x, w, inv_d, scale, bias)
+
+
 def _column(v, x):
   return jnp.zeros(x.shape[-1:], x.dtype) if v is None else v
 
@@ -234,16 +244,30 @@ def power_norm_train(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
 
 
 def _pn_forward(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
-  rs, sq = stats(x, stat_w, opts.num_groups, opts.group_scaling_eps)
   count = jnp.sum(stat_w)
   has_data = count > 0
-  psi2 = jnp.where(has_data, sq / jnp.maximum(count, 1), phi_prev)
-  batch_denom = jnp.sqrt(psi2 + opts.eps)
-  denom = jnp.where(t <= opts.warmup_steps, batch_denom,
-                    jnp.sqrt(phi_prev + opts.eps))
-  inv_d = 1 / denom
-  y = apply(x, rs, inv_d, scale, bias)
-  inv_bd = inv_d if opts.running_backward else 1 / batch_denom
+  groups, gs_eps = opts.num_groups, opts.group_scaling_eps
+  running_inv = 1 / jnp.sqrt(phi_prev + opts.eps)
+
+  def batch_mean(sq):
+    return jnp.where(has_data, sq / jnp.maximum(count, 1), phi_prev)
+
+  def in_warmup(_):  # d needs every row first: two passes
+    rs, sq = stats(x, stat_w, groups, gs_eps)
+    y = apply(x, rs, 1 / jnp.sqrt(batch_mean(sq) + opts.eps), scale, bias)
+    return y, rs, sq
+
+  def after_warmup(_):  # d = sqrt(phi_{t-1} + eps) is known: one pass
+    rs, sq, y = stats_apply(x, stat_w, running_inv, scale, bias, groups,
+                            gs_eps)
+    return y, rs, sq
+
+  in_warmup_now = t <= opts.warmup_steps
+  y, rs, sq = jax.lax.cond(in_warmup_now, in_warmup, after_warmup, None)
+  psi2 = batch_mean(sq)
+  batch_inv = 1 / jnp.sqrt(psi2 + opts.eps)
+  inv_d = jnp.where(in_warmup_now, batch_inv, running_inv)
+  inv_bd = inv_d if opts.running_backward else batch_inv
   corr = jnp.where(has_data, (1 - opts.alpha_bkw) * u, 0)
   return (y, psi2), (x, rs, inv_d, inv_bd, scale, corr, cw, has_data)
 
