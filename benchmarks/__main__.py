@@ -6,8 +6,11 @@
 
 Sections, each measured in this run on this machine (details in each
 module's docstring): the norm kernels against flax.linen, PyTorch (if
-installed) and a same-bytes copy (`benchmarks.norms`); the translation and
-LM train steps per norm (`benchmarks.train_steps`); folded inference
+installed) and a same-bytes copy (`benchmarks.norms`); LayerNorm and
+RMSNorm from 2^14 to 2^24 elements (`benchmarks.sizes`); the translation
+and LM train steps per norm (`benchmarks.train_steps`); train-step FLOP/s
+against a same-run matmul peak and decoding speed (`benchmarks.efficiency`);
+folded inference
 (`benchmarks.inference`); step time and memory against batch, length and
 width, with a figure (`benchmarks.scaling`); 1/2/4/8 simulated devices
 (`benchmarks.train_steps.sharding_check`); and the bf16 accelerator path
@@ -24,9 +27,11 @@ import time
 import jax
 
 from benchmarks import accelerator
+from benchmarks import efficiency
 from benchmarks import inference
 from benchmarks import norms
 from benchmarks import scaling
+from benchmarks import sizes
 from benchmarks import train_steps
 from experiments.runtime import tune_malloc
 
@@ -34,7 +39,7 @@ BEGIN, END = '<!-- benchmark-results:begin -->', '<!-- benchmark-results:end -->
 README = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')
 
 
-def report(quick: bool, figure: str) -> str:
+def report(quick: bool, figures: dict[str, str]) -> str:
   malloc = tune_malloc()
   started = time.time()
   parts = [norms.machine_info(malloc), '']
@@ -45,15 +50,24 @@ def report(quick: bool, figure: str) -> str:
                                            norms.ratios(results)], '']
   size, rounds = ('smoke', 2) if quick else ('demo', 10)
   which = ('layernorm', 'powernorm') if quick else train_steps.NORMS
+  rows = sizes.run(quick=quick)
+  path = sizes.figure(rows, figures['sizes'])
+  parts += ['### Norm time against size (LayerNorm, RMSNorm fwd+bwd, 2^14-2^24 '
+            'elements)', '',
+            f'![sizes]({os.path.relpath(path, os.path.dirname(README))})', '',
+            sizes.markdown(rows), '', *[f'- {l}' for l in sizes.targets(rows)],
+            '']
   rows = [r for t in train_steps.TASKS
           for r in train_steps.run(t, size, rounds, which)]
   parts += [f'### Train steps per norm (`{size}` presets, {rounds} rounds on '
             'the same batches)', '', train_steps.markdown(rows), '']
+  parts += ['### End to end: train-step FLOP/s and decoding speed', '',
+            efficiency.markdown(efficiency.run(quick=quick)), '']
   parts += ['### Folded inference', '',
             inference.report(inference.run(quick=quick)).split('\n', 2)[2],
             '']
   rows = scaling.run(quick=quick)
-  path = scaling.figure(rows, figure)
+  path = scaling.figure(rows, figures['scaling'])
   parts += ['### Scaling with batch, length and width (LM train step)', '',
             f'![scaling]({os.path.relpath(path, os.path.dirname(README))})',
             '', scaling.markdown(rows), '']
@@ -89,10 +103,12 @@ def main(argv=None) -> None:
                   help='smoke sizes; the README is left alone (CI)')
   ap.add_argument('--out', help='also write the report here')
   a = ap.parse_args(argv)
-  figure = (os.path.join(os.environ.get('TMPDIR', '/tmp'),
-                         'normjax_scaling_quick.png') if a.quick
-            else scaling.FIGURE)
-  text = report(a.quick, figure)
+  tmp = os.environ.get('TMPDIR', '/tmp')
+  figures = ({'scaling': os.path.join(tmp, 'normjax_scaling_quick.png'),
+              'sizes': os.path.join(tmp, 'normjax_sizes_quick.png')}
+             if a.quick else {'scaling': scaling.FIGURE,
+                              'sizes': sizes.FIGURE})
+  text = report(a.quick, figures)
   print(text)
   if a.out:
     with open(a.out, 'w') as fh:
