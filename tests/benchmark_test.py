@@ -7,6 +7,9 @@ import pytest
 from benchmarks import norms
 
 
+# ~12 s of compiles (36 jitted functions); CI's `python -m benchmarks --quick`
+# step runs the same code on every push.
+@pytest.mark.slow
 def test_quick_benchmark_reports_every_norm():
   results = norms.run(quick=True)
   names = {r['norm'] for r in results}
