@@ -66,7 +66,7 @@ _TARGETS = {
     _BACKWARD: 'NormjaxPerTokenNormBackward',
     'normjax_power_stats': 'NormjaxPowerStats',
     'normjax_power_apply': 'NormjaxPowerApply',
-    'normjax_power_stats_apply': 'NormjaxPowerStatsApply',
+    'normjax_power_forward': 'NormjaxPowerForward',
     'normjax_power_bwd': 'NormjaxPowerBackward',
     'normjax_power_columns': 'NormjaxPowerColumns',
 }

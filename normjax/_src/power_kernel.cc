@@ -14,8 +14,9 @@
 //                its precision: given, or found here; s1 only when centred)
 //                                                              (pass 1 of 2)
 // PowerApply:    y = z * scale + bias                         (pass 2 of 2)
-// PowerStatsApply: rs, sq and y in one pass, where inv_d is known first
-//                (PowerNorm after its warmup: the running denominator)
+// PowerForward:  PowerNorm's forward: PowerStats then PowerApply in its
+//                warmup; after it, rs, sq and y in one pass (inv_d comes
+//                from phi_{t-1})
 // PowerBackward: g_hat = keep_i dy scale - cw_i (e + corr zh),
 //                du = sum_i cw_i g_hat zh, dscale = sum_i dy z, dbias = sum_i dy,
 //                dk = sum_i keep_i dy (with per-row keep only; a row with
@@ -218,25 +219,14 @@ ffi::Error Stats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // PowerNorm after its warmup: the denominator is known before the pass, so
 // y = x rs inv_d scale + bias and the statistic sq = sum_i w_i (x rs)^2 come
 // from one pass over x (rows with w = 0 stay out of sq).
-ffi::Error StatsApply(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::Buffer<ffi::F32> inv_d, ffi::Buffer<ffi::F32> scale,
-                      ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> rs,
-                      ffi::ResultBuffer<ffi::F32> sq,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t groups,
-                      float gs_eps) {
-  const int64_t c = LastDim(x.dimensions());
-  const int64_t n = x.element_count() / c;
+void StatsApplyRows(const float* xp, const float* wp, const float* inv_d,
+                    const float* scale, const float* bp, int64_t n, int64_t c,
+                    int64_t groups, float gs_eps, float* rp, float* sqp,
+                    float* yp) {
   const int64_t ng = std::max<int64_t>(groups, 1), cg = c / ng;
   std::vector<float> coef(static_cast<size_t>(c));
-  for (int64_t j = 0; j < c; ++j) {
-    coef[j] = inv_d.typed_data()[j] * scale.typed_data()[j];
-  }
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
+  for (int64_t j = 0; j < c; ++j) coef[j] = inv_d[j] * scale[j];
   const float* ap = coef.data();
-  const float* bp = bias.typed_data();
-  float* rp = rs->typed_data();
-  float* yp = y->typed_data();
   const int threads = NumThreads(n * c);
   std::vector<float> partial(static_cast<size_t>(threads * Stride(c)), 0.0f);
   float* part = partial.data();
@@ -267,35 +257,25 @@ ffi::Error StatsApply(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
       }
     }
   });
-  float* out[1] = {sq->typed_data()};
+  float* out[1] = {sqp};
   SumPartials(partial, threads, 1, c, out);
-  return ffi::Error::Success();
 }
 
 // y = keep_i * (x rs - mu) * inv_d * scale + bias, as keep_i (a A - B) + bias
 // with A = inv_d scale and B = mu inv_d scale per column.
-ffi::Error Apply(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
-                 ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> keep,
-                 ffi::Buffer<ffi::F32> inv_d, ffi::Buffer<ffi::F32> scale,
-                 ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y) {
-  const int64_t c = LastDim(x.dimensions());
-  const int64_t n = x.element_count() / c;
-  const int64_t ng = LastDim(rs.dimensions());
+void ApplyRows(const float* xp, const float* rp, int64_t ng, const float* mu,
+               const float* kp, const float* inv_d, const float* scale,
+               const float* bp, int64_t n, int64_t c, float* yp) {
   const int64_t cg = c / ng;
   std::vector<float> coef(static_cast<size_t>(2 * c));
   for (int64_t j = 0; j < c; ++j) {
-    coef[j] = inv_d.typed_data()[j] * scale.typed_data()[j];
-    coef[c + j] = mu.typed_data()[j] * coef[j];
+    coef[j] = inv_d[j] * scale[j];
+    coef[c + j] = (mu ? mu[j] : 0.0f) * coef[j];
   }
-  const float* xp = x.typed_data();
-  const float* rp = rs.typed_data();
-  const float* kp = keep.typed_data();
   const float* ap = coef.data();
-  const float* bp = bias.typed_data();
-  float* yp = y->typed_data();
   ParallelRows(n, NumThreads(n * c), [=](int, int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      const float ki = kp[i];
+      const float ki = kp ? kp[i] : 1.0f;
       if (ki == 0.0f) {  // a dropped row (a pad of the paper's BN): y = bias
         std::copy(bp, bp + c, yp + i * c);  // whatever x holds there
         continue;
@@ -315,6 +295,57 @@ ffi::Error Apply(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
       }
     }
   });
+}
+
+ffi::Error Apply(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
+                 ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> keep,
+                 ffi::Buffer<ffi::F32> inv_d, ffi::Buffer<ffi::F32> scale,
+                 ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t c = LastDim(x.dimensions());
+  ApplyRows(x.typed_data(), rs.typed_data(), LastDim(rs.dimensions()),
+            mu.typed_data(), keep.typed_data(), inv_d.typed_data(),
+            scale.typed_data(), bias.typed_data(), x.element_count() / c, c,
+            y->typed_data());
+  return ffi::Error::Success();
+}
+
+// PowerNorm's training forward: rs, sq, y and the inv_d used. In the
+// warmup (warm[0] != 0) two passes, the statistics then y with
+// inv_d = 1 / sqrt(psi2 + eps), psi2 = sq / count (phi_{t-1} without real
+// rows); after it one pass with inv_d = 1 / sqrt(phi_{t-1} + eps), psi2's
+// sum taken while y is written. One device only: on row shards the
+// statistics need a psum first (power_kernel.py does it in two calls).
+ffi::Error PowerForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> warm,
+                        ffi::ResultBuffer<ffi::F32> rs,
+                        ffi::ResultBuffer<ffi::F32> sq,
+                        ffi::ResultBuffer<ffi::F32> y,
+                        ffi::ResultBuffer<ffi::F32> inv_d, int64_t groups,
+                        float gs_eps, float eps) {
+  const int64_t c = LastDim(x.dimensions());
+  const int64_t n = x.element_count() / c;
+  const float* pp = phi.typed_data();
+  float* inv = inv_d->typed_data();
+  if (warm.typed_data()[0] != 0.0f) {
+    StatsImpl<false>(x.typed_data(), w.typed_data(), nullptr, n, c, groups,
+                     gs_eps, rs->typed_data(), sq->typed_data(), nullptr);
+    float count = 0.0f;
+    for (int64_t i = 0; i < n; ++i) count += w.typed_data()[i];
+    const float* sp = sq->typed_data();
+    for (int64_t j = 0; j < c; ++j) {
+      const float psi2 = count > 0.0f ? sp[j] / std::max(count, 1.0f) : pp[j];
+      inv[j] = 1.0f / std::sqrt(psi2 + eps);
+    }
+    ApplyRows(x.typed_data(), rs->typed_data(), std::max<int64_t>(groups, 1),
+              nullptr, nullptr, inv, scale.typed_data(), bias.typed_data(), n,
+              c, y->typed_data());
+  } else {
+    for (int64_t j = 0; j < c; ++j) inv[j] = 1.0f / std::sqrt(pp[j] + eps);
+    StatsApplyRows(x.typed_data(), w.typed_data(), inv, scale.typed_data(),
+                   bias.typed_data(), n, c, groups, gs_eps, rs->typed_data(),
+                   sq->typed_data(), y->typed_data());
+  }
   return ffi::Error::Success();
 }
 
@@ -656,18 +687,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerStats, Stats,
                                   .Attr<bool>("center")
                                   .Attr<bool>("find_shift"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerStatsApply, StatsApply,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerForward, PowerForward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // inv_d
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // phi_{t-1}
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // warm [1]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // rs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sq
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // inv_d
                                   .Attr<int64_t>("groups")
-                                  .Attr<float>("gs_eps"));
+                                  .Attr<float>("gs_eps")
+                                  .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerApply, Apply,
                               ffi::Ffi::Bind()

@@ -36,8 +36,10 @@ Array = jax.Array
 
 # Operand / result kinds: 'x' [..., C] and 'r' [..., k] sharded by rows with
 # the last axis whole, 'w' [...] sharded by rows, 'c' [C] replicated, 's' [C]
-# a column sum (computed per shard, then psum'd over the row axes).
-_RULE = {'x': '... c', 'r': '... g', 'w': '...', 'c': 'c', 's': 'c'}
+# a column sum (computed per shard, then psum'd over the row axes), 'k' [1]
+# a replicated flag.
+_RULE = {'x': '... c', 'r': '... g', 'w': '...', 'c': 'c', 's': 'c',
+         'k': 'k'}
 
 
 def _sequential_vmap(f: Callable) -> Callable:
@@ -71,7 +73,8 @@ def _shift(x, w, groups, gs_eps, axes):
 
 @functools.cache
 def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple,
-        centered: bool = False) -> Callable:
+        centered: bool = False, sharded: Callable | None = None
+        ) -> Callable:
   """The FFI call `target` as a row-sharded, vmappable JAX function.
 
   Results take the shape of x ('x'), of rs ('r': x's rows and
@@ -79,7 +82,8 @@ def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple,
   ('c'). `centered` (the statistics): the FFI call gets one more operand,
   the shift: on one device the kernel finds it itself (`find_shift`); on
   row shards `_shift(x, w)` of the whole batch, one psum of [C]. The shift
-  used is returned last.
+  used is returned last. `sharded(axes, *args)`, if given, replaces the
+  call on row shards (for a kernel whose statistics need a psum midway).
   """
   attrs = dict(attrs)
   rs_width = attrs.pop('rs_width', 1)
@@ -101,7 +105,7 @@ def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple,
   def shardings(mesh, arg_shapes, kinds):
     rows = cpu_kernel._row_spec(arg_shapes[0])
     spec = {'x': (*rows, None), 'r': (*rows, None), 'w': rows, 'c': (),
-            's': ()}
+            's': (), 'k': ()}
     return tuple(NamedSharding(mesh, PartitionSpec(*spec[k])) for k in kinds)
 
   def partition(mesh, arg_shapes, result_shape):
@@ -109,6 +113,8 @@ def _op(target: str, arg_kinds: str, result_kinds: str, attrs: tuple,
     axes = cpu_kernel._mesh_axes(cpu_kernel._row_spec(arg_shapes[0]))
 
     def lower(*args):
+      if axes and sharded is not None:
+        return sharded(axes, *args)
       outs = call_on(axes, *args)
       if axes:  # each shard summed its own rows
         outs = tuple(jax.lax.psum(o, axes) if k == 's' else o
@@ -146,12 +152,28 @@ def centered_stats(x, w, groups, gs_eps):
               ('center', True), ('rs_width', max(groups, 1))), True)(x, w)
 
 
-def stats_apply(x, w, inv_d, scale, bias, groups, gs_eps):
-  """(rs, sum_rows(w a^2), y = a * inv_d * scale + bias) in one pass, with
-  a = x * rs: where inv_d does not depend on this batch."""
-  return _op('normjax_power_stats_apply', 'xwccc', 'rsx',
-             (('groups', np.int64(groups)), ('gs_eps', np.float32(gs_eps)),
-              ('rs_width', max(groups, 1))))(x, w, inv_d, scale, bias)
+def forward(x, w, phi_prev, scale, bias, in_warmup, groups, gs_eps, eps):
+  """PowerNorm's training forward (power_kernel.cc's PowerForward):
+  (rs, sum_rows(w a^2), y, inv_d), two passes in the warmup (`in_warmup`
+  [1], 1.0 or 0.0) and one after it. No lax.cond: XLA:CPU copies the
+  results of a conditional, which cost as much as the pass it saved."""
+  attrs = (('groups', np.int64(groups)), ('gs_eps', np.float32(gs_eps)),
+           ('eps', np.float32(eps)), ('rs_width', max(groups, 1)))
+  sharded = functools.partial(_forward_on_shards, groups, gs_eps, eps)
+  return _op('normjax_power_forward', 'xwccck', 'rcxc', attrs,
+             sharded=sharded)(x, w, phi_prev, scale, bias, in_warmup)
+
+
+def _forward_on_shards(groups, gs_eps, eps, axes, x, w, phi_prev, scale,
+                       bias, in_warmup):
+  """`forward` on row shards: the statistics psum'd before y."""
+  rs, sq = stats(x, w, groups, gs_eps)  # this shard's rows
+  sq = jax.lax.psum(sq, axes)
+  count = jax.lax.psum(jnp.sum(w), axes)
+  psi2 = jnp.where(count > 0, sq / jnp.maximum(count, 1), phi_prev)
+  inv_d = jnp.where(in_warmup[0] != 0, 1 / jnp.sqrt(psi2 + eps),
+                    1 / jnp.sqrt(phi_prev + eps))
+  return rs, sq, apply(x, rs, inv_d, scale, bias), inv_d
 
 
 def _column(v, x):
@@ -246,28 +268,12 @@ def power_norm_train(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
 def _pn_forward(x, scale, bias, stat_w, cw, phi_prev, u, t, opts):
   count = jnp.sum(stat_w)
   has_data = count > 0
-  groups, gs_eps = opts.num_groups, opts.group_scaling_eps
-  running_inv = 1 / jnp.sqrt(phi_prev + opts.eps)
-
-  def batch_mean(sq):
-    return jnp.where(has_data, sq / jnp.maximum(count, 1), phi_prev)
-
-  def in_warmup(_):  # d needs every row first: two passes
-    rs, sq = stats(x, stat_w, groups, gs_eps)
-    y = apply(x, rs, 1 / jnp.sqrt(batch_mean(sq) + opts.eps), scale, bias)
-    return y, rs, sq
-
-  def after_warmup(_):  # d = sqrt(phi_{t-1} + eps) is known: one pass
-    rs, sq, y = stats_apply(x, stat_w, running_inv, scale, bias, groups,
-                            gs_eps)
-    return y, rs, sq
-
-  in_warmup_now = t <= opts.warmup_steps
-  y, rs, sq = jax.lax.cond(in_warmup_now, in_warmup, after_warmup, None)
-  psi2 = batch_mean(sq)
-  batch_inv = 1 / jnp.sqrt(psi2 + opts.eps)
-  inv_d = jnp.where(in_warmup_now, batch_inv, running_inv)
-  inv_bd = inv_d if opts.running_backward else batch_inv
+  in_warmup = (t <= opts.warmup_steps).astype(x.dtype).reshape(1)
+  rs, sq, y, inv_d = forward(x, stat_w, phi_prev, scale, bias, in_warmup,
+                             opts.num_groups, opts.group_scaling_eps,
+                             opts.eps)
+  psi2 = jnp.where(has_data, sq / jnp.maximum(count, 1), phi_prev)
+  inv_bd = inv_d if opts.running_backward else 1 / jnp.sqrt(psi2 + opts.eps)
   corr = jnp.where(has_data, (1 - opts.alpha_bkw) * u, 0)
   return (y, psi2), (x, rs, inv_d, inv_bd, scale, corr, cw, has_data)
 
