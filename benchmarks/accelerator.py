@@ -105,19 +105,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import traffic
 from normjax import functional as nf
 from normjax._src import cpu_kernel
 
-# Arrays of x.nbytes that a separate forward and backward must move at
-# least: (fwd, fwd + bwd). Per-token norms: fwd x, y; bwd x, dy, dx.
-# PowerNorm reads x twice in the forward (its statistic needs every row
-# first); BatchNorm, the paper's BN, PN-V and UN also read x and dy twice in
-# the backward (the correction needs the batch's gradient statistic first).
-TRAFFIC = {
-    'LayerNorm': (2, 5), 'RMSNorm': (2, 5), 'GroupScaling': (2, 5),
-    'BatchNorm': (3, 8), 'paper BN': (3, 8), 'PN-V': (3, 8),
-    'PowerNorm': (3, 6), 'UN': (3, 8),
-}
+TRAFFIC = traffic.ARRAYS  # (fwd, fwd+bwd) arrays of x per norm family
 SHAPES = {'': ((32, 128, 1024), (256, 128, 2048)), 'smoke': ((2, 16, 64),)}
 DTYPES = ('bfloat16', 'float32')
 F32_TOL, BF16_TOL = 1e-4, 2e-2  # bf16 on the CPU: <= 3.4e-3
@@ -305,7 +297,7 @@ def norm_cases(dtype: str) -> list[Case]:
       _normjax('paper BN (paper_batch_norm)', 'paper BN',
                nf.paper_batch_norm, nf.init_paper_batch_norm_state),
       _normjax('PN-V', 'PN-V', nf.pn_v, nf.init_pn_v_state, num_groups=4),
-      _normjax('PowerNorm', 'PowerNorm', nf.power_norm,
+      _normjax('PowerNorm', 'PowerNorm (warmup)', nf.power_norm,
                nf.init_power_norm_state, ('ema_gz',), **pn),
       _normjax('UN (unified_norm)', 'UN', nf.unified_norm,
                lambda c: nf.init_unified_norm_state(c, 4),

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import traffic
 from experiments.runtime import tune_malloc
 from normjax import functional as nf
 
@@ -280,18 +281,15 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
       row(n, ms[n, 'fwd'], ms.get((n, 'bwd'))) for n in names]
 
 
-# Arrays of x.nbytes that a separate forward and backward must move at
-# least (the one place this count is written): per-token norms 5 (fwd reads
-# x, writes y; bwd reads x, dy, writes dx). PowerNorm after its warmup too
-# (its denominator is phi_{t-1}); in the warmup it reads x twice in the
-# forward (the denominator needs every row first): 6. The exact batch norms
-# (BatchNorm, the paper's BN, PN-V) also read x and dy twice in the backward
-# (dx needs column sums over every row first), and so does UN (its
-# correction needs the gradient statistic first): 8. The GB/s columns count
-# 4; the bound targets count these.
-TRAFFIC = {LN: 5, RMS: 5, 'normjax GroupScaling (4)': 5, BN: 8,
-           BN_NO_MASK: 8, 'normjax paper BN (mask)': 8,
-           'normjax PN-V (mask)': 8, PN: 5, PN_WARMUP: 6, UN: 8}
+# Each trained norm's row and its least traffic in fwd+bwd, in arrays of x
+# (`benchmarks.traffic`, where the counts are explained). The GB/s columns
+# count 4; the bound targets count these.
+TRAFFIC = {name: traffic.ARRAYS[family][1] for name, family in (
+    (LN, 'LayerNorm'), (RMS, 'RMSNorm'),
+    ('normjax GroupScaling (4)', 'GroupScaling'), (BN, 'BatchNorm'),
+    (BN_NO_MASK, 'BatchNorm'), ('normjax paper BN (mask)', 'paper BN'),
+    ('normjax PN-V (mask)', 'PN-V'), (PN, 'PowerNorm'),
+    (PN_WARMUP, 'PowerNorm (warmup)'), (UN, 'UN'))}
 BOUND_PCT = 85  # every trained norm's fwd+bwd, % of its own traffic bound
 # label, norm, peer, bound, compared modes (0 fwd, 1 fwd+bwd): paired ratios.
 TARGETS = (
