@@ -202,13 +202,23 @@ def test_all_padding_batch_leaves_state_unchanged():
   assert np.all(np.isfinite(dx))
 
 
-@pytest.mark.parametrize('name', sorted(NORMS))
-def test_row_sharded_step_matches_and_has_no_gather(name):
+def sharded_cases():
+  for name in sorted(NORMS):
+    yield pytest.param(name, False, id=name)
+  # PowerNorm after its warmup: one forward pass, psi2 psum'd on the shards
+  yield pytest.param('power_norm', True, id='power_norm-after_warmup')
+
+
+@pytest.mark.parametrize('name,after_warmup', list(sharded_cases()))
+def test_row_sharded_step_matches_and_has_no_gather(name, after_warmup):
   fn, init, options = NORMS[name]
   mesh = jax.make_mesh((8,), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,))
   x, dy, mask, params = data((8, 4, C))
   state = init(C)
+  if after_warmup:
+    state = state._replace(step=jnp.asarray(5, state.step.dtype),
+                           running_phi=jnp.full((C,), 1.7))
   fields = getattr(type(state), 'BACKWARD_FIELDS', ())
 
   def step(x, dy, mask, p):
