@@ -106,6 +106,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import traffic
+from benchmarks.norms import _train_step  # norms imports no `experiments`
 from normjax import functional as nf
 from normjax._src import cpu_kernel
 
@@ -215,21 +216,6 @@ def device_section(size: str) -> dict:
 # ------------------------------------------------------------------ norms --
 
 
-def _train_step(apply, fields):
-  """Jitted fwd+bwd: grads of sum(y * dy) wrt x, params, backward stats
-  (as `benchmarks.norms._train_step`; not imported from there, since that
-  module imports `experiments`, whose extra the GPU image lacks)."""
-  def step(x, dy, m, p, s):
-    def loss(x, p, b):
-      st = s._replace(**b) if b else s
-      y, new = apply(x, m, p, st)
-      return jnp.sum(y * dy), (y, new)
-    b = {f: getattr(s, f) for f in fields}
-    grads, (y, new) = jax.grad(loss, (0, 1, 2), has_aux=True)(x, p, b)
-    return y, new, grads
-  return jax.jit(step)
-
-
 @dataclasses.dataclass
 class Case:
   """One norm: apply(x, mask, params, state) -> (y, state); init(c) ->
@@ -299,6 +285,10 @@ def norm_cases(dtype: str) -> list[Case]:
       _normjax('PN-V', 'PN-V', nf.pn_v, nf.init_pn_v_state, num_groups=4),
       _normjax('PowerNorm', 'PowerNorm (warmup)', nf.power_norm,
                nf.init_power_norm_state, ('ema_gz',), **pn),
+      _normjax('PowerNorm after warmup', 'PowerNorm', nf.power_norm,
+               lambda c: nf.init_power_norm_state(c)._replace(
+                   step=jnp.asarray(pn['warmup_steps'], jnp.int32)),
+               ('ema_gz',), **pn),
       _normjax('UN (unified_norm)', 'UN', nf.unified_norm,
                lambda c: nf.init_unified_norm_state(c, 4),
                ('ema_gz', 'bwd_window'), warmup_steps=4000),

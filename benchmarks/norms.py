@@ -48,7 +48,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import traffic
-from experiments.runtime import tune_malloc
 from normjax import functional as nf
 
 FLAX_LN = 'flax LayerNorm'
@@ -398,6 +397,7 @@ def main(argv=None) -> None:
   ap.add_argument('--no-malloc-tuning', action='store_true',
                   help="keep glibc's default (page faults on big buffers)")
   a = ap.parse_args(argv)
+  from experiments.runtime import tune_malloc  # pylint: disable=g-import-not-at-top
   malloc = tune_malloc(a.no_malloc_tuning)
   if not a.quick and a.reps < 20:
     ap.error('--reps must be >= 20 (use --quick for a smoke run)')
