@@ -16,6 +16,14 @@ from normjax._src import definition as nd  # pylint: disable=g-import-not-at-top
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 
+def pytest_configure(config):
+  """Builds the fused CPU kernel once, before pytest-xdist starts its
+  workers: each would otherwise compile it at the same time (15-25 s)."""
+  if not hasattr(config, 'workerinput'):
+    from normjax._src import cpu_kernel  # pylint: disable=g-import-not-at-top
+    cpu_kernel.available()
+
+
 @pytest.fixture(params=['float32', 'float64'])
 def float_dtype(request):
   """Runs a test in float32 and in float64 (with x64 enabled for it)."""

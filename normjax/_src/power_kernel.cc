@@ -582,12 +582,22 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
   if (sums_) SumPartials(partial, threads, k_count, c, sums);
 }
 
-// The combinations the callers use (others are not compiled): a pass does
-// something, du is one of the sums, GroupScaling's VJP is part of dx, and
-// a per-row keep comes with a centre (the paper's BN).
+// The combinations the callers use (power_kernel.py, batch_kernel.py,
+// unified_norm.py); no other is compiled, and asking for one is an error.
+constexpr int kUsed[] = {
+    kDx | kSums | kDu | kGroupScaled, kDx | kSums | kDu,  // PowerNorm
+    kSums | kDu, kDx,                                      // UN; PN-V's dx
+    kSums, kDx | kGroupScaled,                             // PN-V
+    kSums | kCenter, kDx | kCenter,                        // BatchNorm
+    kSums | kCenter | kKeep, kDx | kGroupScaled | kCenter | kKeep,
+    kDx | kGroupScaled | kCenter,                          // the paper's BN
+};
+
 constexpr bool Valid(int f) {
-  return (f & (kDx | kSums)) && (!(f & kDu) || (f & kSums)) &&
-         (!(f & kGroupScaled) || (f & kDx)) && (!(f & kKeep) || (f & kCenter));
+  for (int used : kUsed) {
+    if (f == used) return true;
+  }
+  return false;
 }
 
 // Runs BackwardImpl<flags>: the runtime flags mapped onto the instantiation;
