@@ -340,6 +340,7 @@ def _sweep(*args, **kwargs):
       capture_output=True, text=True, timeout=300, check=False, **kwargs)
 
 
+@pytest.mark.slow  # ~35 s of real runs in subprocesses (CI's slow step)
 def test_smoke_grid_end_to_end(tmp_path):
   """Two seeds of the smoke LM, two at a time (grids of several cells: the
   runner and report tests above, on a fake command); the re-run finishes
