@@ -49,6 +49,7 @@ import numpy as np
 
 from benchmarks import traffic
 from normjax import functional as nf
+from normjax._src import cpu_kernel
 
 FLAX_LN = 'flax LayerNorm'
 XLA_LN = 'normjax LayerNorm (XLA path)'
@@ -59,6 +60,9 @@ LN, RMS, BN = 'normjax LayerNorm', 'normjax RMSNorm', 'normjax BatchNorm (mask)'
 BN_NO_MASK = 'normjax BatchNorm (no mask)'
 PN, UN = 'normjax PowerNorm train (mask)', 'normjax UnifiedNorm train (mask)'
 PN_WARMUP = 'normjax PowerNorm train, in warmup (mask)'
+# Rows timed with the kernels' rows threaded on normjax's own pool instead of
+# XLA's (cpu_kernel.row_threading): the before of that change, same rounds.
+OWN_POOL = ((f'{LN} (own pool)', LN), (f'{PN} (own pool)', PN))
 FLAX_RMS, FLAX_BN = 'flax RMSNorm', 'flax BatchNorm (mask)'
 
 
@@ -185,6 +189,24 @@ def _train_step(apply, fields):
   return jax.jit(step)
 
 
+def switched(f, restore: tuple[str, int], mode: str):
+  """`f` with the kernels' row threading on `mode` (a
+  `cpu_kernel.ROW_THREADING`) for the call, through the raw ctypes switch
+  (~0.3 us a call); returns None once the result is ready, so that `_timed`
+  does not block again."""
+  switch = cpu_kernel._row_threading_fn()  # pylint: disable=protected-access
+  index = cpu_kernel.ROW_THREADING.index
+  before, min_elements = index(restore[0]), int(restore[1])
+
+  def call(*args):
+    switch(index(mode), 0)
+    try:
+      jax.block_until_ready(f(*args))
+    finally:
+      switch(before, min_elements)
+  return call
+
+
 def last_level_cache_bytes() -> int:
   """The CPU's largest cache (sysfs), or 32 MiB where it cannot be read."""
   sizes = []
@@ -255,6 +277,14 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
     fns[name, 'fwd'] = (jax.jit(apply), (x, mask, p, s))
     if fields is not None:
       fns[name, 'bwd'] = (_train_step(apply, fields), (x, dy, mask, p, s))
+  own_pool = []
+  if cpu_kernel.available():
+    restore = cpu_kernel.row_threading()
+    for name, base in OWN_POOL:
+      for kind in ('fwd', 'bwd'):
+        f, args = fns[base, kind]
+        fns[name, kind] = (switched(f, restore, 'own'), args)
+      own_pool.append(name)
   torch_cases = (_torch_cases(np.asarray(x), np.asarray(dy), np.asarray(mask))
                  if torch else {})
   for name, (fwd, fwd_bwd) in torch_cases.items():
@@ -275,7 +305,7 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
                 fwd_pct_copy=100 * c / f,
                 fwd_bwd_pct_copy=200 * c / b if bwd else None)
   samples['copy (bound)', 'fwd'] = samples['copy', 'fwd']
-  names = [n for n, *_ in cases] + list(torch_cases)
+  names = [n for n, *_ in cases] + own_pool + list(torch_cases)
   return [row('copy (bound)', ms['copy', 'fwd'])] + [
       row(n, ms[n, 'fwd'], ms.get((n, 'bwd'))) for n in names]
 
@@ -346,6 +376,15 @@ def ratios(results: list[dict]) -> list[str]:
     r = [paired_ratio(samples[before][i], samples[after][i]) for i in (0, 1)]
     lines.append(f'{label}, fused CPU kernel vs XLA path: {r[1]:.2f}x faster '
                  f'fwd+bwd, {r[0]:.2f}x fwd')
+  for name, base in OWN_POOL:
+    if name in samples:
+      r = [paired_ratio(samples[base][i], samples[name][i]) for i in (0, 1)]
+      lines.append(f"{base[8:]}, rows on XLA's pool / on normjax's own pool: "
+                   f'{r[1]:.2f}x fwd+bwd, {r[0]:.2f}x fwd')
+  if all(name in samples for name, _ in OWN_POOL):
+    r = paired_ratio(samples[OWN_POOL[1][0]][1], samples[OWN_POOL[0][0]][1])
+    lines.append(f'PowerNorm train fwd+bwd vs normjax LayerNorm, both on '
+                 f"normjax's own pool (before): {r:.2f}x")
   if TORCH_PN in samples:
     r = paired_ratio(samples[TORCH_PN][1], samples[PN][1])
     lines.append(f'PowerNorm train fwd+bwd, normjax vs the official '

@@ -18,16 +18,18 @@ medians of wall times with block_until_ready):
 for normjax (`normjax.functional.layer_norm` / `rms_norm`: the fused C++ CPU
 kernel), flax.linen LayerNorm / RMSNorm (epsilon 1e-6, as normjax's) and
 torch.nn.LayerNorm / RMSNorm (if torch is installed; threads = CPU count).
-"normjax spawn" is the same compiled normjax function with the kernels' row
-threading switched, at call time, to the path before the persistent thread
-pool (`cpu_kernel.row_threading(pool=False)`: std::threads spawned per call,
-one thread per 2^18 elements; see normjax/_src/kernel_rows.h), so pool and
-spawn are compared in the same rounds. Its times include two ctypes calls
-(~0.3 us each) that set and restore the switch.
+normjax threads rows on XLA's intra-op pool by default; "normjax own pool"
+and "normjax spawn" are the same compiled function with the kernels' row
+threading switched, at call time, to normjax's own persistent pool
+(`cpu_kernel.row_threading(pool='own')`) and to the first path, std::threads
+spawned per call (`pool='spawn'`); one thread per 2^18 elements in all three
+(normjax/_src/kernel_rows.h), so the three are compared in the same rounds.
+Their times include two ctypes calls (~0.3 us each) that set and restore the
+switch.
 
-Ratios (normjax / flax, normjax / torch, pool / spawn) are paired: the median
-over rounds of the two times of the same round, so load drift on a shared
-machine cancels. GB/s counts the minimal traffic in arrays of x.nbytes
+Ratios (normjax / flax, normjax / torch, xla pool / own pool, xla pool /
+spawn) are paired: the median over rounds of the two times of the same
+round, so load drift on a shared machine cancels. GB/s counts the minimal traffic in arrays of x.nbytes
 (N * 4 bytes): fwd reads x and writes y, GB/s = 2 * 4N / t; fwd+bwd reads
 x and dy and writes y and dx, GB/s = 4 * 4N / t (as benchmarks.norms).
 
@@ -46,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.norms import _timed, machine_info, paired_ratio
+from benchmarks.norms import _timed, machine_info, paired_ratio, switched
 from experiments.runtime import tune_malloc
 from normjax import functional as nf
 from normjax._src import cpu_kernel
@@ -55,7 +57,8 @@ FEATURES = 1024
 SIZES = tuple(range(14, 25))  # log2 of the elements
 QUICK_SIZES = (12,)  # 4 rows: a smoke run (the compiles dominate)
 NORMS = ('LayerNorm', 'RMSNorm')
-LIBS = ('normjax', 'normjax spawn', 'flax', 'torch')
+LIBS = ('normjax', 'normjax own pool', 'normjax spawn', 'flax', 'torch')
+SWITCHED = {'normjax own pool': 'own', 'normjax spawn': 'spawn'}
 MODES = ('fwd', 'fwd+bwd')
 FIGURE = os.path.join(os.path.dirname(__file__), 'figures', 'sizes.png')
 BUDGET_S = 5.0  # timed rounds per size
@@ -78,22 +81,6 @@ def _jax_cases(c: int) -> dict:
 def _step(apply):
   """Jitted fwd+bwd: grads of sum(y * dy) wrt x and the params."""
   return jax.jit(jax.grad(lambda x, p, dy: jnp.sum(apply(x, p) * dy), (0, 1)))
-
-
-def _spawned(f, restore):
-  """`f` with the kernels' row threading on the pre-pool spawn path (the
-  raw ctypes switch: ~0.3 us a call; returns None once the result is ready,
-  so that `_timed` does not block again)."""
-  switch = cpu_kernel._row_threading_fn()  # pylint: disable=protected-access
-  pool, min_elements = int(restore[0]), int(restore[1])
-
-  def call(*args):
-    switch(0, 0)
-    try:
-      jax.block_until_ready(f(*args))
-    finally:
-      switch(pool, min_elements)
-  return call
 
 
 def _torch_cases(x: np.ndarray, dy: np.ndarray) -> dict:
@@ -135,9 +122,10 @@ def _measure(log2n: int, features: int, reps: int | None) -> list[dict]:
     fns[norm, lib, 'fwd'] = (fwd, (x, p))
     fns[norm, lib, 'fwd+bwd'] = (step, (x, p, dy))
     if lib == 'normjax' and kernel:
-      fns[norm, 'normjax spawn', 'fwd'] = (_spawned(fwd, restore), (x, p))
-      fns[norm, 'normjax spawn', 'fwd+bwd'] = (_spawned(step, restore),
-                                               (x, p, dy))
+      for name, mode in SWITCHED.items():
+        fns[norm, name, 'fwd'] = (switched(fwd, restore, mode), (x, p))
+        fns[norm, name, 'fwd+bwd'] = (switched(step, restore, mode),
+                                      (x, p, dy))
   for key, fn in _torch_cases(np.asarray(x), np.asarray(dy)).items():
     fns[key] = (fn, ())
   if reps is None:  # as many rounds as fit in BUDGET_S
@@ -155,7 +143,8 @@ def _measure(log2n: int, features: int, reps: int | None) -> list[dict]:
         r[f'{lib} {mode} us'] = 1e3 * statistics.median(s) if s else None
       nj = samples[norm, 'normjax', mode]
       for lib, key in (('flax', 'vs flax'), ('torch', 'vs torch'),
-                       ('normjax spawn', 'pool vs spawn')):
+                       ('normjax own pool', 'xla vs own'),
+                       ('normjax spawn', 'xla vs spawn')):
         s = samples.get((norm, lib, mode))
         r[f'{key} {mode}'] = paired_ratio(nj, s) if s else None
       arrays = 2 if mode == 'fwd' else 4
@@ -185,12 +174,14 @@ def _fmt(v, fmt):
 
 COLUMNS = (  # header, key, format; per mode
     ('normjax us', 'normjax {} us', '.1f'),
+    ('own pool us', 'normjax own pool {} us', '.1f'),
     ('spawn us', 'normjax spawn {} us', '.1f'),
     ('flax us', 'flax {} us', '.1f'),
     ('torch us', 'torch {} us', '.1f'),
     ('normjax / flax', 'vs flax {}', '.2f'),
     ('normjax / torch', 'vs torch {}', '.2f'),
-    ('pool / spawn', 'pool vs spawn {}', '.2f'),
+    ('xla pool / own pool', 'xla vs own {}', '.2f'),
+    ('xla pool / spawn', 'xla vs spawn {}', '.2f'),
     ('GB/s', 'GB/s {}', '.1f'))
 
 
@@ -239,7 +230,7 @@ def figure(rows: list[dict], path: str = FIGURE) -> str:
   for i, mode in enumerate(('fwd+bwd', 'fwd')):
     for j, norm in enumerate(NORMS):
       ax, pts = axes[i, j], [r for r in rows if r['norm'] == norm]
-      for lib, style in zip(LIBS, ('o-', 'x--', 's-', '^-')):
+      for lib, style in zip(LIBS, ('o-', 'd:', 'x--', 's-', '^-')):
         xy = [(r['elements'], r[f'{lib} {mode} us']) for r in pts
               if r[f'{lib} {mode} us'] is not None]
         if xy:

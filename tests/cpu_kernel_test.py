@@ -242,7 +242,7 @@ def test_threaded_rows_are_deterministic_and_match_xla(
     row_threading, name, shape, min_elements):
   """Repeated calls give the same bits, and agree with the XLA path, on both
   sides of the threshold and with rows that do not split evenly."""
-  row_threading(True, min_elements)
+  row_threading('xla', min_elements)
   x, dy, params = data(shape, seed=1)
   fn = NORMS[name]
 
@@ -257,22 +257,26 @@ def test_threaded_rows_are_deterministic_and_match_xla(
                               rtol=2e-5)
 
 
-def test_pool_and_serial_threads_give_the_same_bits(row_threading):
-  """The split depends only on (rows, threads): run in parallel by the pool,
-  by spawned threads or (pool busy) serially, the bits are the same."""
+@pytest.mark.parametrize('pool', ['own', 'spawn'])
+def test_every_threading_gives_the_same_bits(row_threading, pool):
+  """The split depends only on (rows, threads): run on XLA's pool, on
+  normjax's own pool, by spawned threads or (pool busy) serially, the bits
+  are the same."""
   x, dy, params = data((37, 24), seed=2)
   fn = NORMS['layer_norm']
-  row_threading(True, 1)
+  row_threading('xla', 1)
   want = value_and_grads(fn, x, dy, params)
-  row_threading(False, 1)
+  row_threading(pool, 1)
   assert_bitwise_equal(value_and_grads(fn, x, dy, params), want)
 
 
-def test_concurrent_callers_share_the_pool(row_threading):
-  """Calls from several threads at once (one gets the pool, the others run
-  serially) and per-device shards all give the single-call bits."""
+@pytest.mark.parametrize('pool', ['xla', 'own'])
+def test_concurrent_callers_share_the_pool(row_threading, pool):
+  """Calls from several threads at once (on XLA's pool each schedules its
+  own tasks; on the own pool one gets it, the others run serially) and
+  per-device shards all give the single-call bits."""
   import concurrent.futures  # pylint: disable=g-import-not-at-top
-  row_threading(True, 1)
+  row_threading(pool, 1)
   x, dy, params = data((16, 8, 32), seed=3)
   fn = NORMS['rms_norm']
   f = jax.jit(lambda x, p, dy: (fn(x, p), jax.grad(
@@ -293,6 +297,9 @@ def test_concurrent_callers_share_the_pool(row_threading):
 
 
 def test_row_threading_switch_round_trips(row_threading):
-  assert row_threading(True, 0) == (True, THRESHOLD)
-  assert row_threading(False, 123) == (False, 123)
-  assert row_threading() == (False, 123)
+  assert row_threading('xla', 0) == ('xla', THRESHOLD)
+  assert row_threading('spawn', 123) == ('spawn', 123)
+  assert row_threading() == ('spawn', 123)
+  assert row_threading('own') == ('own', 123)
+  with pytest.raises(ValueError, match="pool=True: use one of"):
+    row_threading(True)

@@ -241,13 +241,14 @@ def test_row_sharded_step_matches_and_has_no_gather(name, after_warmup):
 @pytest.mark.parametrize('name', sorted(NORMS))
 def test_threaded_kernels_are_deterministic(name):
   """Every array threaded: 3 rows over all cores (not divisible by 2; on 4+
-  cores some threads without rows). Repeated steps give the same bits, and
-  agree with the jnp path."""
+  cores some threads without rows). Repeated steps give the same bits, on
+  XLA's pool and on normjax's own, and agree with the jnp path."""
   shape = (1, 3, C)
   before = cpu_kernel.row_threading()
-  cpu_kernel.row_threading(True, 1)
+  cpu_kernel.row_threading('xla', 1)
   try:
     first = steps(name, {}, shape, True, num_steps=2)
+    cpu_kernel.row_threading('own')
     again = steps(name, {}, shape, True, num_steps=2)
   finally:
     cpu_kernel.row_threading(*before)

@@ -131,7 +131,9 @@ def train(xf: Array, mask: Array | None, params, running_mean: Array,
   rows = xf.shape[:-1]
   w = (jnp.ones(rows, dtype) if mask is None
        else jnp.broadcast_to(mask, rows).astype(dtype))
-  keep = jnp.where(jnp.sum(w) > 0, w, 1)  # no real row: normalise them all
+  # The paper's BN drops pad rows; with no real row it normalises them all.
+  # The other norms read no keep (w stands in).
+  keep = jnp.where(jnp.sum(w) > 0, w, 1) if opts.per_row_keep else w
 
   def fused(xf, scale, bias, w, keep, running_mean, running_var):
     y, mu, var = batch_norm_train(xf, scale, bias, w, keep, running_mean,

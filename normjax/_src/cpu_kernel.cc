@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 #include "kernel_rows.h"
@@ -34,7 +33,9 @@ using normjax::ParallelRows;
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                    ffi::ResultBuffer<ffi::F32> mean,
-                   ffi::ResultBuffer<ffi::F32> rstd, float eps, bool center) {
+                   ffi::ResultBuffer<ffi::F32> rstd, float eps, bool center,
+    ffi::ThreadPool xla_pool) {
+  normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   const float* xp = x.typed_data();
@@ -78,7 +79,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> dscale,
-                    ffi::ResultBuffer<ffi::F32> dbias, bool center) {
+                    ffi::ResultBuffer<ffi::F32> dbias, bool center,
+    ffi::ThreadPool xla_pool) {
+  normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   const float* xp = x.typed_data();
@@ -140,18 +143,18 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
 
 }  // namespace
 
-// Row-threading switches for measurement (kernel_rows.h): pool 1 uses the
-// persistent pool, 0 spawns std::threads per call (the previous path), < 0
-// keeps the current choice; min_elements > 0 sets the elements per thread,
-// 0 restores the default (kMinElementsPerThread), < 0 keeps the current one.
-// Returns the (pool, min_elements) in effect, packed as pool << 62 | min.
+// Row-threading switches for measurement (kernel_rows.h): mode 2 uses XLA's
+// intra-op pool, 1 our persistent pool, 0 spawns std::threads per call; < 0
+// keeps the current mode; min_elements > 0 sets the elements per thread, 0
+// restores the default (kMinElementsPerThread), < 0 keeps the current one.
+// Returns the (mode, min_elements) in effect, packed as mode << 60 | min.
 extern "C" __attribute__((visibility("default"))) int64_t
-NormjaxSetRowThreading(int pool, int64_t min_elements) {
+NormjaxSetRowThreading(int mode, int64_t min_elements) {
   auto& s = normjax::rows_internal::GetSettings();
-  if (pool >= 0) s.pool.store(pool != 0);
+  if (mode >= normjax::kSpawn && mode <= normjax::kXlaPool) s.mode.store(mode);
   if (min_elements == 0) min_elements = normjax::kMinElementsPerThread;
   if (min_elements > 0) s.min_elements.store(min_elements);
-  return (static_cast<int64_t>(s.pool.load()) << 62) | s.min_elements.load();
+  return (static_cast<int64_t>(s.mode.load()) << 60) | s.min_elements.load();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPerTokenNormForward, Forward,
@@ -163,7 +166,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPerTokenNormForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mu
                                   .Ret<ffi::Buffer<ffi::F32>>()  // r
                                   .Attr<float>("eps")
-                                  .Attr<bool>("center"));
+                                  .Attr<bool>("center")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPerTokenNormBackward, Backward,
                               ffi::Ffi::Bind()
@@ -175,4 +179,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPerTokenNormBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dbias
-                                  .Attr<bool>("center"));
+                                  .Attr<bool>("center")
+                                  .Ctx<ffi::ThreadPool>());

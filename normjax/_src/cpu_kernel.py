@@ -24,9 +24,10 @@ compiler the norms warn once and use the XLA path. `NORMJAX_CPU_KERNEL=0` turns 
 off; `use_cpu_kernel(False)` does so inside a `with` block. Both act when a
 function is traced: a function jitted before keeps its compiled choice.
 
-Rows are threaded over a persistent pool (`kernel_rows.h`);
+Rows are threaded over XLA's intra-op pool (`kernel_rows.h`);
 `row_threading(pool=, min_elements=)` switches it at run time for
-measurement (`NORMJAX_KERNEL_POOL=0`: the previous spawn-per-call path).
+measurement (`NORMJAX_KERNEL_POOL=1`: normjax's own persistent pool, 0:
+std::threads spawned per call).
 """
 
 from __future__ import annotations
@@ -150,19 +151,27 @@ def _load() -> bool:
   return True
 
 
-def row_threading(pool: bool | None = None,
-                  min_elements: int | None = None) -> tuple[bool, int]:
+ROW_THREADING = ('spawn', 'own', 'xla')  # kernel_rows.h's RowThreading
+
+
+def row_threading(pool: str | None = None,
+                  min_elements: int | None = None) -> tuple[str, int]:
   """Sets how the kernels thread rows; returns (pool, min_elements) in effect.
 
-  For measurement (benchmarks/sizes.py): `pool=False` spawns std::threads
-  per call as before the pool; `min_elements` is the elements per thread
-  (one thread below it; 0: the default, 2^18). None keeps the current
-  value. Acts at call time, not trace time, for every kernel in the
-  process. Raises RuntimeError without the kernel.
+  For measurement (benchmarks/sizes.py): `pool` is 'xla' (the default: XLA's
+  intra-op pool, shared with XLA's own work), 'own' (normjax's persistent
+  pool) or 'spawn' (std::threads spawned per call, the first
+  implementation); `min_elements` is the elements per thread (one thread
+  below it; 0: the default, 2^18). None keeps the current value. Acts at
+  call time, not trace time, for every kernel in the process. Raises
+  ValueError for another `pool`, RuntimeError without the kernel.
   """
-  got = _row_threading_fn()(-1 if pool is None else int(bool(pool)),
-                            -1 if min_elements is None else int(min_elements))
-  return bool(got >> 62), got & ((1 << 62) - 1)
+  if pool is not None and pool not in ROW_THREADING:
+    raise ValueError(f'pool={pool!r}: use one of {ROW_THREADING}')
+  got = _row_threading_fn()(
+      -1 if pool is None else ROW_THREADING.index(pool),
+      -1 if min_elements is None else int(min_elements))
+  return ROW_THREADING[got >> 60], got & ((1 << 60) - 1)
 
 
 @functools.cache

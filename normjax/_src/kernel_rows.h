@@ -13,36 +13,43 @@
 // input gives bit-identical output on every call, whichever OS thread ran
 // which chunk and whether it ran in parallel at all.
 //
-// Threads come from a persistent process-wide pool (hardware_concurrency - 1
-// workers, created at the first threaded call, never destroyed). The caller
-// publishes a job by bumping a generation counter packed with the chunk
-// count and the next unclaimed chunk in one 64-bit atomic, wakes the
-// workers (condition variable; they do not busy-wait between jobs unless
-// NORMJAX_KERNEL_SPIN_US > 0: on a shared machine spinning cost more than
-// it saved) and runs chunks itself. Chunks are claimed with a
-// compare-and-swap by the workers and the caller alike, so a worker that is
-// slow to wake (the machine is busy) costs little: the caller runs the
-// unclaimed chunks itself, then waits (pause loop, then yield) for claimed
-// ones. Only one ParallelRows uses the pool at a time (try_lock): a
-// concurrent call (XLA running several kernels at once, e.g. one per
-// simulated device) or a nested one runs its chunks serially on its own
-// thread, with the same split and therefore the same result.
+// Threads come from XLA's intra-op pool, the one XLA:CPU runs its own
+// thunks on (`ffi::ThreadPool`, handed to every handler, which installs it
+// with `UseXlaPool`). The caller schedules threads - 1 tasks there and runs
+// chunks itself; chunks are claimed with fetch_add by the caller and the
+// tasks alike, so a task that starts late (its thread busy with another
+// thunk) costs little: the caller runs the unclaimed chunks, then waits
+// (pause loop, then yield) only for claimed ones. Sharing XLA's pool keeps
+// the kernels from oversubscribing the cores when XLA runs other thunks
+// beside them, and its threads are awake while XLA executes a program.
+// Measured on the 2-core VM (benchmarks/norms.py's PowerNorm step, which
+// XLA runs on its pool; five runs each, paired ratio to LayerNorm's step):
+// 1.18-1.32x with XLA's pool against 1.24-1.40x with our own pool, whose
+// worker, woken from sleep, often started after the caller had run both
+// chunks (the slow calls took the one-thread time).
+//
+// Fallbacks, also for measurement: without an XLA pool (num_threads() = 0)
+// or with mode `kOwnPool`, a persistent process-wide pool of
+// hardware_concurrency - 1 workers (created at the first threaded call,
+// never destroyed; the caller bumps a generation counter packed with the
+// chunk count and the next unclaimed chunk in one 64-bit atomic, wakes the
+// workers through a condition variable, claims chunks with them by
+// compare-and-swap; only one ParallelRows uses it at a time (try_lock): a
+// concurrent or nested call runs its chunks serially on its own thread,
+// with the same split and so the same result). Mode `kSpawn`: std::threads
+// spawned per call (35-50 us a call, against ~10 us for a pool).
 //
 // Threshold: one thread per kMinElementsPerThread = 2^18 elements (1 MiB of
 // f32), at most hardware_concurrency, so 2 threads from 2^19 elements on
-// the project's 2-core VM. The pool costs ~10 us per threaded call where
-// spawning std::threads (the previous implementation) cost 35-50 us, but a
-// lower threshold still did not pay there (benchmarks/sizes.py and the
-// measurements in its commit: with other jobs on the 2 cores, 2 threads vs
-// 1 was 1.3-1.45x slower at 2^16 elements, 1.1-1.2x at 2^18, ~1.0-1.1x at
-// 2^19-2^20 and 0.9-1.0x from 2^21): a second core is seldom free on a
-// shared machine, so the threshold stays; the pool makes the threaded sizes
-// cheaper (pool / spawn 0.5-0.9 at 2^19-2^22).
+// the project's 2-core VM. A lower threshold did not pay there
+// (benchmarks/sizes.py and the measurements in its commit: with other jobs
+// on the 2 cores, 2 threads vs 1 was 1.3-1.45x slower at 2^16 elements,
+// 1.1-1.2x at 2^18, ~1.0-1.1x at 2^19-2^20 and 0.9-1.0x from 2^21).
 //
-// Switches, for measurement: NORMJAX_KERNEL_POOL=0 (read once, at the first
-// kernel call) restores the previous path (std::threads spawned per call);
+// Switches, for measurement: NORMJAX_KERNEL_POOL=2 (the default: XLA's
+// pool), 1 (our own pool) or 0 (spawn), read once at the first kernel call;
 // NORMJAX_KERNEL_MIN_ELEMENTS=n sets the elements per thread.
-// `NormjaxSetRowThreading(pool, min_elements)` (exported by cpu_kernel.cc;
+// `NormjaxSetRowThreading(mode, min_elements)` (exported by cpu_kernel.cc;
 // normjax._src.cpu_kernel.row_threading from Python) changes both at run
 // time; a changed threshold changes `threads` for some sizes and with it the
 // summation order of the per-thread partial sums (still deterministic).
@@ -56,6 +63,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -64,9 +72,13 @@
 #include <immintrin.h>
 #endif
 
+#include "xla/ffi/api/ffi.h"
+
 namespace normjax {
 
 constexpr int64_t kMinElementsPerThread = 1 << 18;
+// Where ParallelRows gets its threads (see the header comment).
+enum RowThreading { kSpawn = 0, kOwnPool = 1, kXlaPool = 2 };
 constexpr int kSpinMicros = 0;  // a worker's busy wait before it sleeps
 constexpr int kCallerSpins = 64;  // pause loops before the caller yields
 
@@ -94,16 +106,17 @@ inline int64_t EnvInt(const char* name, int64_t fallback) {
   return *end == '\0' ? static_cast<int64_t>(n) : fallback;
 }
 
-// Run-time settings: whether to use the pool, and the elements per thread.
+// Run-time settings: the RowThreading mode, and the elements per thread.
 struct Settings {
-  std::atomic<bool> pool;
+  std::atomic<int> mode;
   std::atomic<int64_t> min_elements;
   int64_t spin_us = EnvInt("NORMJAX_KERNEL_SPIN_US", kSpinMicros);
   int64_t caller_spins = EnvInt("NORMJAX_KERNEL_CALLER_SPINS", kCallerSpins);
   Settings() {
-    pool.store(EnvInt("NORMJAX_KERNEL_POOL", 1) != 0);
-    const int64_t m = EnvInt("NORMJAX_KERNEL_MIN_ELEMENTS", 0);
-    min_elements.store(m > 0 ? m : kMinElementsPerThread);
+    const int64_t m = EnvInt("NORMJAX_KERNEL_POOL", kXlaPool);
+    mode.store(m >= kSpawn && m <= kXlaPool ? static_cast<int>(m) : kXlaPool);
+    const int64_t e = EnvInt("NORMJAX_KERNEL_MIN_ELEMENTS", 0);
+    min_elements.store(e > 0 ? e : kMinElementsPerThread);
   }
 };
 
@@ -211,6 +224,29 @@ class Pool {
   std::atomic<int> sleepers_{0};
 };
 
+// A job on XLA's intra-op pool: chunks claimed with fetch_add by the caller
+// and the scheduled tasks alike; a task that starts after the last chunk was
+// claimed returns without touching the caller's (by then gone) body.
+struct XlaJob {
+  void (*fn)(void*, int);
+  void* ctx;
+  int chunks;
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  void Work() {
+    for (int c; (c = next.fetch_add(1, std::memory_order_acq_rel)) < chunks;) {
+      fn(ctx, c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// The XLA intra-op pool of the handler running on this thread, if any.
+inline xla::ffi::ThreadPool*& CurrentXlaPool() {
+  static thread_local xla::ffi::ThreadPool* pool = nullptr;
+  return pool;
+}
+
 inline int HardwareThreads() {
   static const int hw =
       static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -223,6 +259,15 @@ inline Pool& GetPool() {
 }
 
 }  // namespace rows_internal
+
+// Makes ParallelRows use XLA's intra-op pool for the handler's duration.
+class UseXlaPool {
+ public:
+  explicit UseXlaPool(xla::ffi::ThreadPool& pool) {
+    if (pool.num_threads() > 0) rows_internal::CurrentXlaPool() = &pool;
+  }
+  ~UseXlaPool() { rows_internal::CurrentXlaPool() = nullptr; }
+};
 
 inline int NumThreads(int64_t elements) {
   const int64_t hw = std::min(rows_internal::HardwareThreads(), 0xffff);
@@ -245,7 +290,9 @@ void ParallelRows(int64_t rows, int threads, Body body) {
     const int64_t lo = std::min(rows, t * chunk);
     body(t, lo, std::min(rows, lo + chunk));
   };
-  if (!rows_internal::GetSettings().pool.load(std::memory_order_relaxed)) {
+  const int mode = rows_internal::GetSettings().mode.load(
+      std::memory_order_relaxed);
+  if (mode == kSpawn) {
     std::vector<std::thread> spawned;  // the previous implementation
     for (int t = 1; t < threads; ++t) {
       const int64_t lo = std::min(rows, t * chunk);
@@ -257,6 +304,23 @@ void ParallelRows(int64_t rows, int threads, Body body) {
   }
   using Range = decltype(range);
   auto call = [](void* ctx, int t) { (*static_cast<Range*>(ctx))(t); };
+  xla::ffi::ThreadPool* xp = rows_internal::CurrentXlaPool();
+  if (mode == kXlaPool && xp != nullptr) {
+    auto job = std::make_shared<rows_internal::XlaJob>();
+    job->fn = call;
+    job->ctx = &range;
+    job->chunks = threads;
+    for (int t = 1; t < threads; ++t) xp->Schedule([job] { job->Work(); });
+    job->Work();
+    for (int spins = 0; job->done.load(std::memory_order_acquire) < threads;) {
+      if (++spins < 64) {
+        rows_internal::CpuRelax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    return;
+  }
   bool& in_pool = rows_internal::InPool();
   bool ran = false;
   if (!in_pool && threads <= 0xffff) {

@@ -34,7 +34,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 #include "kernel_rows.h"
@@ -95,7 +94,7 @@ inline void StatsRows(const float* __restrict x, const float* w,
                       const float* r, const float* __restrict k, int64_t c,
                       int64_t cg, float* __restrict sq,
                       float* __restrict s1) {
-  static_assert(R == 1 || R == 2 || R == 4);
+  static_assert(R == 1 || R == 2);
 #pragma omp simd
   for (int64_t j = 0; j < cg; ++j) {
     const float kj = kCenter ? k[j] : 0.0f;
@@ -106,11 +105,7 @@ inline void StatsRows(const float* __restrict x, const float* w,
       if (kCenter) m += w[i] * d;
     };
     row(0);
-    if constexpr (R >= 2) row(1);
-    if constexpr (R == 4) {
-      row(2);
-      row(3);
-    }
+    if constexpr (R == 2) row(1);
     sq[j] += q;
     if (kCenter) s1[j] += m;
   }
@@ -195,7 +190,9 @@ ffi::Error Stats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                  ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> rs,
                  ffi::ResultBuffer<ffi::F32> sq, ffi::ResultBuffer<ffi::F32> s1,
                  ffi::ResultBuffer<ffi::F32> shift_used, int64_t groups,
-                 float gs_eps, bool center, bool find_shift) {
+                 float gs_eps, bool center, bool find_shift,
+    ffi::ThreadPool xla_pool) {
+  normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   float* s1p = s1->typed_data();
@@ -300,7 +297,9 @@ void ApplyRows(const float* xp, const float* rp, int64_t ng, const float* mu,
 ffi::Error Apply(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
                  ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> keep,
                  ffi::Buffer<ffi::F32> inv_d, ffi::Buffer<ffi::F32> scale,
-                 ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y) {
+                 ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+    ffi::ThreadPool xla_pool) {
+  normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   ApplyRows(x.typed_data(), rs.typed_data(), LastDim(rs.dimensions()),
             mu.typed_data(), keep.typed_data(), inv_d.typed_data(),
@@ -322,7 +321,9 @@ ffi::Error PowerForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> sq,
                         ffi::ResultBuffer<ffi::F32> y,
                         ffi::ResultBuffer<ffi::F32> inv_d, int64_t groups,
-                        float gs_eps, float eps) {
+                        float gs_eps, float eps,
+    ffi::ThreadPool xla_pool) {
+  normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   const float* pp = phi.typed_data();
@@ -389,7 +390,7 @@ struct BackwardArgs {
 // Group g of the R rows from i0 (none dropped).
 template <int F, int R>
 inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
-  static_assert(R == 1 || R == 2 || R == 4);
+  static_assert(R == 1 || R == 2);
   constexpr bool dx_ = F & kDx, sums_ = F & kSums, du_ = F & kDu;
   constexpr bool gs_ = F & kGroupScaled, keep_ = F & kKeep;
   constexpr bool center_ = F & kCenter;
@@ -421,8 +422,8 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   float* __restrict ds = p.ds + o;
   float* __restrict db = p.db + o;
   float* __restrict dk = p.dk + o;
-  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // sum_j da x rs per row
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  float a0 = 0.0f, a1 = 0.0f;  // sum_j da x rs per row
+#pragma omp simd reduction(+ : a0, a1)
   for (int64_t j = 0; j < cg; ++j) {
     const float mu = center_ ? mg[j] : 0.0f;
     float su = 0.0f, ss = 0.0f, sb = 0.0f, sk = 0.0f;
@@ -448,11 +449,7 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
       }
     };
     row(0, a0);
-    if constexpr (R >= 2) row(1, a1);
-    if constexpr (R == 4) {
-      row(2, a2);
-      row(3, a3);
-    }
+    if constexpr (R == 2) row(1, a1);
     if (du_) du[j] += su;
     if (sums_) {
       ds[j] += ss;
@@ -463,7 +460,7 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   if (!(dx_ && buffered)) return;
   // dx row by row (see kBlock), with GroupScaling's VJP:
   // dx = rs (da - (x rs) mean_g(da x rs)).
-  const float a[4] = {a0, a1, a2, a3};
+  const float a[2] = {a0, a1};
   for (int q = 0; q < R; ++q) {
     const float b = r[q] * r[q] * a[q] / static_cast<float>(cg), rq = r[q];
     const float* __restrict xq = x + q * c;
@@ -640,7 +637,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
                     ffi::ResultBuffer<ffi::F32> dscale,
                     ffi::ResultBuffer<ffi::F32> dbias,
                     ffi::ResultBuffer<ffi::F32> dkeep, bool group_scaled,
-                    bool per_row_keep, bool center, bool sums) {
+                    bool per_row_keep, bool center, bool sums,
+    ffi::ThreadPool xla_pool) {
+  normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   Columns col{mu.typed_data(),    inv_d.typed_data(), inv_bd.typed_data(),
@@ -665,7 +664,9 @@ ffi::Error ColumnSums(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
                       ffi::ResultBuffer<ffi::F32> dscale,
                       ffi::ResultBuffer<ffi::F32> dbias,
                       ffi::ResultBuffer<ffi::F32> dkeep, bool per_row_keep,
-                      bool center, bool with_du) {
+                      bool center, bool with_du,
+    ffi::ThreadPool xla_pool) {
+  normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
   Columns col{mu.typed_data(), inv_d.typed_data(), nullptr,
@@ -695,7 +696,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerStats, Stats,
                                   .Attr<int64_t>("groups")
                                   .Attr<float>("gs_eps")
                                   .Attr<bool>("center")
-                                  .Attr<bool>("find_shift"));
+                                  .Attr<bool>("find_shift")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerForward, PowerForward,
                               ffi::Ffi::Bind()
@@ -711,7 +713,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerForward, PowerForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // inv_d
                                   .Attr<int64_t>("groups")
                                   .Attr<float>("gs_eps")
-                                  .Attr<float>("eps"));
+                                  .Attr<float>("eps")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerApply, Apply,
                               ffi::Ffi::Bind()
@@ -722,7 +725,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerApply, Apply,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // inv_d
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerBackward, Backward,
                               ffi::Ffi::Bind()
@@ -745,7 +749,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerBackward, Backward,
                                   .Attr<bool>("group_scaled")
                                   .Attr<bool>("per_row_keep")
                                   .Attr<bool>("center")
-                                  .Attr<bool>("sums"));
+                                  .Attr<bool>("sums")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerColumns, ColumnSums,
                               ffi::Ffi::Bind()
@@ -763,4 +768,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPowerColumns, ColumnSums,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dkeep
                                   .Attr<bool>("per_row_keep")
                                   .Attr<bool>("center")
-                                  .Attr<bool>("with_du"));
+                                  .Attr<bool>("with_du")
+                                  .Ctx<ffi::ThreadPool>());
