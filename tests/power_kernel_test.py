@@ -176,6 +176,16 @@ def test_threaded_path_matches_xla(name):
   assert_close(got, want, 16 * 32)
 
 
+@pytest.mark.parametrize('name', ['power_norm', 'batch_norm'])
+def test_rows_streamed_one_at_a_time_match_xla(name):
+  """Above power_kernel.cc's kBlockedBytes (8 MiB of x) the statistics and
+  backward passes take rows one at a time instead of in blocks of two."""
+  shape = (17, 128, 1024)  # 8.5 MiB of float32
+  got = steps(name, {}, shape, kernel=True, num_steps=2)
+  want = steps(name, {}, shape, kernel=False, num_steps=2)
+  assert_close(got, want, 17 * 128)
+
+
 @pytest.mark.parametrize('name', sorted(NORMS))
 def test_batch_groups_match_xla(name):
   """num_batch_groups vmaps the step: one kernel call per group."""

@@ -71,13 +71,27 @@ void SumPartials(const std::vector<float>& part, int threads, int k_count,
 // so that each column operand and partial sum is loaded and stored once per
 // block rather than once per row. Two rows, not four: rows of 1024 floats
 // are 4 KiB apart, so the rows of a block share L1 sets (8 ways), and four
-// rows of x and dy with the column vectors evicted each other (measured:
-// PowerNorm's step 1.27x LayerNorm's with four, 1.03-1.24x with two, 1.09-
-// 1.25x with one, on the benchmark shape). Outputs are written one row at
-// a time: storing row q while loading row q + 1 at the same column aliases
-// in the low 12 address bits (a stall on every load). Passes without column
-// sums (dx only) take one row at a time.
+// rows of x and dy with the column vectors evicted each other. Outputs are
+// written one row at a time: storing row q while loading row q + 1 at the
+// same column aliases in the low 12 address bits (a stall on every load).
+// Passes without column sums (dx only) take one row at a time.
+//
+// Blocks pay while the rows come from cache; streamed from memory, the two
+// rows of a block double the concurrent streams, and one row at a time is
+// faster. Measured on the 2-core VM (32 MiB L3; a C++ harness timing both
+// forms of this file in the same rounds, [rows, 1024] f32, the L3 evicted
+// before each call for 4096 rows): the centred statistics pass, 4096 rows:
+// one row at a time 0.61 ms, blocks 0.77 ms; 512 rows in cache: 0.065 vs
+// 0.049 ms. PowerNorm's backward, 4096 rows: one row 8-12% faster; 128 to
+// 1024 rows in cache: blocks 8-15% faster. So rows are blocked while x is
+// at most kBlockedBytes (a fixed size, so that the summation order, and
+// with it every bit of the result, does not depend on the machine).
 constexpr int kBlock = 2;
+constexpr int64_t kBlockedBytes = int64_t{8} << 20;
+
+inline bool Blocked(int64_t n, int64_t c) {
+  return n * c * static_cast<int64_t>(sizeof(float)) <= kBlockedBytes;
+}
 
 // 1 / sqrt(mean(x^2) + eps) over one group of cg features.
 inline float GroupScale(const float* __restrict xg, int64_t cg, float eps) {
@@ -120,6 +134,7 @@ void StatsImpl(const float* __restrict xp, const float* __restrict wp,
   const int64_t cg = c / ng;
   const int threads = NumThreads(n * c);
   const int k_count = kCenter ? 2 : 1;
+  const bool blocked = Blocked(n, c);
   std::vector<float> partial(
       static_cast<size_t>(k_count * threads * Stride(c)), 0.0f);
   float* part = partial.data();
@@ -132,7 +147,7 @@ void StatsImpl(const float* __restrict xp, const float* __restrict wp,
       }
     };
     int64_t i = lo;
-    for (; i + kBlock <= hi; i += kBlock) {
+    for (; blocked && i + kBlock <= hi; i += kBlock) {
       bool whole = true;
       for (int q = 0; q < kBlock; ++q) whole &= wp[i + q] != 0.0f;
       for (int q = 0; q < kBlock; ++q) scales(i + q, rp + (i + q) * ng);
@@ -384,10 +399,14 @@ struct BackwardArgs {
   float* db;
   float* dk;
   float* da;  // [kBlock, c / ng + 16]: g_hat * inv_bd of a block's group
-  const float* coef;  // [4, c]: DxOnlyRow's column vectors
+  const float* coef;  // [4, c]: DxOnlyRow's vectors; [c] corr inv_d (sums)
 };
 
-// Group g of the R rows from i0 (none dropped).
+// Group g of the R rows from i0 (none dropped; with kDu, none with cw = 0:
+// a pad adds nothing to du, even where its x is NaN). The column sums are
+// taken in u = x rs - mu (zh = u inv_d): du and dscale are sums of (.) u,
+// multiplied by inv_d once at the end of BackwardImpl; the correction
+// reads corr inv_d, one column vector computed once per call.
 template <int F, int R>
 inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   static_assert(R == 1 || R == 2);
@@ -408,10 +427,9 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   const float* __restrict dy = p.dy + i0 * c + o;
   float* __restrict dx = dx_ ? p.dx + i0 * c + o : nullptr;
   const float* __restrict mg = p.col.mu + o;
-  const float* __restrict dg = p.col.inv_d + o;
   const float* __restrict sg = p.col.scale + o;
   const float* __restrict eg = p.col.e + o;
-  const float* __restrict cg_ = p.col.corr + o;
+  const float* __restrict pg = p.coef + o;  // corr inv_d
   const float* __restrict bg = p.col.inv_bd + o;
   // da = g_hat * inv_bd goes through a row buffer (ld apart: not a multiple
   // of 4 KiB) when a later loop needs it or rows are blocked.
@@ -425,19 +443,17 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   float a0 = 0.0f, a1 = 0.0f;  // sum_j da x rs per row
 #pragma omp simd reduction(+ : a0, a1)
   for (int64_t j = 0; j < cg; ++j) {
-    const float mu = center_ ? mg[j] : 0.0f;
     float su = 0.0f, ss = 0.0f, sb = 0.0f, sk = 0.0f;
     // Row q of the block; inlined, so that the j loop vectorises.
     auto row = [&](int q, float& aq) __attribute__((always_inline)) {
       const float xs = x[q * c + j] * r[q];
-      const float zh = center_ ? (xs - mu) * dg[j] : xs * dg[j];
+      const float u = center_ ? xs - mg[j] : xs;
       const float gy = dy[q * c + j];
       const float gk = keep_ ? ki[q] * gy : gy;
-      const float off =
-          dx_ ? (center_ ? eg[j] + cg_[j] * zh : cg_[j] * zh) : 0.0f;
+      const float off = center_ ? eg[j] + pg[j] * u : pg[j] * u;
       const float gh = dx_ ? gk * sg[j] - cw[q] * off : gk * sg[j];
-      if (du_) su += cw[q] != 0.0f ? cw[q] * gh * zh : 0.0f;  // NaN pads
-      ss += gk * zh;
+      if (du_) su += cw[q] * (gh * u);
+      ss += gk * u;
       sb += gy;
       sk += gk;
       if (dx_ && buffered) {
@@ -525,6 +541,8 @@ void BackwardRow(const BackwardArgs& p, int64_t i) {
   }
   if constexpr ((F & kDx) && !(F & kSums)) {
     DxOnlyRow<F>(p, i, p.coef);
+  } else if ((F & kDu) && p.cw[i] == 0.0f) {  // a pad: nothing to du
+    for (int64_t g = 0; g < p.ng; ++g) BackwardRows<F & ~kDu, 1>(p, i, g);
   } else {
     for (int64_t g = 0; g < p.ng; ++g) BackwardRows<F, 1>(p, i, g);
   }
@@ -536,11 +554,18 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
   const int64_t c = args.c;
   const int threads = NumThreads(n * c);
   const int k_count = 4;
+  const bool blocked = Blocked(n, c);
   std::vector<float> partial(
       sums_ ? static_cast<size_t>(k_count * threads * Stride(c)) : 0, 0.0f);
   float* part = partial.data();
-  std::vector<float> coef(sums_ ? 0 : 4 * c);
-  if constexpr (!sums_) {
+  std::vector<float> coef(sums_ ? c : 4 * c);
+  if constexpr (sums_) {
+    if (F & kDx) {
+      for (int64_t j = 0; j < c; ++j) {
+        coef[j] = args.col.corr[j] * args.col.inv_d[j];
+      }
+    }
+  } else {
     const Columns& k = args.col;
     for (int64_t j = 0; j < c; ++j) {
       const bool center = F & kCenter;
@@ -563,10 +588,11 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
     std::vector<float> buffer(kBlock * (c / p.ng + 16));
     p.da = buffer.data();
     int64_t i = lo;
-    for (; sums_ && i + kBlock <= hi; i += kBlock) {
+    for (; sums_ && blocked && i + kBlock <= hi; i += kBlock) {
       bool whole = true;
-      if (F & kKeep) {
-        for (int q = 0; q < kBlock; ++q) whole &= p.keep[i + q] != 0.0f;
+      for (int q = 0; q < kBlock; ++q) {
+        if (F & kKeep) whole &= p.keep[i + q] != 0.0f;
+        if (F & kDu) whole &= p.cw[i + q] != 0.0f;
       }
       if (!whole) {
         for (int q = 0; q < kBlock; ++q) BackwardRow<F>(p, i + q);
@@ -576,7 +602,12 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
     }
     for (; i < hi; ++i) BackwardRow<F>(p, i);
   });
-  if (sums_) SumPartials(partial, threads, k_count, c, sums);
+  if (!sums_) return;
+  SumPartials(partial, threads, k_count, c, sums);
+  for (int k = 0; k < 2; ++k) {  // du and dscale: from u-space to zh-space
+    if (sums[k] == nullptr) continue;
+    for (int64_t j = 0; j < c; ++j) sums[k][j] *= args.col.inv_d[j];
+  }
 }
 
 // The combinations the callers use (power_kernel.py, batch_kernel.py,
