@@ -89,6 +89,22 @@ def test_large_mean_keeps_precision():
   np.testing.assert_allclose(np.asarray(y), want, atol=2e-4)
 
 
+@pytest.mark.parametrize('first', [0.0, 10.0, 1e3])
+def test_an_outlying_first_feature_keeps_precision(first):
+  """The pivot x[0] far from the row's mean (a feature with massive
+  activations): the variance is then taken in a second loop, not as a
+  difference of two large sums."""
+  rng = np.random.default_rng(1)
+  x64 = rng.standard_normal((16, 256))
+  x64[:, 0] = first
+  x = jnp.asarray(x64.astype(np.float32))
+  x64 = np.asarray(x, np.float64)
+  want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(
+      x64.var(-1, keepdims=True) + 1e-6)
+  y = jax.jit(lambda v: nf.layer_norm(v)[0])(x)
+  np.testing.assert_allclose(np.asarray(y), want, atol=1e-5)
+
+
 @pytest.mark.parametrize('name', ['layer_norm', 'rms_norm'])
 @pytest.mark.parametrize('shared', [True, False], ids=['shared', 'per_member'])
 def test_vmap(name, shared):
