@@ -5,6 +5,7 @@ import math
 import pytest
 
 from benchmarks import norms
+from normjax._src import cpu_kernel
 
 
 # ~12 s of compiles (36 jitted functions); CI's `python -m benchmarks --quick`
@@ -21,10 +22,14 @@ def test_quick_benchmark_reports_every_norm():
     assert r['fwd_ms'] > 0 and math.isfinite(r['fwd_ms'])
   lines = norms.ratios(results)
   torch_line = any(r['norm'] == norms.TORCH_PN for r in results)
+  # With the kernel: each norm on XLA's pool against normjax's own, and
+  # PowerNorm vs LayerNorm both on the own pool.
+  own_pool = len(norms.OWN_POOL) + 1 if cpu_kernel.available() else 0
   assert len(lines) == (len(norms.TARGETS) + len(norms.TRAFFIC)
-                        + len(norms.BEFORE_AFTER) + torch_line)
+                        + len(norms.BEFORE_AFTER) + own_pool + torch_line)
   assert all(('ok' in l or 'MISSED' in l or 'not measured' in l
-              or 'faster' in l) for l in lines)
+              or 'faster' in l or 'own pool' in l) for l in lines)
+  assert sum('own pool' in l for l in lines) == own_pool
   assert set(norms.TRAFFIC) <= names  # every trained norm is timed
   assert norms.markdown(results).startswith('| norm |')
 

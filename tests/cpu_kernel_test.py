@@ -77,16 +77,21 @@ def test_kernel_matches_xla(name, shape):
                               rtol=2e-5)
 
 
-def test_large_mean_keeps_precision():
-  """1e4 + 0.01 N(0, 1): the pivot shift keeps the variance exact."""
-  rng = np.random.default_rng(0)
-  x64 = 1e4 + 0.01 * rng.standard_normal((16, 256))
+def layer_norm_vs_float64(x64):
+  """(the kernel's LayerNorm of x64 in float32, the float64 LayerNorm of the
+  same float32 values)."""
   x = jnp.asarray(x64.astype(np.float32))
   x64 = np.asarray(x, np.float64)
   want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(
       x64.var(-1, keepdims=True) + 1e-6)
-  y = jax.jit(lambda v: nf.layer_norm(v)[0])(x)
-  np.testing.assert_allclose(np.asarray(y), want, atol=2e-4)
+  return np.asarray(jax.jit(lambda v: nf.layer_norm(v)[0])(x)), want
+
+
+def test_large_mean_keeps_precision():
+  """1e4 + 0.01 N(0, 1): the pivot shift keeps the variance exact."""
+  rng = np.random.default_rng(0)
+  y, want = layer_norm_vs_float64(1e4 + 0.01 * rng.standard_normal((16, 256)))
+  np.testing.assert_allclose(y, want, atol=2e-4)
 
 
 @pytest.mark.parametrize('first', [0.0, 10.0, 1e3])
@@ -94,15 +99,10 @@ def test_an_outlying_first_feature_keeps_precision(first):
   """The pivot x[0] far from the row's mean (a feature with massive
   activations): the variance is then taken in a second loop, not as a
   difference of two large sums."""
-  rng = np.random.default_rng(1)
-  x64 = rng.standard_normal((16, 256))
+  x64 = np.random.default_rng(1).standard_normal((16, 256))
   x64[:, 0] = first
-  x = jnp.asarray(x64.astype(np.float32))
-  x64 = np.asarray(x, np.float64)
-  want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(
-      x64.var(-1, keepdims=True) + 1e-6)
-  y = jax.jit(lambda v: nf.layer_norm(v)[0])(x)
-  np.testing.assert_allclose(np.asarray(y), want, atol=1e-5)
+  y, want = layer_norm_vs_float64(x64)
+  np.testing.assert_allclose(y, want, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', ['layer_norm', 'rms_norm'])
