@@ -62,7 +62,9 @@ PN, UN = 'normjax PowerNorm train (mask)', 'normjax UnifiedNorm train (mask)'
 PN_WARMUP = 'normjax PowerNorm train, in warmup (mask)'
 # Rows timed with the kernels' rows threaded on normjax's own pool instead of
 # XLA's (cpu_kernel.row_threading): the before of that change, same rounds.
-OWN_POOL = ((f'{LN} (own pool)', LN), (f'{PN} (own pool)', PN))
+# (label, row, the row it switches)
+LN_OWN, PN_OWN = f'{LN} (own pool)', f'{PN} (own pool)'
+OWN_POOL = (('LayerNorm', LN_OWN, LN), ('PowerNorm train (mask)', PN_OWN, PN))
 FLAX_RMS, FLAX_BN = 'flax RMSNorm', 'flax BatchNorm (mask)'
 
 
@@ -192,7 +194,8 @@ def _train_step(apply, fields):
 def switched(f, restore: tuple[str, int], mode: str):
   """`f` with the kernels' row threading on `mode` (a
   `cpu_kernel.ROW_THREADING`) for the call, through the raw ctypes switch
-  (~0.3 us a call); returns None once the result is ready, so that `_timed`
+  (~0.3 us a call; with the wrapper ~4 us a timed call, measured where one
+  thread runs); returns None once the result is ready, so that `_timed`
   does not block again."""
   switch = cpu_kernel._row_threading_fn()  # pylint: disable=protected-access
   index = cpu_kernel.ROW_THREADING.index
@@ -280,7 +283,7 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
   own_pool = []
   if cpu_kernel.available():
     restore = cpu_kernel.row_threading()
-    for name, base in OWN_POOL:
+    for _, name, base in OWN_POOL:
       for kind in ('fwd', 'bwd'):
         f, args = fns[base, kind]
         fns[name, kind] = (switched(f, restore, 'own'), args)
@@ -376,13 +379,13 @@ def ratios(results: list[dict]) -> list[str]:
     r = [paired_ratio(samples[before][i], samples[after][i]) for i in (0, 1)]
     lines.append(f'{label}, fused CPU kernel vs XLA path: {r[1]:.2f}x faster '
                  f'fwd+bwd, {r[0]:.2f}x fwd')
-  for name, base in OWN_POOL:
+  for label, name, base in OWN_POOL:
     if name in samples:
       r = [paired_ratio(samples[base][i], samples[name][i]) for i in (0, 1)]
-      lines.append(f"{base[8:]}, rows on XLA's pool / on normjax's own pool: "
+      lines.append(f"{label}, rows on XLA's pool / on normjax's own pool: "
                    f'{r[1]:.2f}x fwd+bwd, {r[0]:.2f}x fwd')
-  if all(name in samples for name, _ in OWN_POOL):
-    r = paired_ratio(samples[OWN_POOL[1][0]][1], samples[OWN_POOL[0][0]][1])
+  if PN_OWN in samples and LN_OWN in samples:
+    r = paired_ratio(samples[PN_OWN][1], samples[LN_OWN][1])
     lines.append(f'PowerNorm train fwd+bwd vs normjax LayerNorm, both on '
                  f"normjax's own pool (before): {r:.2f}x")
   if TORCH_PN in samples:

@@ -24,14 +24,15 @@ threading switched, at call time, to normjax's own persistent pool
 (`cpu_kernel.row_threading(pool='own')`) and to the first path, std::threads
 spawned per call (`pool='spawn'`); one thread per 2^18 elements in all three
 (normjax/_src/kernel_rows.h), so the three are compared in the same rounds.
-Their times include two ctypes calls (~0.3 us each) that set and restore the
-switch.
+Their times include the switch (two ctypes calls and a Python wrapper: ~4 us
+a call, visible below 2^19 elements, where one thread runs in all three).
 
 Ratios (normjax / flax, normjax / torch, xla pool / own pool, xla pool /
 spawn) are paired: the median over rounds of the two times of the same
-round, so load drift on a shared machine cancels. GB/s counts the minimal traffic in arrays of x.nbytes
-(N * 4 bytes): fwd reads x and writes y, GB/s = 2 * 4N / t; fwd+bwd reads
-x and dy and writes y and dx, GB/s = 4 * 4N / t (as benchmarks.norms).
+round, so load drift on a shared machine cancels. GB/s counts the minimal
+traffic in arrays of x.nbytes (N * 4 bytes): fwd reads x and writes y,
+GB/s = 2 * 4N / t; fwd+bwd reads x and dy and writes y and dx,
+GB/s = 4 * 4N / t (as benchmarks.norms).
 
 Reps per size: as many rounds as fit in ~5 s (at least 15, at most 400).
 The log-log figure (time vs elements, fwd+bwd and fwd, one line per

@@ -40,7 +40,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                    ffi::ResultBuffer<ffi::F32> mean,
                    ffi::ResultBuffer<ffi::F32> rstd, float eps, bool center,
-    ffi::ThreadPool xla_pool) {
+                   ffi::ThreadPool xla_pool) {
   normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
@@ -91,7 +91,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> dscale,
                     ffi::ResultBuffer<ffi::F32> dbias, bool center,
-    ffi::ThreadPool xla_pool) {
+                    ffi::ThreadPool xla_pool) {
   normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;

@@ -125,6 +125,18 @@ inline Settings& GetSettings() {
   return *s;
 }
 
+// The caller's wait for the chunks that others claimed: a pause loop, then
+// yields.
+inline void WaitForChunks(const std::atomic<int>& done, int chunks) {
+  for (int spins = 0; done.load(std::memory_order_acquire) < chunks;) {
+    if (++spins < GetSettings().caller_spins) {
+      CpuRelax();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
 // Whether this thread is running pool work (a worker, or a caller inside
 // TryRun): a nested ParallelRows then runs serially.
 inline bool& InPool() {
@@ -156,13 +168,7 @@ class Pool {
     }
     if (sleepers_.load(std::memory_order_relaxed) > 0) wake_.notify_all();
     Work(gen_);
-    for (int spins = 0; done_.load(std::memory_order_acquire) < chunks;) {
-      if (++spins < GetSettings().caller_spins) {
-        CpuRelax();
-      } else {
-        std::this_thread::yield();
-      }
-    }
+    WaitForChunks(done_, chunks);
     return true;
   }
 
@@ -312,13 +318,7 @@ void ParallelRows(int64_t rows, int threads, Body body) {
     job->chunks = threads;
     for (int t = 1; t < threads; ++t) xp->Schedule([job] { job->Work(); });
     job->Work();
-    for (int spins = 0; job->done.load(std::memory_order_acquire) < threads;) {
-      if (++spins < 64) {
-        rows_internal::CpuRelax();
-      } else {
-        std::this_thread::yield();
-      }
-    }
+    rows_internal::WaitForChunks(job->done, threads);
     return;
   }
   bool& in_pool = rows_internal::InPool();

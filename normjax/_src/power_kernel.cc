@@ -206,7 +206,7 @@ ffi::Error Stats(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                  ffi::ResultBuffer<ffi::F32> sq, ffi::ResultBuffer<ffi::F32> s1,
                  ffi::ResultBuffer<ffi::F32> shift_used, int64_t groups,
                  float gs_eps, bool center, bool find_shift,
-    ffi::ThreadPool xla_pool) {
+                 ffi::ThreadPool xla_pool) {
   normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
@@ -313,7 +313,7 @@ ffi::Error Apply(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
                  ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> keep,
                  ffi::Buffer<ffi::F32> inv_d, ffi::Buffer<ffi::F32> scale,
                  ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
-    ffi::ThreadPool xla_pool) {
+                 ffi::ThreadPool xla_pool) {
   normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   ApplyRows(x.typed_data(), rs.typed_data(), LastDim(rs.dimensions()),
@@ -337,7 +337,7 @@ ffi::Error PowerForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y,
                         ffi::ResultBuffer<ffi::F32> inv_d, int64_t groups,
                         float gs_eps, float eps,
-    ffi::ThreadPool xla_pool) {
+                        ffi::ThreadPool xla_pool) {
   normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
@@ -669,7 +669,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
                     ffi::ResultBuffer<ffi::F32> dbias,
                     ffi::ResultBuffer<ffi::F32> dkeep, bool group_scaled,
                     bool per_row_keep, bool center, bool sums,
-    ffi::ThreadPool xla_pool) {
+                    ffi::ThreadPool xla_pool) {
   normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
@@ -696,7 +696,7 @@ ffi::Error ColumnSums(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> rs,
                       ffi::ResultBuffer<ffi::F32> dbias,
                       ffi::ResultBuffer<ffi::F32> dkeep, bool per_row_keep,
                       bool center, bool with_du,
-    ffi::ThreadPool xla_pool) {
+                      ffi::ThreadPool xla_pool) {
   normjax::UseXlaPool use_xla_pool(xla_pool);
   const int64_t c = LastDim(x.dimensions());
   const int64_t n = x.element_count() / c;
