@@ -150,7 +150,7 @@ def train(task: str, size: str, rounds: int, peak: float, tmp: str,
 def breakdown(task: str, run: dict, reps: int) -> list[dict]:
   """Forward, forward + backward (with and without dropout), optimizer and
   the whole step, on the first batch; ms medians of interleaved calls."""
-  from benchmarks.norms import _timed  # pylint: disable=g-import-not-at-top
+  from benchmarks.timing import timed_rounds  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from experiments import train_lib  # pylint: disable=g-import-not-at-top
   batch = run['batches'][0]
@@ -198,7 +198,7 @@ def breakdown(task: str, run: dict, reps: int) -> list[dict]:
       fns[(name, 'train step')] = (
           lambda s, b, w=whole, c=copy, e=exp: _in_mesh(e, w, c(s), b),
           (state, batch))
-  times = _timed(fns, warmup=1, reps=reps)
+  times = timed_rounds(fns, warmup=1, reps=reps)
   rows = []
   for (name, piece), t in times.items():
     rows.append(dict(task=task, norm=name, piece=piece,

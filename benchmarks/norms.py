@@ -17,7 +17,9 @@ Bound: jitted `jnp.copy(x)`, checked to write a new buffer. GB/s counts
 minimal traffic in arrays of x.nbytes: fwd reads x, writes y (2); fwd+bwd
 reads x, dy, writes y, dx (4); copy 2. After warm-up, each round calls
 every function once in a shuffled order (drift and cache effects hit all
-alike); medians of wall times, with block_until_ready. The target ratios
+alike), each call starting with the process's other threads idle and the
+caches evicted by every core (`benchmarks.timing`, where both are measured);
+medians of wall times, with block_until_ready. The target ratios
 are paired: the median over rounds of the two times of the same round.
 
 PyTorch (optional: `pip install torch`, CPU): torch.nn.LayerNorm and RMSNorm
@@ -36,10 +38,7 @@ are reused; `--no-malloc-tuning` keeps glibc's default.
 
 import argparse
 import os
-import random
 import statistics
-import time
-from collections.abc import Callable
 
 import flax
 import flax.linen as nn
@@ -48,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import traffic
+from benchmarks.timing import cache_evictor, paired_ratio, timed_rounds
 from normjax import functional as nf
 from normjax._src import cpu_kernel
 
@@ -195,7 +195,7 @@ def switched(f, restore: tuple[str, int], mode: str):
   """`f` with the kernels' row threading on `mode` (a
   `cpu_kernel.ROW_THREADING`) for the call, through the raw ctypes switch
   (~0.3 us a call; with the wrapper ~4 us a timed call, measured where one
-  thread runs); returns None once the result is ready, so that `_timed`
+  thread runs); returns None once the result is ready, so that `timed_rounds`
   does not block again."""
   switch = cpu_kernel._row_threading_fn()  # pylint: disable=protected-access
   index = cpu_kernel.ROW_THREADING.index
@@ -208,51 +208,6 @@ def switched(f, restore: tuple[str, int], mode: str):
     finally:
       switch(before, min_elements)
   return call
-
-
-def last_level_cache_bytes() -> int:
-  """The CPU's largest cache (sysfs), or 32 MiB where it cannot be read."""
-  sizes = []
-  for index in range(8):
-    try:
-      with open(f'/sys/devices/system/cpu/cpu0/cache/index{index}/size') as fh:
-        text = fh.read().strip()
-    except OSError:
-      break
-    unit = {'K': 1 << 10, 'M': 1 << 20}.get(text[-1:], 1)
-    sizes.append(int(text.rstrip('KM')) * unit)
-  return max(sizes, default=32 << 20)
-
-
-def cache_evictor() -> Callable[[], None]:
-  """A function that writes twice the last-level cache, so that the next
-  call starts with its operands in memory whatever ran before it."""
-  buffer = np.ones(2 * last_level_cache_bytes() // 4, np.float32)
-
-  def evict():
-    np.add(buffer, 1.0, out=buffer)
-  return evict
-
-
-def _timed(fns: dict, warmup: int, reps: int,
-           evict: Callable[[], None] | None = None
-           ) -> dict[str, list[float]]:
-  """ms per call and round; one call of each per round, in shuffled order;
-  `evict()` (untimed) before each call if given."""
-  for f, args in fns.values():
-    for _ in range(max(warmup, 1)):  # the first call compiles
-      jax.block_until_ready(f(*args))
-  times, order, rng = {k: [] for k in fns}, list(fns), random.Random(0)
-  for _ in range(reps):
-    rng.shuffle(order)
-    for k in order:
-      f, args = fns[k]
-      if evict is not None:
-        evict()
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*args))
-      times[k].append(time.perf_counter() - t0)
-  return {k: [1e3 * t for t in v] for k, v in times.items()}
 
 
 def run(rows: int = 4096, features: int = 1024, reps: int = 50,
@@ -292,7 +247,8 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
                  if torch else {})
   for name, (fwd, fwd_bwd) in torch_cases.items():
     fns[name, 'fwd'], fns[name, 'bwd'] = (fwd, ()), (fwd_bwd, ())
-  samples = _timed(fns, warmup, reps, None if quick else cache_evictor())
+  samples = timed_rounds(fns, warmup, reps,
+                         None if quick else cache_evictor())
   ms = {k: statistics.median(v) for k, v in samples.items()}
 
   def gbps(n_arrays, t_ms):  # minimal traffic: n_arrays of x.nbytes
@@ -341,11 +297,6 @@ BEFORE_AFTER = (  # label, after, before: the fused CPU kernel's effect
     ('paper BN', 'normjax paper BN (mask)',
      'normjax paper BN (mask, XLA path)'),
     ('PN-V', 'normjax PN-V (mask)', 'normjax PN-V (mask, XLA path)'))
-
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-  """Median over rounds of a/b timed in the same round (drift cancels)."""
-  return statistics.median(x / y for x, y in zip(a, b))
 
 
 def bound_pct(row: dict, arrays: int) -> float:

@@ -7,9 +7,10 @@ Run from the repository root:
 
 x: f32 (rows, 1024), rows = N / 1024 for N = 2^14, 2^15, ..., 2^24 elements
 (16 to 16384 rows; the quick run: 4 rows), standard normal + 0.5; dy
-standard normal. Per size, in interleaved rounds (`benchmarks.norms._timed`:
-after warm-up each round calls every function once in a shuffled order;
-medians of wall times with block_until_ready):
+standard normal. Per size, in interleaved rounds
+(`benchmarks.timing.timed_rounds`: after warm-up each round calls every
+function once in a shuffled order, each call starting with the process's
+other threads idle; medians of wall times with block_until_ready):
 
 * fwd: jitted forward, `y = norm(x)`; torch: the module under no_grad.
 * fwd+bwd: a jitted `jax.grad` of sum(y * dy) wrt x and the params
@@ -49,7 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.norms import _timed, machine_info, paired_ratio, switched
+from benchmarks.norms import machine_info, switched
+from benchmarks.timing import paired_ratio, timed_rounds
 from experiments.runtime import tune_malloc
 from normjax import functional as nf
 from normjax._src import cpu_kernel
@@ -130,10 +132,10 @@ def _measure(log2n: int, features: int, reps: int | None) -> list[dict]:
   for key, fn in _torch_cases(np.asarray(x), np.asarray(dy)).items():
     fns[key] = (fn, ())
   if reps is None:  # as many rounds as fit in BUDGET_S
-    probe = _timed(fns, 1, 2)
+    probe = timed_rounds(fns, 1, 2)
     round_ms = sum(statistics.median(v) for v in probe.values())
     reps = int(min(400, max(15, 1e3 * BUDGET_S / round_ms)))
-  samples = _timed(fns, 1, reps)
+  samples = timed_rounds(fns, 1, reps)
   out = []
   for norm in NORMS:
     r = dict(norm=norm, log2n=log2n, elements=n, shape=(rows, features),

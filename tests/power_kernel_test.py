@@ -7,6 +7,8 @@ that they run, every option against the jnp path over several steps (warmup
 boundary, padding, the threaded path), vmap, batch groups and sharding.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -184,6 +186,64 @@ def test_rows_streamed_one_at_a_time_match_xla(name):
   got = steps(name, {}, shape, kernel=True, num_steps=2)
   want = steps(name, {}, shape, kernel=False, num_steps=2)
   assert_close(got, want, 17 * 128)
+
+
+@pytest.mark.parametrize('name', sorted(NORMS))
+def test_streamed_tiles_with_ragged_columns_match_xla(name):
+  """Streamed, the statistics pass works on tiles of 64 columns, then 8,
+  then 1: 1900 features (groups of 475 = 7 * 64 + 3 * 8 + 3) take all
+  three."""
+  shape = (9, 128, 1900)  # 8.4 MiB of float32
+  got = steps(name, {}, shape, kernel=True, num_steps=2)
+  want = steps(name, {}, shape, kernel=False, num_steps=2)
+  assert_close(got, want, 9 * 128)
+
+
+@pytest.mark.parametrize('name', ['power_norm', 'pn_v'])
+@pytest.mark.parametrize('shape', [(4, 16, 64), (2, 7, 1900)])
+def test_evaluation_is_one_kernel_pass_equal_to_jnp(name, shape):
+  """With GroupScaling, evaluation (y = GroupScaling(x) * scale + bias from
+  the definition's EvalAffine) runs as one kernel call; its output and its
+  gradient wrt x, the params and the running statistic match the jnp
+  path's autodiff."""
+  fn, init, options = NORMS[name]
+  x, dy, _, params = data(shape, seed=5)
+  phi = jnp.asarray(np.random.default_rng(6).uniform(0.5, 2, shape[-1]),
+                    jnp.float32)
+
+  def evaluate(x, params, phi, kernel):
+    with cpu_kernel.use_cpu_kernel(kernel):
+      state = init(shape[-1])._replace(running_phi=phi)
+      y, new = fn(x, params, state, use_running_average=True, **options)
+      return jnp.sum(y * dy), (y, new)
+
+  def run(kernel):
+    f = jax.jit(jax.grad(functools.partial(evaluate, kernel=kernel),
+                         (0, 1, 2), has_aux=True))
+    return f(x, params, phi), f.lower(x, params, phi).as_text()
+
+  (got, (y, new)), hlo = run(True)
+  want, _ = run(False)
+  assert hlo.count('@normjax_power_forward') == 1
+  assert hlo.count('@normjax_power_bwd') == 1
+  np.testing.assert_array_equal(new.running_phi, phi)  # evaluation
+  chex.assert_trees_all_close((got, y), (want[0], want[1][0]),
+                              atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('groups', [0, 4])
+@pytest.mark.parametrize('center', [False, True])
+def test_streamed_statistics_keep_a_nan_pad_out(groups, center):
+  """The sums skip rows with w = 0, so NaN there changes no bit of them."""
+  x, _, mask, _ = data((9, 128, 1900), seed=4)
+  w = mask.astype(jnp.float32)
+  stats = power_kernel.centered_stats if center else power_kernel.stats
+  run = jax.jit(lambda x: stats(x, w, groups, 1e-5))
+  clean = run(x)
+  with_nan = run(jnp.where(mask[..., None], x, jnp.nan))
+  for got, want in zip(with_nan[1:3], clean[1:3]):  # sq, s1
+    assert np.all(np.isfinite(got))
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize('name', sorted(NORMS))

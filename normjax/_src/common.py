@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from normjax._src import power_kernel
+
 Array = jax.Array
 Params = Mapping[str, Array] | None
 Axes = int | Sequence[int]
@@ -370,14 +372,26 @@ def evaluate(definition: Any, x: Array, params: Mapping[str, Array],
                                state, options, jnp)
   kind, core_options = aff.core
   z = x.astype(dtype)
-  if kind != 'none':
-    core = definition.registered(kind)
-    z, _ = core.apply(z, None, None, mask=None, use_running_average=False,
-                      axis_name=None, **core.resolve(core_options))
-  if aff.center is not None:
-    z = z - feat(aff.center, z.ndim)
-  return (z * feat(aff.scale, z.ndim) + feat(aff.bias, z.ndim)).astype(
-      x.dtype)
+  core = definition.registered(kind) if kind != 'none' else None
+  core_options = core.resolve(core_options) if core else {}
+
+  def two_passes(z, scale, bias):
+    if core:
+      z, _ = core.apply(z, None, None, mask=None, use_running_average=False,
+                        axis_name=None, **core_options)
+    if aff.center is not None:
+      z = z - feat(aff.center, z.ndim)
+    return z * feat(scale, z.ndim) + feat(bias, z.ndim)
+
+  if (kind == 'group_scaling' and aff.center is None
+      and power_kernel.usable(z, 'power_norm')):  # PowerNorm, PN-V: one pass
+    y = power_kernel.on_cpu(
+        lambda *a: power_kernel.group_scaled_affine(
+            *a, core_options['num_groups'], core_options['eps']),
+        two_passes, z, aff.scale, aff.bias)
+  else:
+    y = two_passes(z, aff.scale, aff.bias)
+  return y.astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -289,3 +289,37 @@ def _pn_backward(opts, res, cotangents):
 
 
 power_norm_train.defvjp(_pn_forward, _pn_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_scaled_affine(x, scale, bias, groups, gs_eps):
+  """y = a * scale + bias in one pass, a = x * rs: GroupScaling over
+  `groups` groups (rs = 1 / sqrt(mean_g(x^2) + gs_eps); 0 groups: a = x).
+
+  The evaluation form of PowerNorm and PN-V (`common.evaluate` with a
+  GroupScaling core), which jnp computes in two passes (a, then the affine).
+  It is `forward` after the warmup with no statistics rows (w = 0) and
+  inv_d = 1 (phi 1, eps 0). Its gradient is `backward` without correction,
+  the exact derivative: the kernel's GroupScaling VJP is that of rs.
+  """
+  return _gsa_forward(x, scale, bias, groups, gs_eps)[0]
+
+
+def _gsa_forward(x, scale, bias, groups, gs_eps):
+  no_rows = jnp.zeros(x.shape[:-1], x.dtype)
+  rs, _, y, _ = forward(x, no_rows, jnp.ones_like(scale), scale, bias,
+                        jnp.zeros((1,), x.dtype), groups, gs_eps, 0.0)
+  return y, (x, rs, scale, no_rows)
+
+
+def _gsa_backward(groups, gs_eps, res, dy):
+  del gs_eps
+  x, rs, scale, no_rows = res
+  ones = jnp.ones_like(scale)
+  dx, _, dscale, dbias, _ = backward(x, rs, ones, ones, scale,
+                                     jnp.zeros_like(scale), no_rows, dy,
+                                     groups > 0)
+  return dx, dscale, dbias
+
+
+group_scaled_affine.defvjp(_gsa_forward, _gsa_backward)
