@@ -122,3 +122,44 @@ def test_quick_size_sweep(tmp_path):
   path = sizes.figure(rows, str(tmp_path / 'sizes.png'))
   with open(path, 'rb') as fh:
     assert fh.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_settle_waits_for_a_spinning_thread_and_not_otherwise():
+  """benchmarks.timing.settle_threads: a thread that spins (as torch's
+  OpenMP workers do after a call) holds the next timed call back until it
+  stops; with every other thread parked it returns at once."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
+  if timing.settle_threads() > 0.01:
+    pytest.skip('another thread of this process keeps running')
+  spin_s, started = 0.03, threading.Event()
+
+  def spin():
+    started.set()
+    end = time.perf_counter() + spin_s
+    while time.perf_counter() < end:
+      pass
+  worker = threading.Thread(target=spin)
+  worker.start()
+  started.wait()
+  waited = timing.settle_threads(timeout_s=1.0)
+  worker.join()
+  assert waited > 0.5 * spin_s
+  assert timing.settle_threads() < 0.02
+
+
+def test_timed_rounds_call_everything_once_per_round():
+  from benchmarks import timing  # pylint: disable=g-import-not-at-top
+  calls = {'a': 0, 'b': 0}
+
+  def counted(key):
+    def f():
+      calls[key] += 1
+    return f
+  evicted = []
+  times = timing.timed_rounds({k: (counted(k), ()) for k in calls}, 1, 3,
+                              evict=lambda: evicted.append(1))
+  assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
+  assert calls == {'a': 4, 'b': 4} and len(evicted) == 6  # 1 warm-up each
+  assert timing.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == 2.0
