@@ -247,8 +247,8 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
                  if torch else {})
   for name, (fwd, fwd_bwd) in torch_cases.items():
     fns[name, 'fwd'], fns[name, 'bwd'] = (fwd, ()), (fwd_bwd, ())
-  samples = timed_rounds(fns, warmup, reps,
-                         None if quick else cache_evictor())
+  samples = timed_rounds(fns, warmup, reps, None if quick else cache_evictor(),
+                         library=lambda key: key[0].split()[0])
   ms = {k: statistics.median(v) for k, v in samples.items()}
 
   def gbps(n_arrays, t_ms):  # minimal traffic: n_arrays of x.nbytes

@@ -9,8 +9,8 @@ x: f32 (rows, 1024), rows = N / 1024 for N = 2^14, 2^15, ..., 2^24 elements
 (16 to 16384 rows; the quick run: 4 rows), standard normal + 0.5; dy
 standard normal. Per size, in interleaved rounds
 (`benchmarks.timing.timed_rounds`: after warm-up each round calls every
-function once in a shuffled order, each call starting with the process's
-other threads idle; medians of wall times with block_until_ready):
+function once, torch's as a block of their own that starts with the
+process's other threads idle; medians of wall times with block_until_ready):
 
 * fwd: jitted forward, `y = norm(x)`; torch: the module under no_grad.
 * fwd+bwd: a jitted `jax.grad` of sum(y * dy) wrt x and the params
@@ -110,6 +110,10 @@ def _torch_cases(x: np.ndarray, dy: np.ndarray) -> dict:
   return out
 
 
+def _library(key) -> str:  # torch's calls form a block of their own
+  return 'torch' if key[1] == 'torch' else 'jax'
+
+
 def _measure(log2n: int, features: int, reps: int | None) -> list[dict]:
   """Times every (norm, library, mode) at 2^log2n elements."""
   n = 1 << log2n
@@ -132,10 +136,10 @@ def _measure(log2n: int, features: int, reps: int | None) -> list[dict]:
   for key, fn in _torch_cases(np.asarray(x), np.asarray(dy)).items():
     fns[key] = (fn, ())
   if reps is None:  # as many rounds as fit in BUDGET_S
-    probe = timed_rounds(fns, 1, 2)
+    probe = timed_rounds(fns, 1, 2, library=_library)
     round_ms = sum(statistics.median(v) for v in probe.values())
     reps = int(min(400, max(15, 1e3 * BUDGET_S / round_ms)))
-  samples = timed_rounds(fns, 1, reps)
+  samples = timed_rounds(fns, 1, reps, library=_library)
   out = []
   for norm in NORMS:
     r = dict(norm=norm, log2n=log2n, elements=n, shape=(rows, features),
