@@ -16,10 +16,11 @@ sum(y * dy) wrt x, params and the backward-statistics state (PowerNorm
 Bound: jitted `jnp.copy(x)`, checked to write a new buffer. GB/s counts
 minimal traffic in arrays of x.nbytes: fwd reads x, writes y (2); fwd+bwd
 reads x, dy, writes y, dx (4); copy 2. After warm-up, each round calls
-every function once in a shuffled order (drift and cache effects hit all
-alike), each call starting with the process's other threads idle and the
-caches evicted by every core (`benchmarks.timing`, where both are measured);
-medians of wall times, with block_until_ready. The target ratios
+every function once, each library's functions (normjax, flax, torch, the
+copy) as a block that starts with the process's other threads idle, in a
+shuffled order (drift and cache effects hit all alike), every call after
+the caches are evicted by every core (`benchmarks.timing`, where both are
+measured); medians of wall times, with block_until_ready. The target ratios
 are paired: the median over rounds of the two times of the same round.
 
 PyTorch (optional: `pip install torch`, CPU): torch.nn.LayerNorm and RMSNorm

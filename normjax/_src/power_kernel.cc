@@ -211,20 +211,31 @@ void StatsImpl(const float* __restrict xp, const float* __restrict wp,
         r[g] = groups > 0 ? GroupScale(xp + i * c + g * cg, cg, gs_eps) : 1.0f;
       }
     };
+    auto one_row = [&](int64_t i) {  // row i, its rs already in rp
+      if (wp[i] == 0.0f) return;  // a pad: a NaN there must not enter the sums
+      for (int64_t g = 0; g < ng; ++g) {
+        StatsRows<kCenter, 1>(xp + i * c + g * cg, wp + i, rp + i * ng + g,
+                              kp + g * cg, c, cg, sq + g * cg, s1 + g * cg);
+      }
+    };
+    if (!blocked) {  // streamed from memory: tiles
+      for (int64_t i = lo; i < hi; i += kTileRows) {
+        const int64_t i1 = std::min<int64_t>(i + kTileRows, hi);
+        for (int64_t q = i; q < i1; ++q) scales(q, rp + q * ng);
+        for (int64_t g = 0; g < ng; ++g) {
+          StatsTiles<kCenter>(xp, wp, rp + g, ng, c, i, i1, g * cg,
+                              (g + 1) * cg, kp, sq, s1);
+        }
+      }
+      return;
+    }
     int64_t i = lo;
-    for (; blocked && i + kBlock <= hi; i += kBlock) {
+    for (; i + kBlock <= hi; i += kBlock) {
       bool whole = true;
       for (int q = 0; q < kBlock; ++q) whole &= wp[i + q] != 0.0f;
       for (int q = 0; q < kBlock; ++q) scales(i + q, rp + (i + q) * ng);
-      if (!whole) {  // a pad: a NaN there must not enter the sums
-        for (int q = 0; q < kBlock; ++q) {
-          if (wp[i + q] == 0.0f) continue;
-          for (int64_t g = 0; g < ng; ++g) {
-            StatsRows<kCenter, 1>(xp + (i + q) * c + g * cg, wp + i + q,
-                                  rp + (i + q) * ng + g, kp + g * cg, c, cg,
-                                  sq + g * cg, s1 + g * cg);
-          }
-        }
+      if (!whole) {
+        for (int q = 0; q < kBlock; ++q) one_row(i + q);
         continue;
       }
       for (int64_t g = 0; g < ng; ++g) {
@@ -235,21 +246,9 @@ void StatsImpl(const float* __restrict xp, const float* __restrict wp,
                                    s1 + g * cg);
       }
     }
-    for (; blocked && i < hi; ++i) {  // an odd last row
+    if (i < hi) {  // an odd last row
       scales(i, rp + i * ng);
-      if (wp[i] == 0.0f) continue;
-      for (int64_t g = 0; g < ng; ++g) {
-        StatsRows<kCenter, 1>(xp + i * c + g * cg, wp + i, rp + i * ng + g,
-                              kp + g * cg, c, cg, sq + g * cg, s1 + g * cg);
-      }
-    }
-    for (; i < hi; i += kTileRows) {  // streamed: tiles
-      const int64_t i1 = std::min<int64_t>(i + kTileRows, hi);
-      for (int64_t q = i; q < i1; ++q) scales(q, rp + q * ng);
-      for (int64_t g = 0; g < ng; ++g) {
-        StatsTiles<kCenter>(xp, wp, rp + g, ng, c, i, i1, g * cg,
-                            (g + 1) * cg, kp, sq, s1);
-      }
+      one_row(i);
     }
   });
   float* out[2] = {sqp, s1p};
