@@ -106,7 +106,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
   // Per-thread partial sums of dscale and dbias, added in a fixed order;
   // `stride` apart, not a multiple of 4 KiB (see power_kernel.cc).
   const int64_t stride = c + 48;
-  std::vector<float> partial(static_cast<size_t>(2 * threads * stride), 0.0f);
+  normjax::LineBuffer partial(2 * threads * stride);
   float* part = partial.data();
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
     // __restrict: without it GCC vectorises this loop with gathers.

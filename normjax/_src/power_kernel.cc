@@ -44,6 +44,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using normjax::LastDim;
+using normjax::LineBuffer;
 using normjax::NumThreads;
 using normjax::ParallelRows;
 
@@ -54,14 +55,16 @@ using normjax::ParallelRows;
 int64_t Stride(int64_t c) { return c + 48; }
 
 // out[k][j] = sum over threads of part[(t * k_count + k) * Stride(c) + j].
-void SumPartials(const std::vector<float>& part, int threads, int k_count,
+void SumPartials(const LineBuffer& part, int threads, int k_count,
                  int64_t c, float* const* out) {
   const int64_t stride = Stride(c);
   for (int k = 0; k < k_count; ++k) {
     if (out[k] == nullptr) continue;
     for (int64_t j = 0; j < c; ++j) {
       float s = 0.0f;
-      for (int t = 0; t < threads; ++t) s += part[(t * k_count + k) * stride + j];
+      for (int t = 0; t < threads; ++t) {
+        s += part.data()[(t * k_count + k) * stride + j];
+      }
       out[k][j] = s;
     }
   }
@@ -200,8 +203,7 @@ void StatsImpl(const float* __restrict xp, const float* __restrict wp,
   const int threads = NumThreads(n * c);
   const int k_count = kCenter ? 2 : 1;
   const bool blocked = Blocked(n, c);
-  std::vector<float> partial(
-      static_cast<size_t>(k_count * threads * Stride(c)), 0.0f);
+  LineBuffer partial(k_count * threads * Stride(c));
   float* part = partial.data();
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
     float* sq = part + k_count * t * Stride(c);
@@ -312,7 +314,7 @@ void StatsApplyRows(const float* xp, const float* wp, const float* inv_d,
   for (int64_t j = 0; j < c; ++j) coef[j] = inv_d[j] * scale[j];
   const float* ap = coef.data();
   const int threads = NumThreads(n * c);
-  std::vector<float> partial(static_cast<size_t>(threads * Stride(c)), 0.0f);
+  LineBuffer partial(threads * Stride(c));
   float* part = partial.data();
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
     float* acc = part + t * Stride(c);
@@ -627,8 +629,7 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
   const int threads = NumThreads(n * c);
   const int k_count = 4;
   const bool blocked = Blocked(n, c);
-  std::vector<float> partial(
-      sums_ ? static_cast<size_t>(k_count * threads * Stride(c)) : 0, 0.0f);
+  LineBuffer partial(sums_ ? k_count * threads * Stride(c) : 0);
   float* part = partial.data();
   std::vector<float> coef(sums_ ? c : 4 * c);
   if constexpr (sums_) {
@@ -657,7 +658,7 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
       p.db = p.ds + Stride(c);
       p.dk = p.db + Stride(c);
     }
-    std::vector<float> buffer(kBlock * (c / p.ng + 16));
+    LineBuffer buffer(kBlock * (c / p.ng + 16));
     p.da = buffer.data();
     int64_t i = lo;
     for (; sums_ && blocked && i + kBlock <= hi; i += kBlock) {
