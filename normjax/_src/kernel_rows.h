@@ -281,7 +281,8 @@ class UseXlaPool {
 // every write. Measured with a C++ harness (own pool, [4096, 1024], the
 // L3 evicted before each call): with a plain std::vector as its row buffer
 // PowerNorm's backward (GroupScaling 4) took 1.49-1.71x LayerNorm's in 5 of
-// 6 processes and 1.31x in the sixth; in whole lines 1.20-1.24x in 6 of 6.
+// 6 processes and 1.31x in the sixth; in whole lines 1.15-1.34x in 14 of 14
+// (PN-V's dx pass still ran slow in 1 process of 17: not the only cause).
 class LineBuffer {
  public:
   explicit LineBuffer(int64_t floats)
