@@ -52,11 +52,13 @@ class Experiment(train_lib.Experiment):
   def make_batcher(self) -> TokenBatcher:
     return TokenBatcher(
         self.data.train, max_tokens=self.config.data.max_tokens,
-        batch_multiple=self.dp, shuffle=True, seed=self.config.seed)
+        max_buckets=self.config.data.max_buckets, batch_multiple=self.dp,
+        shuffle=True, seed=self.config.seed)
 
   # ---------------------------------------------------------------- eval --
   def _eval_batches(self, examples, max_tokens):
     return TokenBatcher(examples, max_tokens=max_tokens,
+                        max_buckets=self.config.data.max_buckets,
                         batch_multiple=self.dp, shuffle=False).eval_batches()
 
   def loss(self, state, examples) -> dict[str, float]:

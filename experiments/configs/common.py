@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from experiments.data.batching import MAX_BUCKETS
 from experiments.models import PLACEMENTS
 from experiments.models import SITES
 
@@ -55,6 +56,7 @@ def translation_base() -> ml_collections.ConfigDict:
       synthetic_train=20000, synthetic_valid=500, synthetic_test=500,
       synthetic_seed=0, max_train_examples=0,
       max_tokens=4096,  # per optimizer step, over all devices
+      max_buckets=MAX_BUCKETS,  # length buckets, each its own programs
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -269,6 +271,7 @@ def smoke(c):
   c.data.synthetic_valid = 8
   c.data.synthetic_test = 8
   c.data.max_tokens = 512
+  c.data.max_buckets = 1  # one shape: 27.6 -> 16.1 s a run on 8 devices
   c.model.update(dict(d_model=32, ffn_dim=64, num_encoder_layers=1,
                       num_decoder_layers=1))
   c.model.num_heads = 2

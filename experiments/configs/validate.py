@@ -291,6 +291,7 @@ RULES: tuple[tuple[str, Rule, ...], ...] = (
     ('data.vocab_size', at_least(0)),
     ('data.max_len', zero_or_at_least(2, 'no limit'), at_most('model.max_len')),
     ('data.max_tokens', at_least(1)),
+    ('data.max_buckets', at_least(1)),
     ('data.max_train_examples', at_least(0)),
     ('data.synthetic_seed', at_least(0)),
     ('data.synthetic_train', at_least(1)),

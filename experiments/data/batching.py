@@ -36,7 +36,11 @@ Example = tuple[np.ndarray, np.ndarray]
 _log = logging.getLogger(__name__)
 
 
-def default_bucket_lengths(lengths: Sequence[int], max_buckets: int = 8,
+MAX_BUCKETS = 8  # the default: each bucket compiles its own programs
+
+
+def default_bucket_lengths(lengths: Sequence[int],
+                           max_buckets: int = MAX_BUCKETS,
                            multiple: int = 8) -> list[int]:
   """At most `max_buckets` multiples of `multiple` with the least padding.
 
@@ -106,13 +110,18 @@ class TokenBatcher:
   With shuffle=True iteration is infinite (epoch after epoch); with
   shuffle=False it is one pass over full batches in length order. All
   iterators of one batcher share its position (see `state`/`restore`).
+  Without `bucket_lengths`, `default_bucket_lengths` picks at most
+  `max_buckets` from the examples' lengths.
   """
 
   def __init__(self, examples: Sequence[Example], *, max_tokens: int,
                bucket_lengths: Sequence[int] | None = None,
-               batch_multiple: int = 1, shuffle: bool = True, seed: int = 0):
+               max_buckets: int = MAX_BUCKETS, batch_multiple: int = 1,
+               shuffle: bool = True, seed: int = 0):
     if max_tokens <= 0:
       raise ValueError(f'max_tokens must be positive, got {max_tokens}.')
+    if max_buckets <= 0:
+      raise ValueError(f'max_buckets must be positive, got {max_buckets}.')
     if batch_multiple <= 0:
       raise ValueError(f'batch_multiple must be positive, got '
                        f'{batch_multiple}.')
@@ -124,7 +133,7 @@ class TokenBatcher:
     lengths = np.asarray([max(len(s), len(t)) for s, t in self.examples],
                          np.int64)
     if bucket_lengths is None:
-      bucket_lengths = default_bucket_lengths(lengths)
+      bucket_lengths = default_bucket_lengths(lengths, max_buckets)
     self.bucket_lengths = sorted({int(b) for b in bucket_lengths})
     if not self.bucket_lengths or self.bucket_lengths[0] <= 0:
       raise ValueError(f'bucket_lengths must be positive, got '

@@ -55,6 +55,7 @@ def problem(experiment, preset, *overrides):
     ('data.vocab=bpe', 'data.vocab=bpe: choose one of sentencepiece, word'),
     ('data.max_len=1', 'data.max_len=1: must be 0 (no limit) or >= 2'),
     ('data.max_len=500', 'data.max_len=500: must be <= model.max_len=128'),
+    ('data.max_buckets=0', 'data.max_buckets=0: must be >= 1'),
     ('decode.beam_size=0', 'decode.beam_size=0: must be >= 1'),
     ('optim.b2=1.0', 'optim.b2=1.0: must be in [0, 1)'),
     ('mesh.data=0', 'mesh.data=0: must be >= 1, or -1 for every remaining'),

@@ -463,8 +463,21 @@ def test_eval_batches_cover_everything_once():
         assert batch['weights'][row].sum() == len(tgt)
 
 
+def test_max_buckets_bounds_the_shapes():
+  examples = fake_examples(200)
+  shapes = {n: {b['inputs'].shape for b in TokenBatcher(
+      examples, max_tokens=512, max_buckets=n, shuffle=False)}
+      for n in (1, 8)}
+  assert len(shapes[1]) == 1 < len(shapes[8]) <= 8
+  longest = max(max(len(s), len(t)) for s, t in examples)
+  (length,) = {shape[1] for shape in shapes[1]}
+  assert longest <= length < longest + 8  # the longest, rounded up to 8
+
+
 def test_batcher_errors():
   examples = fake_examples(20, max_len=40)
+  with pytest.raises(ValueError, match='max_buckets must be positive'):
+    TokenBatcher(examples, max_tokens=512, max_buckets=0)
   with pytest.raises(ValueError, match='largest bucket'):
     TokenBatcher(examples, max_tokens=512, bucket_lengths=[8, 16])
   with pytest.raises(ValueError, match='no bucket has a full batch'):
