@@ -520,13 +520,11 @@ def _calibration_batches(run_config, workdir: str, transformer: bool,
   """The first `count` evaluation batches of the run's valid split."""
   if transformer:
     from experiments.data import TokenBatcher, load_translation
-    from experiments.data.batching import MAX_BUCKETS
     data = load_translation(run_config.data,
                             cache_dir=os.path.join(workdir, 'vocab'))
-    batches = TokenBatcher(  # runs from before data.max_buckets: the default
-        data.valid, max_tokens=run_config.data.max_tokens,
-        max_buckets=run_config.data.get('max_buckets', MAX_BUCKETS),
-        shuffle=False).eval_batches()
+    batches = TokenBatcher(data.valid, max_tokens=run_config.data.max_tokens,
+                           max_buckets=run_config.data.max_buckets,
+                           shuffle=False).eval_batches()
   else:
     from experiments.data import lm as lm_data
     data = lm_data.load_lm(run_config.data,
