@@ -30,6 +30,11 @@ the official PowerNorm algorithm written in torch (`benchmarks.torch_powernorm`,
 the peer the performance issue names). Without torch those rows and targets
 read "not measured".
 
+"(own pool)" and "normal stores" rows: the same jitted functions with the
+kernels' rows threaded on normjax's own pool instead of XLA's, and with y
+and dx written by normal stores instead of streaming ones (`kernel_rows.h`),
+switched at call time: the before of those two changes, in the same rounds.
+
 Allocator: XLA:CPU mallocs each call's temp buffer (48-64 MiB for fwd+bwd
 here) and glibc maps blocks >= 32 MiB afresh: a page fault per 4 KiB per
 call, which made fwd+bwd 2-4x slower in this VM. Unless tcmalloc is
@@ -66,6 +71,14 @@ PN_WARMUP = 'normjax PowerNorm train, in warmup (mask)'
 # (label, row, the row it switches)
 LN_OWN, PN_OWN = f'{LN} (own pool)', f'{PN} (own pool)'
 OWN_POOL = (('LayerNorm', LN_OWN, LN), ('PowerNorm train (mask)', PN_OWN, PN))
+# Rows timed with the kernels writing y and dx with normal stores instead of
+# streaming ones (cpu_kernel.stream_stores): the before of that change, same
+# rounds. (label, row, the row it switches)
+LN_RFO, PN_RFO = f'{LN} (normal stores)', f'{PN[:-1]}, normal stores)'
+BN_RFO = f'{BN_NO_MASK[:-1]}, normal stores)'
+NORMAL_STORES = (('LayerNorm', LN_RFO, LN), ('BatchNorm (no mask)', BN_RFO,
+                                              BN_NO_MASK),
+                 ('PowerNorm train (mask)', PN_RFO, PN))
 FLAX_RMS, FLAX_BN = 'flax RMSNorm', 'flax BatchNorm (mask)'
 
 
@@ -211,6 +224,22 @@ def switched(f, restore: tuple[str, int], mode: str):
   return call
 
 
+def normal_stores(f):
+  """`f` with the kernels' streaming stores off for the call (through the
+  raw ctypes switch); returns None once the result is ready, before the
+  switch goes back, since the kernels read it when they run."""
+  switch = cpu_kernel._stream_bytes_fn()  # pylint: disable=protected-access
+
+  def call(*args):
+    before = switch(-1)
+    switch(1 << 62)
+    try:
+      jax.block_until_ready(f(*args))
+    finally:
+      switch(before)
+  return call
+
+
 def run(rows: int = 4096, features: int = 1024, reps: int = 50,
         warmup: int = 5, quick: bool = False, torch: bool = True
         ) -> list[dict]:
@@ -243,6 +272,11 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
       for kind in ('fwd', 'bwd'):
         f, args = fns[base, kind]
         fns[name, kind] = (switched(f, restore, 'own'), args)
+      own_pool.append(name)
+    for _, name, base in NORMAL_STORES:
+      for kind in ('fwd', 'bwd'):
+        f, args = fns[base, kind]
+        fns[name, kind] = (normal_stores(f), args)
       own_pool.append(name)
   torch_cases = (_torch_cases(np.asarray(x), np.asarray(dy), np.asarray(mask))
                  if torch else {})
@@ -340,6 +374,20 @@ def ratios(results: list[dict]) -> list[str]:
     r = paired_ratio(samples[PN_OWN][1], samples[LN_OWN][1])
     lines.append(f'PowerNorm train fwd+bwd vs normjax LayerNorm, both on '
                  f"normjax's own pool (before): {r:.2f}x")
+  for label, name, base in NORMAL_STORES:
+    if name in samples:
+      r = [paired_ratio(samples[base][i], samples[name][i]) for i in (0, 1)]
+      lines.append(f'{label}, streaming stores / normal stores: '
+                   f'{r[1]:.2f}x fwd+bwd, {r[0]:.2f}x fwd')
+  if PN_RFO in samples and LN_RFO in samples:
+    r = paired_ratio(samples[PN_RFO][1], samples[LN_RFO][1])
+    lines.append(f'PowerNorm train fwd+bwd vs normjax LayerNorm, both with '
+                 f'normal stores (before): {r:.2f}x')
+  if BN_RFO in samples and TORCH_BN in samples:
+    r = [paired_ratio(samples[BN_RFO][i], samples[TORCH_BN][i])
+         for i in (0, 1)]
+    lines.append(f'BatchNorm (no mask) vs torch, normal stores (before): '
+                 f'{r[1]:.2f}x fwd+bwd, {r[0]:.2f}x fwd')
   if TORCH_PN in samples:
     r = paired_ratio(samples[TORCH_PN][1], samples[PN][1])
     lines.append(f'PowerNorm train fwd+bwd, normjax vs the official '

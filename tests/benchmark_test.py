@@ -23,13 +23,19 @@ def test_quick_benchmark_reports_every_norm():
   lines = norms.ratios(results)
   torch_line = any(r['norm'] == norms.TORCH_PN for r in results)
   # With the kernel: each norm on XLA's pool against normjax's own, and
-  # PowerNorm vs LayerNorm both on the own pool.
-  own_pool = len(norms.OWN_POOL) + 1 if cpu_kernel.available() else 0
+  # PowerNorm vs LayerNorm both on the own pool; streaming against normal
+  # stores, PowerNorm vs LayerNorm (and BatchNorm vs torch) with normal.
+  kernel = cpu_kernel.available()
+  own_pool = len(norms.OWN_POOL) + 1 if kernel else 0
+  stores = len(norms.NORMAL_STORES) + 1 + torch_line if kernel else 0
   assert len(lines) == (len(norms.TARGETS) + len(norms.TRAFFIC)
-                        + len(norms.BEFORE_AFTER) + own_pool + torch_line)
+                        + len(norms.BEFORE_AFTER) + own_pool + stores
+                        + torch_line)
   assert all(('ok' in l or 'MISSED' in l or 'not measured' in l
-              or 'faster' in l or 'own pool' in l) for l in lines)
+              or 'faster' in l or 'own pool' in l or 'normal stores' in l)
+             for l in lines)
   assert sum('own pool' in l for l in lines) == own_pool
+  assert sum('normal stores' in l for l in lines) == stores
   assert set(norms.TRAFFIC) <= names  # every trained norm is timed
   assert norms.markdown(results).startswith('| norm |')
 

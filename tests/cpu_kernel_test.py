@@ -281,9 +281,45 @@ def test_every_threading_gives_the_same_bits(row_threading, pool):
   x, dy, params = data((37, 24), seed=2)
   fn = NORMS['layer_norm']
   row_threading('xla', 1)
-  want = value_and_grads(fn, x, dy, params)
+  # Ready before the switch: the kernels read it when they run.
+  want = jax.block_until_ready(value_and_grads(fn, x, dy, params))
   row_threading(pool, 1)
   assert_bitwise_equal(value_and_grads(fn, x, dy, params), want)
+
+
+@pytest.mark.parametrize('name', sorted(NORMS))
+def test_streaming_stores_give_the_same_bits(row_threading, name):
+  """y and dx written with streaming stores (kernel_rows.h's WriteRow, by
+  default from 8 MiB on) or without, on two threads: the same bits, on rows
+  of 100 floats that start at every alignment and end in a part vector."""
+  row_threading('xla', 1)
+  x, dy, params = data((37, 100), seed=4)
+  fn = NORMS[name]
+  f = jax.jit(lambda x, p: (fn(x, p), jax.grad(
+      lambda x, p: jnp.sum(fn(x, p) * dy), (0, 1))(x, p)))
+  before = cpu_kernel.stream_stores()
+  try:
+    cpu_kernel.stream_stores(1)
+    # Ready before the switch: the kernels read it when they run.
+    streamed = jax.block_until_ready(f(x, params))
+    cpu_kernel.stream_stores(1 << 62)
+    assert_bitwise_equal(jax.block_until_ready(f(x, params)), streamed)
+  finally:
+    cpu_kernel.stream_stores(before)
+
+
+def test_stream_stores_switch():
+  if not cpu_kernel.available():
+    pytest.skip('the fused CPU kernel is unavailable')
+  before = cpu_kernel.stream_stores()
+  try:
+    assert cpu_kernel.stream_stores(123) == 123
+    assert cpu_kernel.stream_stores() == 123
+    assert cpu_kernel.stream_stores(0) == 8 << 20  # the default
+  finally:
+    cpu_kernel.stream_stores(before)
+  with pytest.raises(ValueError, match='min_bytes=-1'):
+    cpu_kernel.stream_stores(-1)
 
 
 @pytest.mark.parametrize('pool', ['xla', 'own'])

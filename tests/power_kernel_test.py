@@ -87,6 +87,22 @@ def data(shape, seed=0):
 
 def steps(name, options, shape, kernel, num_steps=4, num_batch_groups=1):
   """Outputs, gradients and states of `num_steps` training steps."""
+  step, state = step_fn(name, options, shape, num_batch_groups)
+  with cpu_kernel.use_cpu_kernel(kernel):
+    return run_steps(jax.jit(step), state, shape, num_steps)
+
+
+def run_steps(step, state, shape, num_steps):
+  out = []
+  for i in range(num_steps):
+    x, dy, mask, params = data(shape, seed=i)
+    y, grads, state = step(x, dy, mask, params, state)
+    out.append((y, grads, state))
+  return out
+
+
+def step_fn(name, options, shape, num_batch_groups=1):
+  """(step(x, dy, mask, params, state) -> (y, grads, new state), state)."""
   fn, init, defaults = NORMS[name]
   options = dict(defaults, **options)
   use_mask = options.pop('_mask', True)
@@ -105,15 +121,7 @@ def steps(name, options, shape, kernel, num_steps=4, num_batch_groups=1):
         x, params if use_params else None, stats)
     return y, grads, new._replace(
         **normjax.apply_backward_stats(stats, grads[2]))
-
-  with cpu_kernel.use_cpu_kernel(kernel):
-    step = jax.jit(step)
-    out = []
-    for i in range(num_steps):
-      x, dy, mask, params = data(shape, seed=i)
-      y, grads, state = step(x, dy, mask, params, state)
-      out.append((y, grads, state))
-  return out
+  return step, state
 
 
 def assert_close(got, want, rows):
@@ -181,11 +189,36 @@ def test_threaded_path_matches_xla(name):
 @pytest.mark.parametrize('name', ['power_norm', 'batch_norm'])
 def test_rows_streamed_one_at_a_time_match_xla(name):
   """Above power_kernel.cc's kBlockedBytes (8 MiB of x) the statistics and
-  backward passes take rows one at a time instead of in blocks of two."""
+  backward passes take rows one at a time instead of in blocks of two, and
+  write y and dx with streaming stores."""
   shape = (17, 128, 1024)  # 8.5 MiB of float32
   got = steps(name, {}, shape, kernel=True, num_steps=2)
   want = steps(name, {}, shape, kernel=False, num_steps=2)
   assert_close(got, want, 17 * 128)
+
+
+@pytest.mark.parametrize('name', sorted(NORMS))
+def test_streaming_stores_give_the_same_bits(name):
+  """Every output written with streaming stores (kernel_rows.h's WriteRow;
+  by default only from 8 MiB on, as in the two tests around this one) or
+  with none, the same compiled steps give the same bits: across the warmup,
+  with pads, on rows and groups of 100 and 25 floats, which start at every
+  alignment and end in part vectors."""
+  shape = (3, 7, 100)
+  step, state = step_fn(name, {}, shape)
+  before = cpu_kernel.stream_stores()
+  with cpu_kernel.use_cpu_kernel(True):
+    step = jax.jit(step)
+    try:
+      cpu_kernel.stream_stores(1)
+      # Ready before the switch: the kernels read it when they run.
+      streamed = jax.block_until_ready(run_steps(step, state, shape, 4))
+      cpu_kernel.stream_stores(1 << 62)
+      stored = jax.block_until_ready(run_steps(step, state, shape, 4))
+    finally:
+      cpu_kernel.stream_stores(before)
+  for a, b in zip(jax.tree.leaves(streamed), jax.tree.leaves(stored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize('name', sorted(NORMS))
@@ -317,7 +350,8 @@ def test_threaded_kernels_are_deterministic(name):
   before = cpu_kernel.row_threading()
   cpu_kernel.row_threading('xla', 1)
   try:
-    first = steps(name, {}, shape, True, num_steps=2)
+    # Ready before the switch: the kernels read it when they run.
+    first = jax.block_until_ready(steps(name, {}, shape, True, num_steps=2))
     cpu_kernel.row_threading('own')
     again = steps(name, {}, shape, True, num_steps=2)
   finally:

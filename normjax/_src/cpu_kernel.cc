@@ -17,8 +17,8 @@
 // Forward returns y, mu and r; backward recomputes xh from x, mu, r:
 //   g = dy * scale, dx = r * (g - mean(g) - xh * mean(g * xh))   [no mean(g)
 //   term without centring], dscale = sum_rows(dy * xh), dbias = sum_rows(dy).
-// Rows are split over the persistent thread pool of kernel_rows.h when the
-// array is large enough to pay.
+// Rows are split over the thread pool of kernel_rows.h when the array is
+// large enough to pay; large outputs are written with streaming stores.
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +35,8 @@ namespace {
 using normjax::LastDim;
 using normjax::NumThreads;
 using normjax::ParallelRows;
+using normjax::StreamOutput;
+using normjax::WriteRow;
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
@@ -51,6 +53,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
   float* mp = mean->typed_data();
   float* rp = rstd->typed_data();
   const float inv_c = 1.0f / static_cast<float>(c);
+  const bool stream = StreamOutput(n * c * sizeof(float));
   ParallelRows(n, NumThreads(n * c), [=](int, int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float* xr = xp + i * c;
@@ -74,11 +77,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
         var = q2 * inv_c;
       }
       const float r = 1.0f / std::sqrt(var + eps);
-      float* yr = yp + i * c;
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) {
-        yr[j] = ((xr[j] - pivot) - mu) * r * sp[j] + bp[j];
-      }
+      WriteRow(yp + i * c, c, stream, [&](int64_t j) {
+        return ((xr[j] - pivot) - mu) * r * sp[j] + bp[j];
+      });
       mp[i] = mu;
       rp[i] = r;
     }
@@ -103,6 +104,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
   float* dxp = dx->typed_data();
   const float inv_c = 1.0f / static_cast<float>(c);
   const int threads = NumThreads(n * c);
+  const bool stream = StreamOutput(n * c * sizeof(float));
   // Per-thread partial sums of dscale and dbias, added in a fixed order;
   // `stride` apart, not a multiple of 4 KiB (see power_kernel.cc).
   const int64_t stride = c + 48;
@@ -130,12 +132,10 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
       }
       a1 = center ? a1 * inv_c : 0.0f;
       a2 *= inv_c;
-      float* dr = dxp + i * c;
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) {
+      WriteRow(dxp + i * c, c, stream, [&](int64_t j) {
         const float xh = ((xr[j] - shift) - mu) * r;
-        dr[j] = r * (gr[j] * sp[j] - a1 - xh * a2);
-      }
+        return r * (gr[j] * sp[j] - a1 - xh * a2);
+      });
     }
   });
   float* dsp = dscale->typed_data();
@@ -166,6 +166,17 @@ NormjaxSetRowThreading(int mode, int64_t min_elements) {
   if (min_elements == 0) min_elements = normjax::kMinElementsPerThread;
   if (min_elements > 0) s.min_elements.store(min_elements);
   return (static_cast<int64_t>(s.mode.load()) << 60) | s.min_elements.load();
+}
+
+// Streaming-store switch for measurement (kernel_rows.h): outputs of at
+// least `min_bytes` (> 0) are written with non-temporal stores; 0 restores
+// the default (kStreamBytes), < 0 keeps the current value. Returns it.
+extern "C" __attribute__((visibility("default"))) int64_t
+NormjaxSetStreamBytes(int64_t min_bytes) {
+  auto& s = normjax::rows_internal::GetSettings();
+  if (min_bytes == 0) min_bytes = normjax::kStreamBytes;
+  if (min_bytes > 0) s.stream_bytes.store(min_bytes);
+  return s.stream_bytes.load();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxPerTokenNormForward, Forward,

@@ -27,7 +27,10 @@ function is traced: a function jitted before keeps its compiled choice.
 Rows are threaded over XLA's intra-op pool (`kernel_rows.h`);
 `row_threading(pool=, min_elements=)` switches it at run time for
 measurement (`NORMJAX_KERNEL_POOL=1`: normjax's own persistent pool, 0:
-std::threads spawned per call).
+std::threads spawned per call). Outputs of 8 MiB and more are written with
+streaming (non-temporal) stores; `stream_stores(min_bytes=)` moves that
+threshold (`NORMJAX_KERNEL_STREAM_BYTES`). Neither changes a bit of the
+results' values.
 """
 
 from __future__ import annotations
@@ -180,6 +183,31 @@ def _row_threading_fn():
     raise RuntimeError('the fused CPU kernel is not loaded')
   fn = _library[0].NormjaxSetRowThreading
   fn.restype, fn.argtypes = ctypes.c_int64, (ctypes.c_int, ctypes.c_int64)
+  return fn
+
+
+def stream_stores(min_bytes: int | None = None) -> int:
+  """Sets from what output size (bytes) the kernels write with streaming
+  stores, which skip reading each line before it is written; returns the
+  threshold in effect.
+
+  For measurement: 0 restores the default (8 MiB, `kernel_rows.h`), a size
+  larger than any array (`1 << 62`) turns them off, None keeps the current
+  value. Acts at call time for every kernel in the process; the values
+  computed do not change. Raises ValueError for a negative size,
+  RuntimeError without the kernel.
+  """
+  if min_bytes is not None and min_bytes < 0:
+    raise ValueError(f'min_bytes={min_bytes}: use a size >= 0 (0: default)')
+  return _stream_bytes_fn()(-1 if min_bytes is None else int(min_bytes))
+
+
+@functools.cache
+def _stream_bytes_fn():
+  if not _load() or not _library:
+    raise RuntimeError('the fused CPU kernel is not loaded')
+  fn = _library[0].NormjaxSetStreamBytes
+  fn.restype, fn.argtypes = ctypes.c_int64, (ctypes.c_int64,)
   return fn
 
 

@@ -47,6 +47,8 @@ using normjax::LastDim;
 using normjax::LineBuffer;
 using normjax::NumThreads;
 using normjax::ParallelRows;
+using normjax::StreamOutput;
+using normjax::WriteRow;
 
 // Per-thread column partial sums lie Stride(c) floats apart: not a multiple
 // of 4 KiB, so that their stores do not alias (in the low 12 address bits)
@@ -318,6 +320,7 @@ void StatsApplyRows(const float* xp, const float* wp, const float* inv_d,
   for (int64_t j = 0; j < c; ++j) coef[j] = inv_d[j] * scale[j];
   const float* ap = coef.data();
   const int threads = NumThreads(n * c);
+  const bool stream = StreamOutput(n * c * sizeof(float));
   LineBuffer partial(threads * Stride(c));
   float* part = partial.data();
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
@@ -334,16 +337,15 @@ void StatsApplyRows(const float* xp, const float* wp, const float* inv_d,
         float* __restrict yg = yp + i * c + o;
         float* __restrict qg = acc + o;
         if (wi == 0.0f) {  // a pad: normalised, kept out of sq
-#pragma omp simd
-          for (int64_t j = 0; j < cg; ++j) yg[j] = xg[j] * r * ag[j] + bg[j];
+          WriteRow(yg, cg, stream,
+                   [&](int64_t j) { return xg[j] * r * ag[j] + bg[j]; });
           continue;
         }
-#pragma omp simd
-        for (int64_t j = 0; j < cg; ++j) {
+        WriteRow(yg, cg, stream, [&](int64_t j) {
           const float xs = xg[j] * r;
-          yg[j] = xs * ag[j] + bg[j];
           qg[j] += wi * xs * xs;
-        }
+          return xs * ag[j] + bg[j];
+        });
       }
     }
   });
@@ -363,6 +365,7 @@ void ApplyRows(const float* xp, const float* rp, int64_t ng, const float* mu,
     coef[c + j] = (mu ? mu[j] : 0.0f) * coef[j];
   }
   const float* ap = coef.data();
+  const bool stream = StreamOutput(n * c * sizeof(float));
   ParallelRows(n, NumThreads(n * c), [=](int, int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float ki = kp ? kp[i] : 1.0f;
@@ -377,11 +380,9 @@ void ApplyRows(const float* xp, const float* rp, int64_t ng, const float* mu,
         const float* __restrict ag = ap + o;
         const float* __restrict mg = ap + c + o;
         const float* __restrict bg = bp + o;
-        float* __restrict yg = yp + i * c + o;
-#pragma omp simd
-        for (int64_t j = 0; j < cg; ++j) {
-          yg[j] = ki * ((xg[j] * r) * ag[j] - mg[j]) + bg[j];
-        }
+        WriteRow(yp + i * c + o, cg, stream, [&](int64_t j) {
+          return ki * ((xg[j] * r) * ag[j] - mg[j]) + bg[j];
+        });
       }
     }
   });
@@ -478,6 +479,7 @@ struct BackwardArgs {
   float* dk;
   float* da;  // [kBlock, c / ng + 16]: g_hat * inv_bd of a block's group
   const float* coef;  // [4, c]: DxOnlyRow's vectors; [c] corr inv_d (sums)
+  bool stream;  // dx with streaming stores (WriteRow)
 };
 
 // Group g of the R rows from i0 (none dropped; with kDu, none with cw = 0:
@@ -559,11 +561,9 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
     const float b = r[q] * r[q] * a[q] / static_cast<float>(cg), rq = r[q];
     const float* __restrict xq = x + q * c;
     const float* __restrict dq = da + q * ld;
-    float* __restrict out = dx + q * c;
-#pragma omp simd
-    for (int64_t j = 0; j < cg; ++j) {
-      out[j] = gs_ ? rq * dq[j] - xq[j] * b : dq[j];
-    }
+    WriteRow(dx + q * c, cg, p.stream, [&](int64_t j) {
+      return gs_ ? rq * dq[j] - xq[j] * b : dq[j];
+    });
   }
 }
 
@@ -587,10 +587,9 @@ void DxOnlyRow(const BackwardArgs& p, int64_t i, const float* coef) {
     const float* __restrict mg = coef + 3 * c + o;
     float* __restrict dx = p.dx + i * c + o;
     if (!gs_) {
-#pragma omp simd
-      for (int64_t j = 0; j < cg; ++j) {
-        dx[j] = ki * dy[j] * ag[j] + cw * (eg[j] + zg[j] * (x[j] * r - mg[j]));
-      }
+      WriteRow(dx, cg, p.stream, [&](int64_t j) {
+        return ki * dy[j] * ag[j] + cw * (eg[j] + zg[j] * (x[j] * r - mg[j]));
+      });
       continue;
     }
     float* __restrict da = p.da;
@@ -603,8 +602,8 @@ void DxOnlyRow(const BackwardArgs& p, int64_t i, const float* coef) {
       a += d * xs;
     }
     const float b = r * r * a / static_cast<float>(cg);
-#pragma omp simd
-    for (int64_t j = 0; j < cg; ++j) dx[j] = r * da[j] - x[j] * b;
+    WriteRow(dx, cg, p.stream,
+             [&](int64_t j) { return r * da[j] - x[j] * b; });
   }
 }
 
@@ -653,9 +652,11 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
     }
   }
   const float* coef_p = coef.data();
+  const bool stream = StreamOutput(n * c * sizeof(float));
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
     BackwardArgs p = args;
     p.coef = coef_p;
+    p.stream = stream;
     if (sums_) {
       p.du = part + k_count * t * Stride(c);
       p.ds = p.du + Stride(c);
