@@ -169,3 +169,15 @@ def test_timed_rounds_call_everything_once_per_round():
   assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
   assert calls == {'a': 4, 'b': 4} and len(evicted) == 6  # 1 warm-up each
   assert timing.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == 2.0
+
+
+@pytest.mark.slow
+def test_stores_benchmark_times_every_case():
+  if not cpu_kernel.available():
+    pytest.skip('the fused CPU kernel is unavailable')
+  from benchmarks import stores  # pylint: disable=g-import-not-at-top
+  results = stores.run(quick=True)
+  assert [r['case'] for r in results] == list(stores.cases(8, 8))
+  for r in results:
+    assert r['normal_ms'] > 0 and r['streaming_ms'] > 0 and r['ratio'] > 0
+  assert stores.markdown(results, 256, 128).count('\n| ') == len(results) + 2

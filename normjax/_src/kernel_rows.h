@@ -55,17 +55,23 @@
 // summation order of the per-thread partial sums (still deterministic).
 //
 // Outputs (y, dx) of at least kStreamBytes = 8 MiB are written with
-// non-temporal stores (`WriteRow`): an array that size is streamed from
-// memory anyway (kernel_rows' callers evict it from the 32 MiB L3 of the
-// project's VM with their own traffic), and a normal store first reads each
-// line it writes (read-for-ownership), so the output costs two arrays of
-// traffic where a streaming store costs one. Measured on the 2-core VM, y =
-// x a + b over [4096, 1024] f32 with the L3 evicted: 15-17.5 GB/s with
-// normal stores against 25-28 GB/s streaming, one thread; 25-32 against
-// 33-43 GB/s with two. Below the threshold the output is left in cache for
-// the op that reads it next. The store kind changes no bit of the result.
-// NORMJAX_KERNEL_STREAM_BYTES=n, or `NormjaxSetStreamBytes` (Python:
-// normjax._src.cpu_kernel.stream_stores), sets the threshold.
+// streaming (non-temporal) stores (`WriteRow`): a normal store first reads
+// the line it writes (read-for-ownership), so an output costs two arrays of
+// memory traffic, and a streaming store one. The output is then not in
+// cache for its reader, which at these sizes (with the input read in the
+// same pass, 32 MiB of L3 on the project's VM) finds little of it there
+// anyway. Measured on the 2-core VM, jitted, the L3 evicted before each
+// call, streaming / normal stores in the same rounds: y = x a + b alone
+// (C++) 0.6x one thread, 0.75-0.95x two; in JAX at [4096, 1024] f32,
+// LayerNorm's forward 0.80-0.82x, its forward+backward then dx * 2
+// 0.86-0.87x, BatchNorm's forward then y * 2 + 1 0.93-0.94x, LayerNorm's
+// forward then y * 2 + 1 0.97x, then y @ W 0.99x, a block's step
+// (x + LN(x) @ W, fwd+bwd) 0.99-1.0x, the worst a reduction reading y
+// right after, sum(y, axis=0): 1.02-1.03x (at [2048, 1024], 8 MiB: 0.89x,
+// 0.92x, 0.89x, 1.0x, 1.0x, 0.97x and 1.04x). The store kind changes no
+// bit of the result. NORMJAX_KERNEL_STREAM_BYTES=n, or
+// `NormjaxSetStreamBytes` (Python: normjax._src.cpu_kernel.stream_stores),
+// sets the threshold.
 
 #ifndef NORMJAX_SRC_KERNEL_ROWS_H_
 #define NORMJAX_SRC_KERNEL_ROWS_H_

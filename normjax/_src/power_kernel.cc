@@ -91,8 +91,13 @@ void SumPartials(const LineBuffer& part, int threads, int k_count,
 // 1024 rows in cache: blocks 8-15% faster. So rows are blocked while x is
 // at most kBlockedBytes (a fixed size, so that the summation order, and
 // with it every bit of the result, does not depend on the machine). Above
-// it the backward takes one row at a time and the statistics pass tiles
-// (kTileRows).
+// it the column-sum passes take one row at a time and the statistics pass
+// tiles (kTileRows). PowerNorm's pass (dx and the sums) is the exception:
+// since dx is written with streaming stores (kernel_rows.h), blocks made
+// its training step (benchmarks/norms.py, 4096 rows, in-process A/B) 2-6%
+// faster, while they made those of BatchNorm, the paper's BN and UN, whose
+// sums come from a pass without dx, 2-7% slower; so it takes blocks at
+// every size.
 constexpr int kBlock = 2;
 constexpr int64_t kBlockedBytes = int64_t{8} << 20;
 
@@ -478,15 +483,29 @@ struct BackwardArgs {
   float* db;
   float* dk;
   float* da;  // [kBlock, c / ng + 16]: g_hat * inv_bd of a block's group
-  const float* coef;  // [4, c]: DxOnlyRow's vectors; [c] corr inv_d (sums)
+  const float* coef;  // [4, c] with dx: A, E, Z, M (DxCoefficients)
   bool stream;  // dx with streaming stores (WriteRow)
 };
 
+// da = g_hat inv_bd = keep dy A + cw (E + Z u), u = x rs - mu, from four
+// column vectors computed once per call: A = scale inv_bd, E = -e inv_bd,
+// Z = -corr inv_d inv_bd, M = mu (three loads per element, not the five of
+// scale, e, corr inv_d, inv_bd and mu).
+void DxCoefficients(const Columns& k, bool center, int64_t c, float* coef) {
+  for (int64_t j = 0; j < c; ++j) {
+    coef[j] = k.scale[j] * k.inv_bd[j];
+    coef[c + j] = center ? -k.e[j] * k.inv_bd[j] : 0.0f;
+    coef[2 * c + j] = -k.corr[j] * k.inv_d[j] * k.inv_bd[j];
+    coef[3 * c + j] = center ? k.mu[j] : 0.0f;
+  }
+}
+
 // Group g of the R rows from i0 (none dropped; with kDu, none with cw = 0:
 // a pad adds nothing to du, even where its x is NaN). The column sums are
-// taken in u = x rs - mu (zh = u inv_d): du and dscale are sums of (.) u,
-// multiplied by inv_d once at the end of BackwardImpl; the correction
-// reads corr inv_d, one column vector computed once per call.
+// taken in u = x rs - mu (zh = u inv_d): dscale = sum keep dy u, and du =
+// sum cw g_hat u, taken with dx as sum cw da u (da = g_hat inv_bd, see
+// DxCoefficients); BackwardImpl multiplies them by inv_d (and du by
+// 1 / inv_bd) once at the end.
 template <int F, int R>
 inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   static_assert(R == 1 || R == 2);
@@ -508,11 +527,11 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   float* __restrict dx = dx_ ? p.dx + i0 * c + o : nullptr;
   const float* __restrict mg = p.col.mu + o;
   const float* __restrict sg = p.col.scale + o;
-  const float* __restrict eg = p.col.e + o;
-  const float* __restrict pg = p.coef + o;  // corr inv_d
-  const float* __restrict bg = p.col.inv_bd + o;
-  // da = g_hat * inv_bd goes through a row buffer (ld apart: not a multiple
-  // of 4 KiB) when a later loop needs it or rows are blocked.
+  const float* __restrict ag = dx_ ? p.coef + o : nullptr;
+  const float* __restrict eg = dx_ ? p.coef + c + o : nullptr;
+  const float* __restrict zg = dx_ ? p.coef + 2 * c + o : nullptr;
+  // da goes through a row buffer (ld apart: not a multiple of 4 KiB) when
+  // a later loop needs it or rows are blocked.
   constexpr bool buffered = gs_ || R > 1;
   const int64_t ld = cg + 16;
   float* __restrict da = p.da;
@@ -530,18 +549,21 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
       const float u = center_ ? xs - mg[j] : xs;
       const float gy = dy[q * c + j];
       const float gk = keep_ ? ki[q] * gy : gy;
-      const float off = center_ ? eg[j] + pg[j] * u : pg[j] * u;
-      const float gh = dx_ ? gk * sg[j] - cw[q] * off : gk * sg[j];
-      if (du_) su += cw[q] * (gh * u);
       ss += gk * u;
       sb += gy;
       sk += gk;
-      if (dx_ && buffered) {
-        const float d = gh * bg[j];
+      if (!dx_) {
+        if (du_) su += cw[q] * (gk * sg[j] * u);
+        return;
+      }
+      const float off = center_ ? eg[j] + zg[j] * u : zg[j] * u;
+      const float d = gk * ag[j] + cw[q] * off;
+      if (du_) su += cw[q] * (d * u);
+      if (buffered) {
         da[q * ld + j] = d;
         if (gs_) aq += d * xs;
-      } else if (dx_) {
-        dx[q * c + j] = gh * bg[j];
+      } else {
+        dx[q * c + j] = d;
       }
     };
     row(0, a0);
@@ -567,10 +589,9 @@ inline void BackwardRows(const BackwardArgs& p, int64_t i0, int64_t g) {
   }
 }
 
-// dx of row i in a pass without column sums, from four column vectors
-// computed once per call (six would not stay in L1 beside the rows):
-// da = keep dy A + cw (E + Z (x rs - mu)) with A = scale inv_bd,
-// E = -e inv_bd, Z = -corr inv_d inv_bd, M = mu; then GroupScaling's VJP.
+// dx of row i in a pass without column sums, from the four column vectors
+// of DxCoefficients (six would not stay in L1 beside the rows):
+// da = keep dy A + cw (E + Z (x rs - M)); then GroupScaling's VJP.
 template <int F>
 void DxOnlyRow(const BackwardArgs& p, int64_t i, const float* coef) {
   constexpr bool gs_ = F & kGroupScaled, keep_ = F & kKeep;
@@ -631,26 +652,12 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
   const int64_t c = args.c;
   const int threads = NumThreads(n * c);
   const int k_count = 4;
-  const bool blocked = Blocked(n, c);
+  // PowerNorm's pass (dx and sums) takes blocks at every size; see kBlock.
+  const bool blocked = Blocked(n, c) || (F & kDx);
   LineBuffer partial(sums_ ? k_count * threads * Stride(c) : 0);
   float* part = partial.data();
-  std::vector<float> coef(sums_ ? c : 4 * c);
-  if constexpr (sums_) {
-    if (F & kDx) {
-      for (int64_t j = 0; j < c; ++j) {
-        coef[j] = args.col.corr[j] * args.col.inv_d[j];
-      }
-    }
-  } else {
-    const Columns& k = args.col;
-    for (int64_t j = 0; j < c; ++j) {
-      const bool center = F & kCenter;
-      coef[j] = k.scale[j] * k.inv_bd[j];
-      coef[c + j] = center ? -k.e[j] * k.inv_bd[j] : 0.0f;
-      coef[2 * c + j] = -k.corr[j] * k.inv_d[j] * k.inv_bd[j];
-      coef[3 * c + j] = center ? k.mu[j] : 0.0f;
-    }
-  }
+  std::vector<float> coef((F & kDx) ? 4 * c : 0);
+  if (F & kDx) DxCoefficients(args.col, F & kCenter, c, coef.data());
   const float* coef_p = coef.data();
   const bool stream = StreamOutput(n * c * sizeof(float));
   ParallelRows(n, threads, [=](int t, int64_t lo, int64_t hi) {
@@ -685,6 +692,9 @@ void BackwardImpl(BackwardArgs args, int64_t n, float* const* sums) {
   for (int k = 0; k < 2; ++k) {  // du and dscale: from u-space to zh-space
     if (sums[k] == nullptr) continue;
     for (int64_t j = 0; j < c; ++j) sums[k][j] *= args.col.inv_d[j];
+  }
+  if ((F & kDx) && sums[0] != nullptr) {  // du from da = g_hat inv_bd
+    for (int64_t j = 0; j < c; ++j) sums[0][j] /= args.col.inv_bd[j];
   }
 }
 
