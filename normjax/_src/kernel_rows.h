@@ -60,15 +60,15 @@
 // memory traffic, and a streaming store one. The output is then not in
 // cache for its reader, which at these sizes (with the input read in the
 // same pass, 32 MiB of L3 on the project's VM) finds little of it there
-// anyway. Measured on the 2-core VM, jitted, the L3 evicted before each
-// call, streaming / normal stores in the same rounds: y = x a + b alone
-// (C++) 0.6x one thread, 0.75-0.95x two; in JAX at [4096, 1024] f32,
-// LayerNorm's forward 0.80-0.82x, its forward+backward then dx * 2
-// 0.86-0.87x, BatchNorm's forward then y * 2 + 1 0.93-0.94x, LayerNorm's
-// forward then y * 2 + 1 0.97x, then y @ W 0.99x, a block's step
-// (x + LN(x) @ W, fwd+bwd) 0.99-1.0x, the worst a reduction reading y
-// right after, sum(y, axis=0): 1.02-1.03x (at [2048, 1024], 8 MiB: 0.89x,
-// 0.92x, 0.89x, 1.0x, 1.0x, 0.97x and 1.04x). The store kind changes no
+// anyway. Measured on the 2-core VM, the L3 evicted before each call,
+// streaming / normal stores in the same rounds: y = x a + b alone (C++)
+// 0.6x one thread, 0.66-0.94x two; jitted in JAX (benchmarks/stores.py,
+// three runs) at [4096, 1024] f32: LayerNorm's forward 0.75-0.82x, then
+// y * 2 + 1 0.89-0.97x, then sum(y, axis=0) 0.94-1.03x, then y @ W
+// 0.99-1.0x; its forward+backward then dx * 2 0.86-0.87x; BatchNorm's
+// forward then y * 2 + 1 0.93-0.98x; a residual block's step 0.98-1.0x.
+// At [2048, 1024] (8 MiB) the same cases 0.87-0.89x, 0.98-1.0x, 1.04x,
+// 1.0x, 0.92-0.94x, 0.89-0.96x, 0.97-0.99x. The store kind changes no
 // bit of the result. NORMJAX_KERNEL_STREAM_BYTES=n, or
 // `NormjaxSetStreamBytes` (Python: normjax._src.cpu_kernel.stream_stores),
 // sets the threshold.

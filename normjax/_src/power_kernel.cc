@@ -94,7 +94,7 @@ void SumPartials(const LineBuffer& part, int threads, int k_count,
 // it the column-sum passes take one row at a time and the statistics pass
 // tiles (kTileRows). PowerNorm's pass (dx and the sums) is the exception:
 // since dx is written with streaming stores (kernel_rows.h), blocks made
-// its training step (benchmarks/norms.py, 4096 rows, in-process A/B) 2-6%
+// its training step (benchmarks/norms.py, 4096 rows, in-process A/B) 1-7%
 // faster, while they made those of BatchNorm, the paper's BN and UN, whose
 // sums come from a pass without dx, 2-7% slower; so it takes blocks at
 // every size.
