@@ -224,15 +224,19 @@ def switched(f, restore: tuple[str, int], mode: str):
   return call
 
 
-def normal_stores(f):
-  """`f` with the kernels' streaming stores off for the call (through the
-  raw ctypes switch); returns None once the result is ready, before the
-  switch goes back, since the kernels read it when they run."""
+NEVER_STREAM = 1 << 62  # a streaming threshold above any array
+
+
+def stream_threshold(f, min_bytes: int):
+  """`f` with the kernels' streaming-store threshold at `min_bytes` (0: the
+  default; NEVER_STREAM: normal stores only) for the call, through the raw
+  ctypes switch; returns None once the result is ready, before the switch
+  goes back, since the kernels read it when they run."""
   switch = cpu_kernel._stream_bytes_fn()  # pylint: disable=protected-access
 
   def call(*args):
     before = switch(-1)
-    switch(1 << 62)
+    switch(min_bytes)
     try:
       jax.block_until_ready(f(*args))
     finally:
@@ -276,7 +280,7 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
     for _, name, base in NORMAL_STORES:
       for kind in ('fwd', 'bwd'):
         f, args = fns[base, kind]
-        fns[name, kind] = (normal_stores(f), args)
+        fns[name, kind] = (stream_threshold(f, NEVER_STREAM), args)
       own_pool.append(name)
   torch_cases = (_torch_cases(np.asarray(x), np.asarray(dy), np.asarray(mask))
                  if torch else {})
@@ -340,6 +344,18 @@ def bound_pct(row: dict, arrays: int) -> float:
   return row['fwd_bwd_pct_copy'] * arrays / 4
 
 
+def _switched_lines(samples: dict, switched_rows: tuple, what: str
+                    ) -> list[str]:
+  """'{label}, {what}: a/b fwd+bwd, fwd' for each (label, row, base) of
+  `switched_rows` that was timed: the base row against its switched twin."""
+  lines = []
+  for label, name, base in switched_rows:
+    if name in samples:
+      r = [paired_ratio(samples[base][i], samples[name][i]) for i in (0, 1)]
+      lines.append(f'{label}, {what}: {r[1]:.2f}x fwd+bwd, {r[0]:.2f}x fwd')
+  return lines
+
+
 def ratios(results: list[dict]) -> list[str]:
   """The performance targets, each marked ok or MISSED, then the kernels'
   before/after and the speed-up over the official PowerNorm in torch."""
@@ -365,24 +381,16 @@ def ratios(results: list[dict]) -> list[str]:
     r = [paired_ratio(samples[before][i], samples[after][i]) for i in (0, 1)]
     lines.append(f'{label}, fused CPU kernel vs XLA path: {r[1]:.2f}x faster '
                  f'fwd+bwd, {r[0]:.2f}x fwd')
-  for label, name, base in OWN_POOL:
-    if name in samples:
-      r = [paired_ratio(samples[base][i], samples[name][i]) for i in (0, 1)]
-      lines.append(f"{label}, rows on XLA's pool / on normjax's own pool: "
-                   f'{r[1]:.2f}x fwd+bwd, {r[0]:.2f}x fwd')
-  if PN_OWN in samples and LN_OWN in samples:
-    r = paired_ratio(samples[PN_OWN][1], samples[LN_OWN][1])
-    lines.append(f'PowerNorm train fwd+bwd vs normjax LayerNorm, both on '
-                 f"normjax's own pool (before): {r:.2f}x")
-  for label, name, base in NORMAL_STORES:
-    if name in samples:
-      r = [paired_ratio(samples[base][i], samples[name][i]) for i in (0, 1)]
-      lines.append(f'{label}, streaming stores / normal stores: '
-                   f'{r[1]:.2f}x fwd+bwd, {r[0]:.2f}x fwd')
-  if PN_RFO in samples and LN_RFO in samples:
-    r = paired_ratio(samples[PN_RFO][1], samples[LN_RFO][1])
-    lines.append(f'PowerNorm train fwd+bwd vs normjax LayerNorm, both with '
-                 f'normal stores (before): {r:.2f}x')
+  for switched_rows, what, pn, ln, both in (
+      (OWN_POOL, "rows on XLA's pool / on normjax's own pool", PN_OWN, LN_OWN,
+       "both on normjax's own pool"),
+      (NORMAL_STORES, 'streaming stores / normal stores', PN_RFO, LN_RFO,
+       'both with normal stores')):
+    lines += _switched_lines(samples, switched_rows, what)
+    if pn in samples and ln in samples:
+      r = paired_ratio(samples[pn][1], samples[ln][1])
+      lines.append(f'PowerNorm train fwd+bwd vs normjax LayerNorm, {both} '
+                   f'(before): {r:.2f}x')
   if BN_RFO in samples and TORCH_BN in samples:
     r = [paired_ratio(samples[BN_RFO][i], samples[TORCH_BN][i])
          for i in (0, 1)]

@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.norms import NEVER_STREAM, stream_threshold
 from benchmarks.timing import cache_evictor, paired_ratio, timed_rounds
 from normjax import functional as nf
 from normjax._src import cpu_kernel
-
-NEVER = 1 << 62  # a threshold above any array: normal stores only
 
 
 def cases(rows: int, features: int) -> dict[str, tuple[Callable, tuple]]:
@@ -71,21 +70,6 @@ def cases(rows: int, features: int) -> dict[str, tuple[Callable, tuple]]:
   }
 
 
-def with_threshold(f: Callable, min_bytes: int) -> Callable:
-  """`f` with the kernels' streaming threshold at `min_bytes` for the call
-  (0: the default), ready before the threshold goes back."""
-  switch = cpu_kernel._stream_bytes_fn()  # pylint: disable=protected-access
-
-  def call(*args):
-    before = switch(-1)
-    switch(min_bytes)
-    try:
-      jax.block_until_ready(f(*args))
-    finally:
-      switch(before)
-  return call
-
-
 def run(rows: int = 4096, features: int = 1024, reps: int = 30,
         quick: bool = False) -> list[dict]:
   """One dict per case: normal-store ms, streaming-store ms, their ratio."""
@@ -95,8 +79,8 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 30,
     rows, features, reps = 256, 128, 3
   fns = {}
   for label, (f, args) in cases(rows, features).items():
-    fns[label, 'streaming'] = (with_threshold(f, 0 if not quick else 1), args)
-    fns[label, 'normal'] = (with_threshold(f, NEVER), args)
+    fns[label, 'streaming'] = (stream_threshold(f, 1 if quick else 0), args)
+    fns[label, 'normal'] = (stream_threshold(f, NEVER_STREAM), args)
   samples = timed_rounds(fns, 3, reps, None if quick else cache_evictor())
   out = []
   for label in dict.fromkeys(k[0] for k in fns):

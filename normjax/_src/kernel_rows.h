@@ -69,9 +69,11 @@
 // forward then y * 2 + 1 0.93-0.98x; a residual block's step 0.98-1.0x.
 // At [2048, 1024] (8 MiB) the same cases 0.87-0.89x, 0.98-1.0x, 1.04x,
 // 1.0x, 0.92-0.94x, 0.89-0.96x, 0.97-0.99x. The store kind changes no
-// bit of the result. NORMJAX_KERNEL_STREAM_BYTES=n, or
+// bit of the result. The threshold is fixed rather than taken from the
+// machine's L3, which a VM may misreport (sysconf gives 320 MiB on the
+// project's VM, sysfs 32 MiB). NORMJAX_KERNEL_STREAM_BYTES=n, or
 // `NormjaxSetStreamBytes` (Python: normjax._src.cpu_kernel.stream_stores),
-// sets the threshold.
+// sets it.
 
 #ifndef NORMJAX_SRC_KERNEL_ROWS_H_
 #define NORMJAX_SRC_KERNEL_ROWS_H_
