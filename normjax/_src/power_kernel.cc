@@ -489,8 +489,8 @@ struct BackwardArgs {
 
 // da = g_hat inv_bd = keep dy A + cw (E + Z u), u = x rs - mu, from four
 // column vectors computed once per call: A = scale inv_bd, E = -e inv_bd,
-// Z = -corr inv_d inv_bd, M = mu (three loads per element, not the five of
-// scale, e, corr inv_d, inv_bd and mu).
+// Z = -corr inv_d inv_bd, M = mu (two column loads per element, four when
+// centred, where scale, corr inv_d and inv_bd took three, five with e, mu).
 void DxCoefficients(const Columns& k, bool center, int64_t c, float* coef) {
   for (int64_t j = 0; j < c; ++j) {
     coef[j] = k.scale[j] * k.inv_bd[j];
