@@ -224,14 +224,11 @@ def switched(f, restore: tuple[str, int], mode: str):
   return call
 
 
-NEVER_STREAM = 1 << 62  # a streaming threshold above any array
-
-
 def stream_threshold(f, min_bytes: int):
   """`f` with the kernels' streaming-store threshold at `min_bytes` (0: the
-  default; NEVER_STREAM: normal stores only) for the call, through the raw
-  ctypes switch; returns None once the result is ready, before the switch
-  goes back, since the kernels read it when they run."""
+  default; cpu_kernel.STREAM_NEVER: normal stores only) for the call,
+  through the raw ctypes switch; returns None once the result is ready,
+  before the switch goes back, since the kernels read it when they run."""
   switch = cpu_kernel._stream_bytes_fn()  # pylint: disable=protected-access
 
   def call(*args):
@@ -269,19 +266,18 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
     fns[name, 'fwd'] = (jax.jit(apply), (x, mask, p, s))
     if fields is not None:
       fns[name, 'bwd'] = (_train_step(apply, fields), (x, dy, mask, p, s))
-  own_pool = []
+  switched_names = []  # the rows of OWN_POOL and NORMAL_STORES
   if cpu_kernel.available():
     restore = cpu_kernel.row_threading()
-    for _, name, base in OWN_POOL:
-      for kind in ('fwd', 'bwd'):
-        f, args = fns[base, kind]
-        fns[name, kind] = (switched(f, restore, 'own'), args)
-      own_pool.append(name)
-    for _, name, base in NORMAL_STORES:
-      for kind in ('fwd', 'bwd'):
-        f, args = fns[base, kind]
-        fns[name, kind] = (stream_threshold(f, NEVER_STREAM), args)
-      own_pool.append(name)
+    for rows_switched, switch in (
+        (OWN_POOL, lambda f: switched(f, restore, 'own')),
+        (NORMAL_STORES,
+         lambda f: stream_threshold(f, cpu_kernel.STREAM_NEVER))):
+      for _, name, base in rows_switched:
+        for kind in ('fwd', 'bwd'):
+          f, args = fns[base, kind]
+          fns[name, kind] = (switch(f), args)
+        switched_names.append(name)
   torch_cases = (_torch_cases(np.asarray(x), np.asarray(dy), np.asarray(mask))
                  if torch else {})
   for name, (fwd, fwd_bwd) in torch_cases.items():
@@ -303,7 +299,7 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 50,
                 fwd_pct_copy=100 * c / f,
                 fwd_bwd_pct_copy=200 * c / b if bwd else None)
   samples['copy (bound)', 'fwd'] = samples['copy', 'fwd']
-  names = [n for n, *_ in cases] + own_pool + list(torch_cases)
+  names = [n for n, *_ in cases] + switched_names + list(torch_cases)
   return [row('copy (bound)', ms['copy', 'fwd'])] + [
       row(n, ms[n, 'fwd'], ms.get((n, 'bwd'))) for n in names]
 

@@ -1,4 +1,4 @@
-"""Streaming against normal stores in the fused kernels, with the output's reader.
+"""Streaming vs normal stores in the fused kernels, with the output's reader.
 
     python -m benchmarks.stores              # (4096, 1024) f32, 30 rounds
     python -m benchmarks.stores --rows=2048  # 8 MiB: the default threshold
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.norms import NEVER_STREAM, stream_threshold
+from benchmarks.norms import stream_threshold
 from benchmarks.timing import cache_evictor, paired_ratio, timed_rounds
 from normjax import functional as nf
 from normjax._src import cpu_kernel
@@ -80,7 +80,8 @@ def run(rows: int = 4096, features: int = 1024, reps: int = 30,
   fns = {}
   for label, (f, args) in cases(rows, features).items():
     fns[label, 'streaming'] = (stream_threshold(f, 1 if quick else 0), args)
-    fns[label, 'normal'] = (stream_threshold(f, NEVER_STREAM), args)
+    fns[label, 'normal'] = (stream_threshold(f, cpu_kernel.STREAM_NEVER),
+                            args)
   samples = timed_rounds(fns, 3, reps, None if quick else cache_evictor())
   out = []
   for label in dict.fromkeys(k[0] for k in fns):

@@ -213,7 +213,7 @@ def test_streaming_stores_give_the_same_bits(name):
       cpu_kernel.stream_stores(1)
       # Ready before the switch: the kernels read it when they run.
       streamed = jax.block_until_ready(run_steps(step, state, shape, 4))
-      cpu_kernel.stream_stores(1 << 62)
+      cpu_kernel.stream_stores(cpu_kernel.STREAM_NEVER)
       stored = jax.block_until_ready(run_steps(step, state, shape, 4))
     finally:
       cpu_kernel.stream_stores(before)

@@ -155,6 +155,7 @@ def _load() -> bool:
 
 
 ROW_THREADING = ('spawn', 'own', 'xla')  # kernel_rows.h's RowThreading
+STREAM_NEVER = 1 << 62  # a streaming threshold above any array
 
 
 def row_threading(pool: str | None = None,
@@ -192,8 +193,8 @@ def stream_stores(min_bytes: int | None = None) -> int:
   threshold in effect.
 
   For measurement: 0 restores the default (8 MiB, `kernel_rows.h`), a size
-  larger than any array (`1 << 62`) turns them off, None keeps the current
-  value. Acts at call time for every kernel in the process; the values
+  larger than any array (`STREAM_NEVER`) turns them off, None keeps the
+  current value. Acts at call time for every kernel in the process; the values
   computed do not change. Raises ValueError for a negative size,
   RuntimeError without the kernel.
   """
